@@ -1,0 +1,3 @@
+from regablate.cli import main
+
+main()

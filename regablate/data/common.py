@@ -1,0 +1,62 @@
+"""Pieces the data modules share: normalisation defaults, argument checks, split loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from regablate.errors import RegablateError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise a one-line user-facing error unless ``ok``."""
+    if not ok:
+        raise RegablateError(message)
+
+
+def check_loader_args(
+    img_size: int, batch_size: int, num_workers: int, mean: Sequence[float], std: Sequence[float]
+) -> None:
+    require(img_size >= 8, f"img_size must be at least 8, got {img_size}")
+    require(batch_size >= 1, f"batch_size must be at least 1, got {batch_size}")
+    require(num_workers >= 0, f"num_workers must be 0 or more, got {num_workers}")
+    require(len(mean) == 3 and len(std) == 3, "mean and std need 3 values (R, G, B)")
+    require(all(s > 0 for s in std), f"std values must be positive, got {tuple(std)}")
+
+
+class SplitDataModule(L.LightningDataModule):
+    """Loaders over ``self.dataset(split)`` for splits train/val/test (predict uses test).
+
+    Subclasses define ``dataset`` and save ``batch_size`` and ``num_workers`` as hparams.
+    """
+
+    def dataset(self, split: str) -> Dataset:
+        raise NotImplementedError
+
+    def _loader(self, split: str) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.hparams.batch_size,
+            shuffle=split == "train",
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")

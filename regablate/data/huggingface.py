@@ -1,0 +1,201 @@
+"""Hugging Face ``datasets`` as a DataModule: a hub name, a local image folder, or a saved dataset."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Literal
+
+import datasets
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
+from torchvision.transforms import v2
+
+from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD, SplitDataModule, check_loader_args, require
+from regablate.errors import RegablateError
+
+Source = Literal["auto", "hub", "imagefolder", "disk"]
+
+
+def _looks_local(path: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else with a separator is a file path.
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
+
+
+def _resolve_source(path: str, source: Source) -> Source:
+    if source == "hub" or (source == "auto" and not os.path.exists(path) and not _looks_local(path)):
+        return "hub"
+    if not os.path.isdir(path):
+        raise RegablateError(
+            f"data folder not found: {path} (give an existing image folder or a folder written by "
+            "Dataset.save_to_disk, or a Hugging Face Hub dataset name)"
+        )
+    if source == "auto":
+        saved = any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+        return "disk" if saved else "imagefolder"
+    return source
+
+
+def _load(path: str, name: str | None, data_dir: str | None, source: Source) -> datasets.DatasetDict:
+    """Load all splits as a DatasetDict; a single saved Dataset becomes the only split, ``train``."""
+    path = os.path.expanduser(path)
+    source = _resolve_source(path, source)
+    try:
+        if source == "disk":
+            loaded = datasets.load_from_disk(path)
+        elif source == "imagefolder":
+            loaded = datasets.load_dataset("imagefolder", data_dir=path)
+        else:
+            loaded = datasets.load_dataset(path, name, data_dir=data_dir)
+    except datasets.data_files.EmptyDatasetError as e:
+        raise RegablateError(f"no images found in {path} (put images in one sub-folder per class)") from e
+    except (FileNotFoundError, ConnectionError) as e:
+        hint = "check the name, the network and HF_HUB_OFFLINE" if source == "hub" else "check the folder"
+        raise RegablateError(f"cannot load dataset {path} ({source}): {e} ({hint})") from e
+    return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+
+
+def _hold_out(train: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Split off a seeded ``fraction`` of ``train`` (at least one row each side).
+
+    Index mappings stay in memory, so no cache file lands in the user's data folder
+    (``train_test_split(keep_in_memory=True)`` refuses datasets that have cache files).
+    """
+    n = len(train)
+    require(n >= 2, f"cannot hold out validation data from a train split of {n} row(s); give a validation split")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(n - 1, max(1, round(n * fraction)))
+    return train.select(order[n_val:], keep_in_memory=True), train.select(order[:n_val], keep_in_memory=True)
+
+
+def _rgb(image: Any) -> Image.Image:
+    image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class BatchTransform:
+    """Turn a batch of dataset rows into the batch keys ``image`` and ``label``.
+
+    ``columns`` maps each batch key to its dataset column. A class rather than a closure,
+    so DataLoader workers can pickle it. Extra keys (mask, depth) will need transforms that
+    share the image's crop and flip: v2 applies one draw to an image and ``tv_tensors.Mask``
+    passed together.
+    """
+
+    def __init__(self, columns: dict[str, str], image_transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.columns = columns
+        self.image_transform = image_transform
+
+    def __call__(self, rows: dict[str, list]) -> dict[str, list]:
+        return {
+            "image": [self.image_transform(_rgb(im)) for im in rows[self.columns["image"]]],
+            "label": rows[self.columns["label"]],
+        }
+
+
+class HFDataModule(SplitDataModule):
+    """Image classification data from Hugging Face ``datasets``.
+
+    Data are loaded (memory-mapped, cheap) at construction, so ``num_classes`` is known at
+    once. Batches are dicts: ``image`` (B, 3, img_size, img_size) normalised, ``label`` (B,).
+    Without a validation split, ``val_fraction`` of train is held out (seeded); without a
+    test split, test uses the validation data.
+
+    Args:
+        path: A hub dataset name (e.g. ``ILSVRC/imagenet-1k``), a folder of images in one
+            sub-folder per class (or ``train/``, ``validation/``, ``test/`` folders of those),
+            or a folder written by ``save_to_disk``.
+        name: Hub dataset configuration name, if it has several.
+        data_dir: ``data_dir`` passed to ``load_dataset`` for hub datasets.
+        source: How to read ``path``: ``auto`` picks ``disk`` for a saved dataset folder,
+            ``imagefolder`` for another folder and ``hub`` otherwise.
+        image_column: Column holding the images.
+        label_column: Column holding the integer class labels.
+        train_split: Split to train on.
+        val_split: Split to validate on; ``None`` or absent: carve it from train.
+        test_split: Split to test on; ``None`` or absent: use the validation data.
+        val_fraction: Share of train held out when there is no validation split.
+        img_size: Side of the square crops fed to the model.
+        batch_size: Samples per batch.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the train/validation carve.
+        mean: Per-channel normalisation mean (RGB, images in [0, 1]).
+        std: Per-channel normalisation std.
+        hflip: Random horizontal flips on training images.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        name: str | None = None,
+        data_dir: str | None = None,
+        source: Source = "auto",
+        image_column: str = "image",
+        label_column: str = "label",
+        train_split: str = "train",
+        val_split: str | None = "validation",
+        test_split: str | None = "test",
+        val_fraction: float = 0.1,
+        img_size: int = 224,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        hflip: bool = True,
+    ) -> None:
+        super().__init__()
+        check_loader_args(img_size, batch_size, num_workers, mean, std)
+        require(0.0 < val_fraction < 1.0, f"val_fraction must be between 0 and 1, got {val_fraction}")
+        self.save_hyperparameters()
+        self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
+        self.columns = {"image": image_column, "label": label_column}
+
+        splits = _load(path, name, data_dir, source)
+        require(
+            train_split in splits,
+            f"split '{train_split}' not found in {path}; splits: {', '.join(splits)} (set train_split)",
+        )
+        train = splits[train_split]
+        for column in self.columns.values():
+            require(
+                column in train.column_names,
+                f"column '{column}' not found in {path}; columns: {', '.join(train.column_names)} "
+                "(set image_column / label_column)",
+            )
+        self.num_classes = self._count_classes(train, label_column)
+
+        if val_split in splits:
+            val = splits[val_split]
+        else:
+            rank_zero_info(f"{path}: no split '{val_split}', holding out {val_fraction:.0%} of '{train_split}'")
+            train, val = _hold_out(train, val_fraction, seed)
+        self.splits = {"train": train, "val": val, "test": splits[test_split] if test_split in splits else val}
+
+    @staticmethod
+    def _count_classes(train: datasets.Dataset, column: str) -> int:
+        feature = train.features[column]
+        if isinstance(feature, datasets.ClassLabel):
+            return feature.num_classes
+        require(
+            isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")),
+            f"label column '{column}' holds {feature}, not integer class labels",
+        )
+        return int(np.max(train.with_format("numpy")[column])) + 1
+
+    def _image_transform(self, train: bool) -> v2.Compose:
+        size = self.img_size
+        if train:
+            geometry = [v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True)]
+            geometry += [v2.RandomHorizontalFlip()] if self.hparams.hflip else []
+        else:
+            geometry = [v2.Resize(int(size * 1.14), antialias=True), v2.CenterCrop(size)]
+        return v2.Compose(
+            [*geometry, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+        )
+
+    def dataset(self, split: str) -> datasets.Dataset:
+        """Split ``train``, ``val`` or ``test`` with its transform: rows are ``image``/``label`` dicts."""
+        transform = BatchTransform(self.columns, self._image_transform(train=split == "train"))
+        return self.splits[split].with_transform(transform, columns=list(self.columns.values()))

@@ -1,0 +1,140 @@
+"""Supervised fine-tuning of a register ViT with a linear classification head."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning import LightningModule
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from regablate.backbone import build_backbone
+from regablate.errors import RegablateError
+from regablate.tasks.optim import adamw_warmup_cosine
+
+Pool = Literal["cls", "mean", "cls+mean"]
+
+
+class Classification(LightningModule):
+    """Fine-tune a timm ViT with ``num_registers`` registers on an image-classification dataset.
+
+    Batches are dicts with ``image`` (B, 3, H, W) and ``label`` (B,). Logs ``train/loss``,
+    ``{train,val,test}/top1`` (and ``top5`` with more than five classes), ``val/loss`` and
+    ``test/loss``. Registers never enter the head: ``mean`` pools the patch tokens only.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_small_patch16_224",
+        num_registers: int = 4,
+        num_classes: int = 10,
+        img_size: int = 224,
+        model_kwargs: dict[str, Any] | None = None,
+        checkpoint: str | None = None,
+        pretrained: bool = False,
+        pool: Pool = "cls",
+        freeze_backbone: bool = False,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.01,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        """
+        Args:
+            model_name: timm ViT name; sizes in ``model_kwargs`` override its defaults.
+            num_registers: register tokens R (0/1/2/4/8/16 in the paper).
+            num_classes: classes of the dataset (must match the data module's).
+            img_size: input side in pixels; linked from ``data.img_size`` by the CLI.
+            model_kwargs: extra timm arguments (patch_size, embed_dim, depth, num_heads, drop_path_rate...).
+            checkpoint: local weights to start from (.safetensors/.pt/.pth/.ckpt, any register count).
+            pretrained: start from timm's pretrained weights (needs the hub or a filled cache).
+            pool: head input: the CLS token, the mean patch token, or both concatenated.
+            freeze_backbone: train the head only (a linear probe trained end to end).
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay (none on tokens, position embedding, biases, norms).
+            warmup_steps: linear warmup steps before the cosine decay.
+            min_lr_ratio: final learning rate as a fraction of ``lr``.
+            label_smoothing: cross-entropy label smoothing.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if num_classes < 2:
+            raise RegablateError(f"num_classes must be at least 2, got {num_classes}")
+        self.backbone = build_backbone(
+            model_name,
+            num_registers,
+            checkpoint=checkpoint,
+            pretrained=pretrained,
+            img_size=img_size,
+            **(model_kwargs or {}),
+        )
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+        width = self.backbone.embed_dim * (2 if pool == "cls+mean" else 1)
+        self.head = nn.Linear(width, num_classes)
+        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+        if num_classes > 5:
+            metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        collection = MetricCollection(metrics)
+        self.train_metrics = collection.clone(prefix="train/")
+        self.val_metrics = collection.clone(prefix="val/")
+        self.test_metrics = collection.clone(prefix="test/")
+
+    def forward(self, images: Tensor) -> Tensor:
+        tokens = self.backbone.forward_features(images)
+        cls = tokens[:, 0]
+        patches = tokens[:, self.backbone.num_prefix_tokens :]
+        pool = self.hparams.pool
+        if pool == "cls":
+            pooled = cls
+        elif pool == "mean":
+            pooled = patches.mean(dim=1)
+        else:
+            pooled = torch.cat([cls, patches.mean(dim=1)], dim=-1)
+        return self.head(pooled)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes is not None and data_classes != self.hparams.num_classes:
+            raise RegablateError(
+                f"the data has {data_classes} classes but model.num_classes is {self.hparams.num_classes}; "
+                "set them to the same value"
+            )
+
+    def _step(self, batch: dict[str, Tensor], metrics: MetricCollection, stage: str) -> Tensor:
+        logits = self(batch["image"])
+        loss = self.loss(logits, batch["label"])
+        metrics.update(logits, batch["label"])
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=True, sync_dist=not on_step)
+        self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, prog_bar=stage != "train")
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, self.train_metrics, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        probs = self(batch["image"]).softmax(dim=-1)
+        return {"probs": probs, "pred": probs.argmax(dim=-1)}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        return adamw_warmup_cosine(
+            self,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            warmup_steps=hp.warmup_steps,
+            total_steps=self.trainer.estimated_stepping_batches,
+            min_lr_ratio=hp.min_lr_ratio,
+        )

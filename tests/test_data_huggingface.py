@@ -1,0 +1,164 @@
+"""HFDataModule on local data: image folders and saved datasets, offline, caches in tmp_path."""
+
+import datasets
+import huggingface_hub
+import pytest
+import torch
+from PIL import Image
+
+from regablate.data import HFDataModule
+from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
+from regablate.errors import RegablateError
+
+COLOURS = {"cat": (255, 0, 0), "dog": (0, 255, 0), "fox": (0, 0, 255)}
+
+
+@pytest.fixture(autouse=True)
+def offline_hf(tmp_path, monkeypatch):
+    """No network, and every cache under tmp_path (datasets reads its config at import)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+MODES = ("RGB", "RGBA", "L")
+
+
+def write_image_folder(root, per_class=4, sizes=((20, 16), (12, 30))):
+    """PNG files in one sub-folder per class, of several sizes and modes."""
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image = Image.new("RGB", sizes[i % len(sizes)], colour).convert(MODES[i % len(MODES)])
+            image.save(root / name / f"{i}.png")
+    return root
+
+
+def rgb_colours(name):
+    """The colours images of class ``name`` have once converted to RGB, one per mode."""
+    pixels = [Image.new("RGB", (1, 1), COLOURS[name]).convert(m).convert("RGB").getpixel((0, 0)) for m in MODES]
+    return torch.tensor(pixels, dtype=torch.float32) / 255
+
+
+def rows(n, image_size=(10, 10)):
+    """Columns named unlike the batch keys: ``img``, ``fine_label`` (plain ints) and ``id``."""
+    return {
+        "img": [Image.new("RGB", image_size, (20 * i, 0, 0)) for i in range(n)],
+        "fine_label": [i % 5 for i in range(n)],
+        "id": list(range(n)),
+    }
+
+
+def denormalise(image):
+    return image * torch.tensor(IMAGENET_STD).view(-1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(-1, 3, 1, 1)
+
+
+def test_image_folder_loads_with_classes_and_carved_validation(tmp_path):
+    folder = write_image_folder(tmp_path / "pets")
+    dm = HFDataModule(str(folder), img_size=16, batch_size=3, val_fraction=0.25)
+    assert (dm.num_classes, dm.img_size, dm.mean, dm.std) == (3, 16, IMAGENET_MEAN, IMAGENET_STD)
+    assert (len(dm.splits["train"]), len(dm.splits["val"])) == (9, 3)
+    assert dm.splits["test"] is dm.splits["val"]
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader(), dm.predict_dataloader()):
+        batch = next(iter(loader))
+        assert batch.keys() == {"image", "label"}
+        assert batch["image"].shape == (3, 3, 16, 16) and batch["image"].dtype == torch.float32
+        assert batch["label"].shape == (3,) and batch["label"].dtype == torch.int64
+
+
+def test_eval_images_are_rgb_and_normalised(tmp_path):
+    folder = write_image_folder(tmp_path / "pets")
+    dm = HFDataModule(str(folder), img_size=8, batch_size=12, val_fraction=0.5)
+    names = dm.splits["val"].features["label"].names
+    batch = next(iter(dm.val_dataloader()))
+    for image, label in zip(denormalise(batch["image"]), batch["label"]):
+        distances = (rgb_colours(names[label]) - image.mean(dim=(1, 2))).abs().amax(dim=1)
+        assert distances.min() < 1e-3
+        assert image.std(dim=(1, 2)).max() < 1e-3  # one flat colour, resized and cropped
+
+
+def test_image_folder_with_split_folders_uses_them(tmp_path):
+    write_image_folder(tmp_path / "data" / "train", per_class=3)
+    write_image_folder(tmp_path / "data" / "validation", per_class=2)
+    dm = HFDataModule(str(tmp_path / "data"), img_size=16)
+    assert dm.num_classes == 3
+    assert (len(dm.splits["train"]), len(dm.splits["val"]), len(dm.splits["test"])) == (9, 6, 6)
+
+
+def test_saved_dataset_dict_maps_columns_and_keeps_its_splits(tmp_path):
+    saved = tmp_path / "saved"
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_dict(rows(10)),
+        validation=datasets.Dataset.from_dict(rows(4)),
+        test=datasets.Dataset.from_dict(rows(3)),
+    ).save_to_disk(str(saved))
+    before = sorted(p.relative_to(saved) for p in saved.rglob("*"))
+    dm = HFDataModule(str(saved), image_column="img", label_column="fine_label", img_size=8, batch_size=2)
+    assert dm.num_classes == 5  # plain ints: max label + 1
+    assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [10, 4, 3]
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["image"].shape == (2, 3, 8, 8) and batch["label"].tolist() == [0, 1]
+    next(iter(dm.train_dataloader()))
+    assert sorted(p.relative_to(saved) for p in saved.rglob("*")) == before, "wrote into the data folder"
+
+
+def test_saved_single_dataset_is_train_and_validation_is_a_seeded_hold_out(tmp_path):
+    features = datasets.Features(
+        {"img": datasets.Image(), "fine_label": datasets.ClassLabel(num_classes=7), "id": datasets.Value("int64")}
+    )
+    datasets.Dataset.from_dict(rows(20), features=features).save_to_disk(str(tmp_path / "one"))
+
+    def ids(seed):
+        dm = HFDataModule(
+            str(tmp_path / "one"), image_column="img", label_column="fine_label", val_fraction=0.2, seed=seed
+        )
+        assert dm.num_classes == 7  # from the ClassLabel, not the labels seen
+        return set(dm.splits["train"]["id"]), set(dm.splits["val"]["id"])
+
+    train, val = ids(0)
+    assert len(val) == 4 and not train & val and train | val == set(range(20))
+    assert ids(0) == (train, val) and ids(1) != (train, val)
+
+
+def test_missing_column_names_it_and_the_columns_there_are(tmp_path):
+    datasets.Dataset.from_dict(rows(4)).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(RegablateError, match=r"column 'image' not found .*columns: img, fine_label, id"):
+        HFDataModule(str(tmp_path / "saved"), label_column="fine_label")
+    with pytest.raises(RegablateError, match="column 'label' not found"):
+        HFDataModule(str(tmp_path / "saved"), image_column="img")
+
+
+@pytest.mark.parametrize("path", ["./no/such/folder", "/no/such/folder", "~/no-such-folder", "a/b/c"])
+def test_missing_local_folder_is_a_user_error(path):
+    with pytest.raises(RegablateError, match="data folder not found"):
+        HFDataModule(path)
+
+
+def test_forced_local_source_needs_the_folder(tmp_path):
+    with pytest.raises(RegablateError, match="data folder not found"):
+        HFDataModule(str(tmp_path / "missing"), source="imagefolder")
+
+
+def test_empty_image_folder_is_a_user_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RegablateError, match="no images found"):
+        HFDataModule(str(tmp_path / "empty"))
+
+
+def test_unreachable_hub_dataset_is_a_user_error():
+    with pytest.raises(RegablateError, match="cannot load dataset someone/no-such-dataset"):
+        HFDataModule("someone/no-such-dataset")
+
+
+def test_missing_train_split_and_bad_arguments_are_user_errors(tmp_path):
+    folder = write_image_folder(tmp_path / "pets", per_class=2)
+    with pytest.raises(RegablateError, match="split 'training' not found .*splits: train"):
+        HFDataModule(str(folder), train_split="training")
+    with pytest.raises(RegablateError, match="val_fraction"):
+        HFDataModule(str(folder), val_fraction=1.0)
+    with pytest.raises(RegablateError, match="img_size"):
+        HFDataModule(str(folder), img_size=2)
