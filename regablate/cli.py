@@ -12,6 +12,7 @@ import importlib
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 from jsonargparse import ArgumentError, Namespace
 from lightning import Callback, LightningDataModule, LightningModule
@@ -20,10 +21,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from regablate.callbacks import RunConfig, RunSummary
 from regablate.errors import RegablateError
+from regablate.runs import find_checkpoint
 
 DESCRIPTION = "Fine-tune and ablate register tokens in Vision Transformers."
 # Commands next to LightningCLI's fit/validate/test/predict: name -> ("module:function(argv)", help).
-TOOLS: dict[str, tuple[str, str]] = {}
+TOOLS: dict[str, tuple[str, str]] = {
+    "probe": ("regablate.probe:main", "frozen-feature probes: classification, segmentation, depth, LOST"),
+}
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 DEFAULT_LOGGER = {
     "class_path": TENSORBOARD,
@@ -43,10 +47,24 @@ class RegablateCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         logger = config.trainer.logger
-        if isinstance(logger, Namespace) and logger.class_path == TENSORBOARD and logger.init_args.version is None:
-            registers = config.model.init_args.get("num_registers")
-            run = f"r{registers}" if registers is not None else "run"
-            logger.init_args.version = f"{run}_s{config.seed_everything}"
+        run_dir = None
+        if isinstance(logger, Namespace) and logger.class_path == TENSORBOARD:
+            if logger.init_args.version is None:
+                registers = config.model.init_args.get("num_registers")
+                run = f"r{registers}" if registers is not None else "run"
+                logger.init_args.version = f"{run}_s{config.seed_everything}"
+            run_dir = Path(logger.init_args.save_dir) / logger.init_args.name / str(logger.init_args.version)
+        if config.trainer.fast_dev_run:
+            # A smoke test has no run folder; Lightning would still write last.ckpt into the cwd.
+            config.checkpoint.save_last = False
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is None:
+            return
+        if ckpt_path in ("best", "last") and self.subcommand != "fit" and run_dir is not None:
+            # Lightning knows "best" only inside the process that trained; the run folder knows it always.
+            config.ckpt_path = str(find_checkpoint(run_dir, ckpt_path))
+        elif ckpt_path not in ("best", "last", "hpc", "registry") and not Path(ckpt_path).is_file():
+            raise RegablateError(f"ckpt_path not found: {ckpt_path} (give a .ckpt file, or best/last of the run folder)")
 
 
 def build_cli(

@@ -10,8 +10,9 @@ from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.trainer.states import TrainerFn
 
-from regablate.summary import update_summary
+from regablate.summary import SUMMARY_FILE, update_summary
 
 
 class RunConfig(SaveConfigCallback):
@@ -19,24 +20,25 @@ class RunConfig(SaveConfigCallback):
 
     ``fit`` writes ``config.yaml`` (the file that reproduces the run, overwritten when a run is
     re-run into its folder); ``validate``/``test``/``predict`` write ``<stage>_config.yaml`` so
-    they never replace it. A run folder that this process created is removed again when the
-    run fails before it wrote any checkpoint, so no half-written run is left behind.
+    they never replace it. The run folder is removed again when the
+    run fails before it wrote a checkpoint or a summary, so no half-written run is left behind;
+    a folder holding finished work is never touched.
     """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if trainer.fast_dev_run or self.already_saved:
             return
         self.run_dir = Path(trainer.log_dir)
-        self.created_run_dir = not self.run_dir.exists()
-        if stage != "fit":
+        stage = TrainerFn(stage).value
+        if stage != TrainerFn.FITTING.value:
             self.config_filename = f"{stage}_config.yaml"
         super().setup(trainer, pl_module, stage)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         run_dir = getattr(self, "run_dir", None)
-        if run_dir is None or not self.created_run_dir or not trainer.is_global_zero:
+        if run_dir is None or not trainer.is_global_zero:
             return
-        if not any(run_dir.glob("checkpoints/*.ckpt")):
+        if not any(run_dir.glob("checkpoints/*.ckpt")) and not (run_dir / SUMMARY_FILE).exists():
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
