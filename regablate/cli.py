@@ -27,6 +27,7 @@ DESCRIPTION = "Fine-tune and ablate register tokens in Vision Transformers."
 # Commands next to LightningCLI's fit/validate/test/predict: name -> ("module:function(argv)", help).
 TOOLS: dict[str, tuple[str, str]] = {
     "probe": ("regablate.probe:main", "frozen-feature probes: classification, segmentation, depth, LOST"),
+    "inspect": ("regablate.inspect:main", "does a model have artifacts? norms, attention maps, verdict"),
 }
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 DEFAULT_LOGGER = {

@@ -33,3 +33,16 @@ def tiny_fit_args(tmp_path: Path, *extra: str, registers: int = 2) -> list[str]:
         str(registers),
         *extra,
     ]
+
+
+def write_source_checkpoint(path: Path, model_name: str, img_size: int, model_kwargs: dict, registers: int = 0) -> Path:
+    """A trained-looking source model (random weights, no registers) for distillation tests."""
+    import torch
+    from safetensors.torch import save_file
+
+    from regablate.backbone import build_backbone
+
+    torch.manual_seed(123)
+    model = build_backbone(model_name, registers, img_size=img_size, **model_kwargs)
+    save_file(model.state_dict(), path)
+    return path

@@ -4,7 +4,7 @@ import colorsys
 
 import pytest
 import torch
-from torch.utils.data import RandomSampler, SequentialSampler
+from torch.utils.data import DistributedSampler, SequentialSampler
 
 from regablate.data import SyntheticScenes, SyntheticScenesDataset, render_scene
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
@@ -121,7 +121,9 @@ def test_datamodule_batches_have_the_documented_shapes():
         "test": dm.test_dataloader(),
         "predict": dm.predict_dataloader(),
     }
-    assert isinstance(loaders["train"].sampler, RandomSampler)
+    # One device shuffles with the one-replica DistributedSampler that DDP would deal out.
+    train_sampler = loaders["train"].sampler
+    assert isinstance(train_sampler, DistributedSampler) and train_sampler.shuffle and train_sampler.num_replicas == 1
     assert all(isinstance(loaders[s].sampler, SequentialSampler) for s in ("val", "test", "predict"))
     assert [len(loaders[s].dataset) for s in loaders] == [12, 6, 5, 5]
     for loader in loaders.values():

@@ -69,7 +69,10 @@ class RunSummary(Callback):
         self._write(trainer, pl_module, {})
 
     def _write(self, trainer: Trainer, pl_module: LightningModule, extra: dict[str, Any]) -> None:
-        if trainer.fast_dev_run or not trainer.is_global_zero or trainer.log_dir is None:
+        if trainer.fast_dev_run:
+            return
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
+        if not trainer.is_global_zero or log_dir is None:
             return
         metrics = {
             name: float(value)
@@ -87,4 +90,4 @@ class RunSummary(Callback):
             "seed": int(seed) if seed is not None else None,
             "status": "interrupted" if trainer.interrupted else "complete",
         }
-        update_summary(trainer.log_dir, values)
+        update_summary(log_dir, values)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from regablate.errors import RegablateError
 
@@ -33,6 +34,11 @@ class SplitDataModule(L.LightningDataModule):
     """Loaders over ``self.dataset(split)`` for splits train/val/test (predict uses test).
 
     Subclasses define ``dataset`` and save ``batch_size`` and ``num_workers`` as hparams.
+
+    The training order is the same on any number of devices: under DDP, Lightning shuffles
+    with ``DistributedSampler(seed=PL_GLOBAL_SEED)`` and deals the permutation out to the
+    ranks; on one device the loader takes the same sampler with one replica, so N devices
+    see, step by step, the global batches that one device sees.
     """
 
     def dataset(self, split: str) -> Dataset:
@@ -40,10 +46,17 @@ class SplitDataModule(L.LightningDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         workers = self.hparams.num_workers
+        dataset = self.dataset(split)
+        sampler = None
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        if split == "train" and not distributed:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=split == "train",
+            sampler=sampler,
+            shuffle=split == "train" and sampler is None,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=False,

@@ -10,12 +10,14 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD, SplitDataModule, check_loader_args, require
 from regablate.errors import RegablateError
 
 Source = Literal["auto", "hub", "imagefolder", "disk"]
+BoxFormat = Literal["xyxy", "xywh"]
 
 
 def _looks_local(path: str) -> bool:
@@ -75,30 +77,79 @@ def _rgb(image: Any) -> Image.Image:
 
 
 class BatchTransform:
-    """Turn a batch of dataset rows into the batch keys ``image`` and ``label``.
+    """Turn a batch of dataset rows into the batch keys ``image``, ``label`` and any of ``mask``, ``depth``, ``box``.
 
-    ``columns`` maps each batch key to its dataset column. A class rather than a closure,
-    so DataLoader workers can pickle it. Extra keys (mask, depth) will need transforms that
-    share the image's crop and flip: v2 applies one draw to an image and ``tv_tensors.Mask``
-    passed together.
+    ``columns`` maps each batch key to its dataset column. Masks, depth maps and boxes go
+    through the image's transform with it as ``tv_tensors`` (one random draw for all: the
+    same crop and flip; masks and depth resized nearest-neighbour), then only the image is
+    scaled and normalised. A class rather than a closure, so DataLoader workers can pickle it.
     """
 
-    def __init__(self, columns: dict[str, str], image_transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        columns: dict[str, str],
+        transform: Callable[..., Any],
+        depth_scale: float = 1.0,
+        box_format: BoxFormat = "xyxy",
+    ) -> None:
         self.columns = columns
-        self.image_transform = image_transform
+        self.transform = transform
+        self.depth_scale = depth_scale
+        self.box_format = box_format
 
     def __call__(self, rows: dict[str, list]) -> dict[str, list]:
-        return {
-            "image": [self.image_transform(_rgb(im)) for im in rows[self.columns["image"]]],
-            "label": rows[self.columns["label"]],
-        }
+        keys = [key for key in ("image", "label", "mask", "depth", "box") if key in self.columns]
+        out: dict[str, list] = {key: [] for key in keys}
+        for values in zip(*(rows[self.columns[key]] for key in keys)):
+            sample = self.transform(self._sample(dict(zip(keys, values))))
+            for key in keys:
+                out[key].append(sample[key])
+        if "box" in out:
+            out["box"] = [box.as_subclass(torch.Tensor).reshape(4) for box in out["box"]]
+        for key in ("mask", "depth"):
+            if key in out:
+                out[key] = [value.as_subclass(torch.Tensor) for value in out[key]]
+        return out
+
+    def _sample(self, row: dict[str, Any]) -> dict[str, Any]:
+        sample: dict[str, Any] = {"image": _rgb(row["image"])}
+        if "label" in row:
+            sample["label"] = row["label"]
+        if "mask" in row:
+            sample["mask"] = tv_tensors.Mask(torch.from_numpy(_plane(row["mask"], self.columns["mask"]).astype(np.int64)))
+        if "depth" in row:
+            depth = _plane(row["depth"], self.columns["depth"]).astype(np.float32) * self.depth_scale
+            sample["depth"] = tv_tensors.Mask(torch.from_numpy(depth))
+        if "box" in row:
+            width, height = sample["image"].size
+            box = torch.as_tensor(row["box"], dtype=torch.float32).reshape(-1)
+            if box.numel() != 4:
+                raise RegablateError(
+                    f"box column '{self.columns['box']}' holds {box.numel()} numbers per row; it needs one box of 4"
+                )
+            sample["box"] = tv_tensors.BoundingBoxes(
+                box[None], format=self.box_format.upper(), canvas_size=(height, width)
+            )
+        return sample
+
+
+def _plane(value: Any, column: str) -> np.ndarray:
+    """A mask or depth map (PIL image, nested list or array) as a 2-D array."""
+    array = np.asarray(value)
+    if array.ndim != 2:
+        raise RegablateError(f"column '{column}' holds arrays of shape {array.shape}; masks and depth maps must be 2-D (H, W)")
+    return array
 
 
 class HFDataModule(SplitDataModule):
-    """Image classification data from Hugging Face ``datasets``.
+    """Images with labels, and optionally masks, depth maps and boxes, from Hugging Face ``datasets``.
 
     Data are loaded (memory-mapped, cheap) at construction, so ``num_classes`` is known at
-    once. Batches are dicts: ``image`` (B, 3, img_size, img_size) normalised, ``label`` (B,).
+    once. Batches are dicts: ``image`` (B, 3, img_size, img_size) normalised, ``label`` (B,),
+    and where their columns are mapped ``mask`` (B, img_size, img_size) int64 class ids,
+    ``depth`` (B, img_size, img_size) float32 and ``box`` (B, 4) xyxy pixels, all cropped and
+    flipped with the image (ADE20k-/VOC-style masks, NYUd-style depth, one box per image).
+    ``label_column=None`` serves datasets without class labels (dense tasks only).
     Without a validation split, ``val_fraction`` of train is held out (seeded); without a
     test split, test uses the validation data.
 
@@ -111,7 +162,13 @@ class HFDataModule(SplitDataModule):
         source: How to read ``path``: ``auto`` picks ``disk`` for a saved dataset folder,
             ``imagefolder`` for another folder and ``hub`` otherwise.
         image_column: Column holding the images.
-        label_column: Column holding the integer class labels.
+        label_column: Column holding the integer class labels (``None``: no labels).
+        mask_column: Column of segmentation masks (2-D images or arrays of class ids).
+        depth_column: Column of depth maps (2-D images or arrays), multiplied by ``depth_scale``.
+        box_column: Column of one box per image (4 numbers, in ``box_format``).
+        num_seg_classes: Classes in the masks, ignore value excluded (``None``: probes count them).
+        depth_scale: Factor from stored depth values to the depth unit (NYUd PNGs in mm: 0.001).
+        box_format: ``xyxy`` (corners) or ``xywh`` (COCO) pixels of the stored boxes.
         train_split: Split to train on.
         val_split: Split to validate on; ``None`` or absent: carve it from train.
         test_split: Split to test on; ``None`` or absent: use the validation data.
@@ -132,7 +189,13 @@ class HFDataModule(SplitDataModule):
         data_dir: str | None = None,
         source: Source = "auto",
         image_column: str = "image",
-        label_column: str = "label",
+        label_column: str | None = "label",
+        mask_column: str | None = None,
+        depth_column: str | None = None,
+        box_column: str | None = None,
+        num_seg_classes: int | None = None,
+        depth_scale: float = 1.0,
+        box_format: BoxFormat = "xyxy",
         train_split: str = "train",
         val_split: str | None = "validation",
         test_split: str | None = "test",
@@ -150,7 +213,11 @@ class HFDataModule(SplitDataModule):
         require(0.0 < val_fraction < 1.0, f"val_fraction must be between 0 and 1, got {val_fraction}")
         self.save_hyperparameters()
         self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
-        self.columns = {"image": image_column, "label": label_column}
+        require(depth_scale > 0, f"depth_scale must be positive, got {depth_scale}")
+        require(num_seg_classes is None or num_seg_classes >= 1, f"num_seg_classes must be at least 1, got {num_seg_classes}")
+        self.num_seg_classes = num_seg_classes
+        mapped = {"image": image_column, "label": label_column, "mask": mask_column, "depth": depth_column, "box": box_column}
+        self.columns = {key: column for key, column in mapped.items() if column is not None}
 
         splits = _load(path, name, data_dir, source)
         require(
@@ -162,9 +229,9 @@ class HFDataModule(SplitDataModule):
             require(
                 column in train.column_names,
                 f"column '{column}' not found in {path}; columns: {', '.join(train.column_names)} "
-                "(set image_column / label_column)",
+                "(set image_column / label_column / mask_column / depth_column / box_column)",
             )
-        self.num_classes = self._count_classes(train, label_column)
+        self.num_classes = self._count_classes(train, label_column) if label_column is not None else None
 
         if val_split in splits:
             val = splits[val_split]
@@ -184,18 +251,25 @@ class HFDataModule(SplitDataModule):
         )
         return int(np.max(train.with_format("numpy")[column])) + 1
 
-    def _image_transform(self, train: bool) -> v2.Compose:
+    def _transform(self, train: bool) -> v2.Compose:
         size = self.img_size
         if train:
             geometry = [v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True)]
             geometry += [v2.RandomHorizontalFlip()] if self.hparams.hflip else []
         else:
             geometry = [v2.Resize(int(size * 1.14), antialias=True), v2.CenterCrop(size)]
+        boxes = [v2.ConvertBoundingBoxFormat("XYXY"), v2.ClampBoundingBoxes()] if "box" in self.columns else []
         return v2.Compose(
-            [*geometry, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+            [*geometry, *boxes, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
         )
 
-    def dataset(self, split: str) -> datasets.Dataset:
-        """Split ``train``, ``val`` or ``test`` with its transform: rows are ``image``/``label`` dicts."""
-        transform = BatchTransform(self.columns, self._image_transform(train=split == "train"))
+    def dataset(self, split: str, augment: bool | None = None) -> datasets.Dataset:
+        """Split ``train``, ``val`` or ``test`` with its transform: rows are dicts of the mapped batch keys.
+
+        ``augment`` (default: only for train) picks the random crop and flip over the
+        deterministic resize and centre crop; frozen-feature probes extract with ``False``.
+        """
+        augment = split == "train" if augment is None else augment
+        hp = self.hparams
+        transform = BatchTransform(self.columns, self._transform(train=augment), hp.depth_scale, hp.box_format)
         return self.splits[split].with_transform(transform, columns=list(self.columns.values()))

@@ -92,8 +92,8 @@ def render_scene(
       ``image`` float32 (3, H, W) in [0, 1], not normalised;
       ``label`` int64 scalar: class of the object with the most visible pixels;
       ``mask`` int64 (H, W): 0 background, ``c + 1`` for a visible pixel of class ``c``;
-      ``depth`` float32 (H, W): background a plane 6-13 units away, farther towards the
-      top; each object a constant depth in [1, 5], so always nearer than the background;
+      ``depth`` float32 (H, W): background a ground plane 6-12 units away, farther towards the
+      top; each object a constant depth in [1, 5] (brighter when nearer), always nearer;
       ``box`` float32 (4,): x1, y1, x2, y2 in pixels (x2, y2 exclusive), the tight box of
       the labelled object's visible pixels (those of class ``label`` in ``mask``).
 
@@ -116,14 +116,17 @@ def _render(
     # Background: a two-colour gradient of low saturation plus a low-frequency ripple.
     hue, sat, val = rng.random(3), rng.uniform(0.0, 0.25, 2), rng.uniform(0.25, 0.85, 2)
     near_colour, far_colour = (_rgb(hue[i], sat[i], val[i])[:, None, None] for i in range(2))
-    angle, fx, fy, phase, ripple, base, slope = rng.random(7).tolist()
+    angle, fx, fy, phase, ripple = rng.random(5).tolist()
     angle *= 2 * math.pi
     t = np.clip(((xs - size / 2) * math.cos(angle) + (ys - size / 2) * math.sin(angle)) / size + 0.5, 0.0, 1.0)
     wave = (0.03 + 0.05 * ripple) * np.sin(
         (2 * math.pi / size) * ((3 * fx - 1.5) * xs + (3 * fy - 1.5) * ys) + 2 * math.pi * phase
     )
     image = near_colour + (far_colour - near_colour) * t + wave
-    background_depth = (6.0 + 3.0 * base) + (2.0 + 2.0 * slope) * (1.0 - ys / size)
+    # Depth must be readable from the image, or no depth probe can beat the mean: the
+    # background is a ground plane (depth grows with height in the image) and nearer objects
+    # are brighter (their colour value falls from 1.0 at depth 1 to 0.6 at depth 5).
+    background_depth = 6.0 + 6.0 * (1.0 - ys / size)
 
     # Objects: index 0 is the main (largest) one; distinct classes.
     n = min(int(rng.integers(1, max_objects + 1)), num_classes)
@@ -142,7 +145,8 @@ def _render(
     for j in np.argsort(-object_depth):  # far to near: nearer objects overwrite
         c = int(classes[j])
         shape, texture, class_hue = class_identity(c, num_classes)
-        colour = _rgb(class_hue + hue_jitter * (2 * u[j, 5] - 1), 0.7 + 0.3 * u[j, 6], 0.75 + 0.25 * u[j, 7])
+        brightness = 1.0 - 0.1 * (object_depth[j] - 1.0)
+        colour = _rgb(class_hue + hue_jitter * (2 * u[j, 5] - 1), 0.7 + 0.3 * u[j, 6], brightness)
         r, x, y, a = float(radius[j]), float(cx[j]), float(cy[j]), float(rotation[j])
         x0, x1 = max(0, int(x - _REACH * r)), min(size, math.ceil(x + _REACH * r))
         y0, y1 = max(0, int(y - _REACH * r)), min(size, math.ceil(y + _REACH * r))

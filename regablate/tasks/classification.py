@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from regablate.backbone import build_backbone
 from regablate.errors import RegablateError
-from regablate.tasks.optim import adamw_warmup_cosine
+from regablate.tasks.optim import adamw_warmup_cosine, require_finite
 
 Pool = Literal["cls", "mean", "cls+mean"]
 
@@ -116,7 +116,9 @@ class Classification(LightningModule):
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, self.train_metrics, "train")
+        loss = self._step(batch, self.train_metrics, "train")
+        require_finite(loss, self.global_step)
+        return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step(batch, self.val_metrics, "val")

@@ -1,12 +1,13 @@
-"""The optimiser every task shares: AdamW without decay on tokens, linear warmup then cosine decay."""
+"""What every task's optimisation shares: AdamW without decay on tokens, warmup + cosine, a finite-loss guard."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import torch
 from timm.optim import param_groups_weight_decay
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
@@ -45,3 +46,12 @@ def adamw_warmup_cosine(
     else:
         schedule = cosine
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def require_finite(loss: Tensor, step: int) -> None:
+    """Stop training with a clear message instead of silently training on NaN/inf."""
+    if not torch.isfinite(loss).all():
+        raise RegablateError(
+            f"non-finite loss ({loss.item()}) at step {step}: lower model.lr, raise warmup_steps, "
+            "or check the data for NaNs"
+        )

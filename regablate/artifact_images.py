@@ -1,0 +1,77 @@
+"""Pictures of artifacts: attention-map grids, outlier-position maps, norm histograms.
+
+Grids are ``(3, H, W)`` float tensors in [0, 1] (TensorBoard's ``add_image`` and
+``torchvision.utils.save_image`` take them as they are); histograms are matplotlib figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files and TensorBoard only, never a window
+
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from torch import Tensor
+from torchvision.utils import make_grid
+
+_COLORMAP = colormaps["inferno"]
+
+
+def unnormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Undo ``Normalize(mean, std)``: ``(B, 3, H, W)`` back to [0, 1]."""
+    mean_t = images.new_tensor(mean).view(1, -1, 1, 1)
+    std_t = images.new_tensor(std).view(1, -1, 1, 1)
+    return (images * std_t + mean_t).clamp(0.0, 1.0)
+
+
+def colorize(maps: Tensor, size: tuple[int, int], *, per_map_scale: bool = True) -> Tensor:
+    """``(M, h, w)`` maps -> ``(M, 3, H, W)`` colour images, upsampled (nearest) to ``size``.
+
+    ``per_map_scale`` stretches each map to its own min..max (attention); otherwise values are
+    read as already in [0, 1] (frequencies), so maps stay comparable.
+    """
+    maps = maps.float()
+    if per_map_scale:
+        low = maps.amin(dim=(-2, -1), keepdim=True)
+        high = maps.amax(dim=(-2, -1), keepdim=True)
+        maps = (maps - low) / (high - low).clamp_min(1e-12)
+    rgb = torch.from_numpy(_COLORMAP(maps.clamp(0, 1).numpy())[..., :3]).permute(0, 3, 1, 2).float()
+    return F.interpolate(rgb, size=size, mode="nearest")
+
+
+def attention_grid(images: Tensor, maps: Tensor) -> Tensor:
+    """One row per image: the image, its CLS attention map, then one map per register.
+
+    ``images``: ``(B, 3, H, W)`` in [0, 1]; ``maps``: ``(B, 1 + R, h, w)`` from ``artifacts.cls_attention_maps``.
+    """
+    b, columns = maps.shape[:2]
+    tiles = colorize(maps.flatten(0, 1), tuple(images.shape[-2:])).view(b, columns, 3, *images.shape[-2:])
+    rows = torch.cat([images.cpu().float().unsqueeze(1), tiles], dim=1)
+    return make_grid(rows.flatten(0, 1), nrow=columns + 1, padding=2, pad_value=1.0)
+
+
+def position_grid(positions: dict[int, Tensor], tile: int = 64) -> Tensor:
+    """Outlier frequency per patch position, one tile per block (in block order), on one colour scale."""
+    maps = torch.stack([positions[block] for block in sorted(positions)])
+    return make_grid(colorize(maps, (tile, tile), per_map_scale=False), nrow=min(8, len(maps)), padding=2, pad_value=1.0)
+
+
+def norm_histogram(norms: Tensor, cutoff: float, block: int, threshold: str) -> Figure:
+    """Histogram of one block's patch-token norms (log counts) with the outlier cutoff marked."""
+    figure = Figure(figsize=(5, 3.2), dpi=100)
+    axes = figure.subplots()
+    values = norms.flatten().float().numpy()
+    axes.hist(values, bins=60, color="#4c72b0", log=True)
+    axes.axvline(cutoff, color="#c44e52", linestyle="--", label=f"cutoff {cutoff:.3g} ({threshold})")
+    share = float((values > cutoff).mean())
+    axes.set_title(f"block {block}: patch-token norms ({share:.2%} outliers)")
+    axes.set_xlabel("L2 norm (pre-norm residual stream)")
+    axes.set_ylabel("tokens")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,267 @@
+"""Pure tensor functions that measure ViT artifacts: high-norm outlier tokens and where attention goes.
+
+Everything here works on tensors that a capture pass produced (see ``regablate.token_capture``)
+and returns tensors or flat ``{"artifacts/...": float}`` dicts, so the training monitor, the
+attention-map callback, ``regablate inspect`` and the probes all compute the same numbers.
+
+Token layout is regablate's ``[CLS, REG_1..REG_R, PATCH_1..PATCH_N]``. Outliers are always
+patch tokens: the paper measures patch norms, and registers are *meant* to hold high norms.
+
+Telling register-style artifacts from other high-norm tokens (Darcet et al., Sec. 2 and Fig. 5):
+artifacts sit on background, on patches that are redundant with their neighbours already at the
+input, and attract a large share of attention. A small ViT trained hard can also grow high-norm
+*foreground* tokens, which fail these tests; ``outlier_evidence`` measures all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from regablate.errors import RegablateError
+
+THRESHOLD_MODES = ("relative", "absolute", "percentile")
+# Relative: 4x the block's median patch norm. Artifacts sit near 10x (Fig. 3); normal tokens rarely
+# pass 2-3x, and the absolute scale drifts ~10x during training, so a ratio is the safe default.
+DEFAULT_THRESHOLD_VALUES = {"relative": 4.0, "absolute": 150.0, "percentile": 98.0}
+# A block "has outliers" from this fraction of its patch tokens on (the paper sees ~2%).
+ONSET_MIN_FRACTION = 0.005
+# Channel concentration: the share of a token's squared norm held by its top 1% of channels.
+TOP_CHANNEL_SHARE = 0.01
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Which patch-token norms count as outliers.
+
+    ``relative``: norm > ``value`` x the median patch norm of the same block (default 4);
+    ``absolute``: norm > ``value`` (the paper uses 150 for DINOv2-g);
+    ``percentile``: norm > the ``value``-th percentile of the block's patch norms (so the
+    outlier fraction is fixed by construction: use it to look at *where* the top tokens are).
+    """
+
+    mode: str = "relative"
+    value: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in THRESHOLD_MODES:
+            raise RegablateError(f"unknown threshold mode {self.mode!r}; use one of {', '.join(THRESHOLD_MODES)}")
+        if self.value is None:
+            object.__setattr__(self, "value", DEFAULT_THRESHOLD_VALUES[self.mode])
+        value = float(self.value)
+        if not math.isfinite(value) or value <= 0 or (self.mode == "percentile" and value >= 100):
+            allowed = "between 0 and 100 (exclusive)" if self.mode == "percentile" else "a positive number"
+            raise RegablateError(f"threshold value for mode {self.mode!r} must be {allowed}, got {self.value}")
+        object.__setattr__(self, "value", value)
+
+    def cutoff(self, patch_norms: Tensor) -> Tensor:
+        """The norm above which a patch token of this block is an outlier (a 0-d tensor)."""
+        norms = patch_norms.detach().flatten().float()
+        if self.mode == "absolute":
+            return norms.new_tensor(self.value)
+        if self.mode == "relative":
+            return self.value * norms.median()
+        return torch.quantile(norms, self.value / 100.0)
+
+    def describe(self) -> str:
+        if self.mode == "absolute":
+            return f"norm > {self.value:g}"
+        if self.mode == "relative":
+            return f"norm > {self.value:g}x the block's median patch norm"
+        return f"norm above the {self.value:g}th percentile"
+
+
+def token_norms(tokens: Tensor) -> Tensor:
+    """L2 norm of each token: ``(..., T, D) -> (..., T)``, in float32."""
+    return tokens.float().norm(dim=-1)
+
+
+def outlier_mask(patch_norms: Tensor, threshold: Threshold) -> Tensor:
+    """Boolean mask of the outlier patch tokens (same shape as ``patch_norms``)."""
+    return patch_norms > threshold.cutoff(patch_norms)
+
+
+def outlier_fraction(mask: Tensor) -> float:
+    """Share of tokens that are outliers."""
+    return mask.float().mean().item() if mask.numel() else 0.0
+
+
+def max_over_median(patch_norms: Tensor) -> float:
+    """Largest patch norm over the median one: ~10 in models with artifacts, ~2 without."""
+    norms = patch_norms.flatten().float()
+    return (norms.max() / norms.median().clamp_min(1e-12)).item()
+
+
+def position_frequency(mask: Tensor, grid: tuple[int, int]) -> Tensor:
+    """How often each patch position is an outlier over the images: ``(B, N) -> (h, w)`` in [0, 1]."""
+    return mask.float().mean(dim=0).reshape(grid)
+
+
+def background_patches(segmentation: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Patches that are mostly background: ``(B, H, W)`` labels with 0 = background -> ``(B, N)`` bool."""
+    background = (segmentation == 0).float().unsqueeze(1)
+    return (F.adaptive_avg_pool2d(background, grid) > 0.5).flatten(1)
+
+
+def neighbour_cosine(patch_tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Mean cosine similarity of each patch to its (up to 4) grid neighbours: ``(B, N, D) -> (B, N)``.
+
+    Computed on the patch embedding, it says how redundant a patch is at the input (Fig. 5a).
+    """
+    b, _, d = patch_tokens.shape
+    x = F.normalize(patch_tokens.float(), dim=-1).reshape(b, *grid, d)
+    total = torch.zeros(b, *grid, device=x.device)
+    count = torch.zeros(grid, device=x.device)
+    for axis, size in ((1, grid[0]), (2, grid[1])):
+        similarity = (x.narrow(axis, 0, size - 1) * x.narrow(axis, 1, size - 1)).sum(-1)
+        for start in (0, 1):  # each pair counts for both of its tokens
+            total.narrow(axis, start, size - 1).add_(similarity)
+            count.narrow(axis - 1, start, size - 1).add_(1.0)
+    return (total / count.clamp_min(1)).flatten(1)
+
+
+def channel_concentration(tokens: Tensor, share: float = TOP_CHANNEL_SHARE) -> Tensor:
+    """Share of each token's squared norm held by its top ``share`` of channels (at least one).
+
+    Artifacts store their norm in a few channels ("register neurons"); ordinary tokens spread it.
+    """
+    squared = tokens.float().square()
+    k = max(1, math.ceil(share * squared.shape[-1]))
+    return squared.topk(k, dim=-1).values.sum(-1) / squared.sum(-1).clamp_min(1e-12)
+
+
+def attention_received(attention: Tensor, keys: Tensor) -> float:
+    """Share of the attention of all *other* tokens that goes to the ``keys`` tokens.
+
+    ``attention``: ``(B, heads, T, T)`` probabilities of one block; ``keys``: ``(B, T)`` bool.
+    Queries among ``keys`` are left out, so a token attending to itself does not count.
+    """
+    mass = (attention.float().mean(dim=1) * keys.unsqueeze(1).float()).sum(-1)  # (B, T) per query
+    queries = ~keys
+    return mass[queries].mean().item() if queries.any() else 0.0
+
+
+def cls_attention_maps(attention: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """Head-mean attention of CLS and of each register to the patches: ``(B, 1 + R, h, w)``."""
+    to_patches = attention.float().mean(dim=1)[:, :num_prefix, num_prefix:]
+    return to_patches.reshape(attention.shape[0], num_prefix, *grid)
+
+
+def onset_block(fractions: dict[int, float], min_fraction: float = ONSET_MIN_FRACTION) -> int | None:
+    """The first block from which every later block has at least ``min_fraction`` outliers."""
+    onset = None
+    for block in sorted(fractions, reverse=True):
+        if fractions[block] < min_fraction:
+            break
+        onset = block
+    return onset
+
+
+def block_key(name: str, block: int) -> str:
+    return f"artifacts/{name}/block_{block:02d}"
+
+
+def block_statistics(
+    tokens: Tensor, num_prefix: int, threshold: Threshold, background: Tensor | None = None
+) -> tuple[dict[str, float], Tensor]:
+    """Norm statistics of one block's ``(B, T, D)`` residual stream, and its ``(B, N)`` outlier mask.
+
+    Keys (no prefix): ``outlier_frac``, ``norm_max_over_median``, ``patch_norm_median``,
+    ``register_norm_mean`` / ``register_norm_max`` (with registers), and for blocks with outliers
+    ``outlier_channel_concentration`` and, given a ``(B, N)`` ``background`` mask,
+    ``outlier_background_share``.
+    """
+    norms = token_norms(tokens)
+    patch_norms, register_norms = norms[:, num_prefix:], norms[:, 1:num_prefix]
+    mask = outlier_mask(patch_norms, threshold)
+    stats = {
+        "outlier_frac": outlier_fraction(mask),
+        "norm_max_over_median": max_over_median(patch_norms),
+        "patch_norm_median": patch_norms.median().item(),
+    }
+    if register_norms.numel():
+        stats["register_norm_mean"] = register_norms.mean().item()
+        stats["register_norm_max"] = register_norms.max().item()
+    if mask.any():
+        stats["outlier_channel_concentration"] = channel_concentration(tokens[:, num_prefix:][mask]).mean().item()
+        if background is not None:
+            stats["outlier_background_share"] = background[mask].float().mean().item()
+    return stats, mask
+
+
+def outlier_evidence(
+    *,
+    last_tokens: Tensor,
+    last_mask: Tensor,
+    embeddings: Tensor,
+    grid: tuple[int, int],
+    attention: Tensor,
+    attention_input: Tensor,
+    num_prefix: int,
+    threshold: Threshold,
+    background: Tensor | None = None,
+) -> dict[str, float]:
+    """What tells the last block's outliers apart, each beside its value for ordinary patches.
+
+    ``outlier_neighbour_cosine`` vs ``patch_neighbour_cosine`` (input redundancy, Fig. 5a);
+    ``patch_channel_concentration`` (non-outliers, to compare with ``outlier_channel_concentration``);
+    ``patch_background_share`` (to compare with ``outlier_background_share``);
+    ``outlier_attention_share``: the share of the last block's attention (other queries, head mean)
+    that goes to the tokens that are outliers in the stream *entering* it, and
+    ``outlier_attention_lift``: that share over the share those tokens would get from uniform attention.
+    """
+    cosine = neighbour_cosine(embeddings, grid)
+    stats = {"patch_neighbour_cosine": cosine.mean().item()}
+    patches = last_tokens[:, num_prefix:]
+    if (~last_mask).any():
+        stats["patch_channel_concentration"] = channel_concentration(patches[~last_mask]).mean().item()
+    if background is not None:
+        stats["patch_background_share"] = background.float().mean().item()
+    if last_mask.any():
+        stats["outlier_neighbour_cosine"] = cosine[last_mask].mean().item()
+    entering = outlier_mask(token_norms(attention_input[:, num_prefix:]), threshold)
+    if entering.any():
+        keys = F.pad(entering, (num_prefix, 0))
+        share = attention_received(attention, keys)
+        stats["outlier_attention_share"] = share
+        # Uniform attention from a non-outlier query spreads over all T tokens.
+        stats["outlier_attention_lift"] = share / (keys.float().sum(-1).mean().item() / keys.shape[1])
+    return stats
+
+
+def register_attention(attention: Tensor, num_prefix: int) -> dict[str, float]:
+    """``cls_register_attention``: the share of CLS attention (head mean) that goes to registers."""
+    if num_prefix <= 1:
+        return {}
+    return {"cls_register_attention": attention.float().mean(dim=1)[:, 0, 1:num_prefix].sum(-1).mean().item()}
+
+
+def flatten_statistics(per_block: dict[int, dict[str, float]], last: dict[str, float]) -> dict[str, float]:
+    """``{"artifacts/NAME/block_NN": v}`` for every block, ``{"artifacts/NAME": v}`` for the last block.
+
+    ``last`` holds statistics measured for the last block only; ``artifacts/outlier_onset_block``
+    is added when some block has outliers.
+    """
+    flat: dict[str, float] = {}
+    for block, stats in sorted(per_block.items()):
+        flat.update({block_key(name, block): value for name, value in stats.items()})
+    last_block = max(per_block)
+    flat.update({f"artifacts/{name}": value for name, value in {**per_block[last_block], **last}.items()})
+    onset = onset_block({block: stats["outlier_frac"] for block, stats in per_block.items()})
+    if onset is not None:
+        flat["artifacts/outlier_onset_block"] = float(onset)
+    return flat
+
+
+def summary_keys(flat: dict[str, float], per_block: Sequence[str] = ("outlier_frac",)) -> dict[str, float]:
+    """The statistics worth keeping in ``summary.json``: last-block values and the chosen per-block ones."""
+    return {
+        key: value
+        for key, value in flat.items()
+        if "/block_" not in key or key.rsplit("/", 2)[-2] in per_block
+    }

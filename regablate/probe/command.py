@@ -1,0 +1,147 @@
+"""``regablate probe``: frozen-feature probes of a run folder, a checkpoint or a timm model.
+
+    regablate probe runs/quickstart/r4_s0                      # the run's best checkpoint, its own data
+    regablate probe RUN --data.test_size 500 --probe.cls_epochs 10
+    regablate probe --checkpoint weights.safetensors --model vit_small_patch14_dinov2 --num_registers 4
+    regablate probe --model vit_tiny_patch16_224 --model_kwargs '{patch_size: 4}' --output runs/probe/random
+
+The data default to the run's own data settings (``config.yaml``), else to SyntheticScenes;
+``--data`` takes a data config or class and ``--data.*`` overrides single settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from jsonargparse import ActionYesNo, ArgumentParser, Namespace
+from lightning import LightningDataModule
+from timm.models.vision_transformer import VisionTransformer
+
+from regablate.backbone import build_backbone
+from regablate.errors import RegablateError
+from regablate.probe.features import ViTExtractor
+from regablate.probe.protocol import LinearProbe
+from regablate.probe.run import run_probe
+from regablate.runs import find_checkpoint, load_backbone
+from regablate.summary import read_summary, update_summary
+
+DEFAULT_DATA = {"class_path": "regablate.data.SyntheticScenes"}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="regablate probe",
+        description="Frozen-feature probes (classification, segmentation, depth, LOST) of a backbone.",
+        exit_on_error=False,
+    )
+    parser.add_argument("run_dir", type=Optional[str], nargs="?", default=None, help="a run folder to probe")
+    parser.add_argument("--checkpoint", type=Optional[str], default=None, help="a .ckpt/.safetensors/.pt file")
+    parser.add_argument("--which", type=Literal["best", "last"], default="best", help="checkpoint of a run folder")
+    parser.add_argument("--model", type=Optional[str], default=None, help="timm ViT name (random or --pretrained)")
+    parser.add_argument("--pretrained", type=bool, default=False, help="timm's pretrained weights for --model")
+    parser.add_argument("--num_registers", type=Optional[int], default=None, help="register count (converts)")
+    parser.add_argument("--img_size", type=Optional[int], default=None, help="backbone input size (default: the data's)")
+    parser.add_argument("--model_kwargs", type=Optional[dict[str, Any]], default=None, help="timm sizes for --model")
+    parser.add_argument("--output", type=Optional[str], default=None, help="results folder (default: the run folder)")
+    parser.add_argument("--cache", action=ActionYesNo, default=True, help="reuse/store features in OUTPUT/probe_cache")
+    parser.add_subclass_arguments(LightningDataModule, "data", required=False)
+    parser.set_defaults(data=DEFAULT_DATA)
+    parser.add_class_arguments(LinearProbe, "probe")
+    return parser
+
+
+def _run_folder(cfg: Namespace) -> Path | None:
+    """The run folder being probed: RUN_DIR, or the one holding ``--checkpoint`` (``RUN/checkpoints/x.ckpt``)."""
+    if cfg.run_dir is not None:
+        return Path(cfg.run_dir)
+    if cfg.checkpoint is not None:
+        folder = Path(cfg.checkpoint).parent.parent
+        if Path(cfg.checkpoint).parent.name == "checkpoints" and (folder / "config.yaml").is_file():
+            return folder
+    return None
+
+
+def _run_data_config(run_dir: Path | None) -> dict[str, Any] | None:
+    path = run_dir / "config.yaml" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = (yaml.safe_load(path.read_text()) or {}).get("data")
+    except yaml.YAMLError as err:
+        raise RegablateError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+    return data if isinstance(data, dict) and "class_path" in data else None
+
+
+def _backbone(cfg: Namespace, data_img_size: int | None) -> tuple[VisionTransformer, dict[str, Any]]:
+    """Build the backbone to probe and a description of where it came from."""
+    given = [name for name in ("run_dir", "checkpoint", "model") if cfg[name] is not None]
+    if not given or given == ["run_dir", "checkpoint"] or ("run_dir" in given and "model" in given):
+        raise RegablateError("give a run folder, or --checkpoint PATH (with --model for a non-regablate file), or --model NAME")
+    overrides = {k: cfg[k] for k in ("num_registers", "img_size") if cfg[k] is not None}
+    if cfg.model is not None:
+        registers = overrides.pop("num_registers", 0)
+        img_size = overrides.get("img_size", data_img_size)
+        sizes = {**(cfg.model_kwargs or {}), **({"img_size": img_size} if img_size else {})}
+        model = build_backbone(cfg.model, registers, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained, **sizes)
+        source = {"model_name": cfg.model, "checkpoint": cfg.checkpoint, "pretrained": cfg.pretrained}
+    else:
+        path = Path(cfg.run_dir) if cfg.run_dir is not None else Path(cfg.checkpoint)
+        checkpoint = find_checkpoint(path, cfg.which) if path.is_dir() else path
+        model = load_backbone(checkpoint, **overrides)
+        source = {"run_dir": cfg.run_dir, "checkpoint": str(checkpoint)}
+    return model, {**source, "num_registers": model.num_reg_tokens, "img_size": list(model.patch_embed.img_size)}
+
+
+def _output_dir(cfg: Namespace, run_dir: Path | None, source: dict[str, Any]) -> Path:
+    if cfg.output is not None:
+        return Path(cfg.output)
+    if run_dir is not None:
+        return run_dir
+    name = source.get("model_name") or Path(source["checkpoint"]).stem
+    return Path("runs") / "probe" / f"{name}_r{source['num_registers']}"
+
+
+def _check_sizes(model: VisionTransformer, datamodule: LightningDataModule) -> None:
+    data_size = getattr(datamodule, "img_size", None)
+    model_size = tuple(model.patch_embed.img_size)
+    if data_size is not None and not model.dynamic_img_size and (data_size, data_size) != model_size:
+        raise RegablateError(
+            f"the data's img_size {data_size} differs from the backbone's {model_size[0]}; "
+            f"set --data.img_size {model_size[0]} or --img_size {data_size}"
+        )
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of ``regablate probe`` (errors surface as RegablateError / ArgumentError)."""
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    run_dir = _run_folder(cfg)
+    run_data = _run_data_config(run_dir)
+    if run_data is not None:  # the run's own data become the default; --data / --data.* still override
+        parser.set_defaults(data=run_data)
+        cfg = parser.parse_args(argv)
+    init = parser.instantiate_classes(cfg)
+    datamodule, probe = init.data, init.probe
+    model, source = _backbone(cfg, getattr(datamodule, "img_size", None))
+    _check_sizes(model, datamodule)
+    output_dir = _output_dir(cfg, run_dir, source)
+    known = read_summary(output_dir)
+    identity = {"model_name": source.get("model_name"), "num_registers": source["num_registers"]}
+    update_summary(output_dir, {k: v for k, v in identity.items() if k not in known and v is not None})
+    report = run_probe(
+        ViTExtractor(model),
+        datamodule,
+        probe,
+        output_dir=output_dir,
+        patch_size=tuple(model.patch_embed.patch_size),
+        data_config=cfg.data.as_dict(),
+        use_cache=cfg.cache,
+        source=source,
+    )
+    for name, value in report.metrics.items():
+        print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    for probe_name, reason in report.skipped.items():
+        print(f"skipped {probe_name}: {reason}")
+    print(f"results: {output_dir / 'summary.json'}, {output_dir / 'probe.json'}")

@@ -1,0 +1,147 @@
+"""The probe heads and the loop that trains them on cached features.
+
+Why a compact loop and not a Lightning Trainer: the heads train on tensors already in
+memory, in thousands of sub-millisecond steps (a few linear layers on a mini-batch of cached
+tokens). Lightning's per-step overhead (~2 ms here, FACTS.md) would cost more than the steps
+themselves and break the probe's budget of half a feature-extraction pass, while none of
+what it brings (devices, distributed sampling, checkpointing, loggers) is needed for a
+few-second job on one process. The metrics still come from torchmetrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.classification import MulticlassJaccardIndex
+from torchmetrics.regression import MeanSquaredError
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long and in what mini-batches a head trains: ``steps`` steps of cosine decay.
+
+    A step count rather than epochs (as DINOv2's linear evaluation counts iterations): the
+    cost stays fixed for large datasets and small ones still get enough updates.
+    """
+
+    steps: int
+    batch_size: int
+    seed: int = 0
+
+
+def train_head(
+    optimizer: Optimizer, loss_of: Callable[[Tensor], Tensor], num_samples: int, schedule: Schedule
+) -> None:
+    """Minimise ``loss_of(indices)`` over shuffled mini-batches of sample indices (seeded epochs)."""
+    total = schedule.steps
+    cosine = LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+    order = torch.Generator().manual_seed(schedule.seed)
+    step = 0
+    while step < total:
+        for indices in torch.randperm(num_samples, generator=order).split(schedule.batch_size)[: total - step]:
+            loss = loss_of(indices)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            cosine.step()
+            step += 1
+
+
+def chunks(num_samples: int, size: int) -> Iterator[Tensor]:
+    """Index tensors over ``num_samples`` in order, ``size`` at a time (evaluation)."""
+    return iter(torch.arange(num_samples).split(size))
+
+
+class LinearClassifierGrid(nn.Module):
+    """``G`` feature groups x ``L`` learning rates of linear classifiers in one weight tensor.
+
+    Inputs come stacked as (G, B, width), narrower groups zero-padded to ``width``: a padded
+    input dimension gets zero gradient, so its weights stay at their zero start and each head
+    is exactly a linear classifier on its own features. Each head's gradient is scaled by its
+    learning rate, so one SGD optimiser (lr 1, momentum) trains every head at its own rate.
+    """
+
+    def __init__(self, groups: int, width: int, num_classes: int, lrs: Sequence[float]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(groups, len(lrs), width, num_classes))
+        self.bias = nn.Parameter(torch.zeros(groups, len(lrs), num_classes))
+        self.register_buffer("lrs", torch.tensor(lrs, dtype=torch.float32))
+        self.weight.register_hook(lambda grad: grad * self.lrs[None, :, None, None])
+        self.bias.register_hook(lambda grad: grad * self.lrs[None, :, None])
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        """(G, B, width) -> logits (G, L, B, num_classes)."""
+        return torch.einsum("gbd,gldc->glbc", inputs, self.weight) + self.bias[:, :, None]
+
+    def loss(self, inputs: Tensor, labels: Tensor) -> Tensor:
+        """Sum over heads of each head's mean cross-entropy: heads train independently."""
+        logits = self(inputs)
+        heads = logits.shape[0] * logits.shape[1]
+        return F.cross_entropy(logits.flatten(0, 2), labels.repeat(heads), reduction="sum") / labels.numel()
+
+
+class SegmentationHead(nn.Module):
+    """BatchNorm + 1x1 convolution on the patch grid; logits upsampled to the mask (DINOv2 "linear")."""
+
+    def __init__(self, width: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(width)
+        self.classify = nn.Conv2d(width, num_classes, kernel_size=1)
+
+    def forward(self, patches: Tensor, size: tuple[int, int]) -> Tensor:
+        """Patch tokens (B, h, w, D) -> class logits (B, C, H, W)."""
+        grid = patches.float().permute(0, 3, 1, 2)
+        return F.interpolate(self.classify(self.norm(grid)), size=size, mode="bilinear", align_corners=False)
+
+
+def linear_bin_centres(min_depth: float, max_depth: float, num_bins: int) -> Tensor:
+    """Centres of ``num_bins`` equal-width depth bins covering [min_depth, max_depth]."""
+    edges = torch.linspace(min_depth, max_depth, num_bins + 1, dtype=torch.float64)
+    return ((edges[:-1] + edges[1:]) / 2).float()
+
+
+def decode_depth(logits: Tensor, centres: Tensor) -> Tensor:
+    """Depth as the expected bin centre: ``sum_i softmax(logits)_i * centre_i`` over the last dimension."""
+    return logits.softmax(dim=-1) @ centres
+
+
+class DepthHead(nn.Module):
+    """A linear head on [patch, CLS] over depth bins, decoded per patch, upsampled to the image.
+
+    The linear map of the concatenation is written as its two halves (patch part + CLS part):
+    the same function, but the CLS half is computed once per image instead of once per patch.
+    """
+
+    def __init__(self, patch_width: int, cls_width: int, centres: Tensor) -> None:
+        super().__init__()
+        self.patch = nn.Linear(patch_width, len(centres))
+        self.cls = nn.Linear(cls_width, len(centres), bias=False)
+        self.register_buffer("centres", centres)
+
+    def forward(self, patches: Tensor, cls: Tensor, size: tuple[int, int]) -> Tensor:
+        """Patch tokens (B, h, w, D) and CLS (B, D) -> depth (B, H, W)."""
+        logits = self.patch(patches.float()) + self.cls(cls)[:, None, None]
+        depth = decode_depth(logits, self.centres)
+        return F.interpolate(depth[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def valid_depth(depth: Tensor) -> Tensor:
+    """Pixels with a ground-truth depth: finite and positive (NYUd marks missing depth with 0)."""
+    return torch.isfinite(depth) & (depth > 0)
+
+
+def miou_metric(num_classes: int, ignore_index: int | None) -> MulticlassJaccardIndex:
+    """Dataset-level mIoU: per-class IoU from the confusion matrix summed over all images, averaged."""
+    return MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index)
+
+
+def rmse_metric() -> MeanSquaredError:
+    """Root mean squared error over all valid pixels of all images."""
+    return MeanSquaredError(squared=False)

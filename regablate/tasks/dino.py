@@ -1,0 +1,287 @@
+"""DINO self-distillation with registers: the paper's training recipe, from scratch or continued.
+
+A student ViT with R registers and an EMA teacher each end in a DINO head (MLP, then a
+weight-normalised layer of prototypes). The teacher sees the two global crops of an image, the
+student those and ``num_local_crops`` small ones; the student learns to predict the teacher's
+centred, sharpened distribution over prototypes for every other crop. Local crops are smaller
+images: the backbone resamples its patch position embedding for them (timm's antialiased
+bicubic interpolation, ``dynamic_img_size``). Multi-crop runs on the batch tensor with
+``roi_align`` (one random box per image and crop), so any data module that yields ``image``
+works. This is DINO's image-level loss; DINOv2's iBOT patch loss and KoLeo are not included.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+from torchvision.ops import roi_align
+
+from regablate.backbone import build_backbone
+from regablate.errors import RegablateError
+from regablate.tasks.optim import adamw_warmup_cosine, require_finite
+
+
+class DINOHead(nn.Module):
+    """MLP to a bottleneck, L2 normalisation, then weight-normalised prototypes (unit norm, frozen)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.prototypes = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        magnitude = self.prototypes.parametrizations.weight.original0
+        magnitude.data.fill_(1.0)
+        magnitude.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.prototypes(F.normalize(self.mlp(x), dim=-1))
+
+
+def random_crops(images: Tensor, num: int, size: int, scale: tuple[float, float], generator: torch.Generator | None = None) -> list[Tensor]:
+    """``num`` batches of random resized crops (one box per image each), randomly mirrored.
+
+    Boxes follow RandomResizedCrop: area ``scale`` of the image, aspect ratio in [3/4, 4/3].
+    """
+    batch, _, height, width = images.shape
+    crops = []
+    for _ in range(num):
+        area = torch.empty(batch).uniform_(*scale, generator=generator) * height * width
+        log_ratio = torch.empty(batch).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+        ratio = log_ratio.exp()
+        w = (area * ratio).sqrt().clamp(max=width)
+        h = (area / ratio).sqrt().clamp(max=height)
+        x0 = torch.rand(batch, generator=generator) * (width - w)
+        y0 = torch.rand(batch, generator=generator) * (height - h)
+        boxes = torch.stack([torch.arange(batch, dtype=torch.float), x0, y0, x0 + w, y0 + h], dim=1)
+        crop = roi_align(images, boxes.to(images), output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        flip = torch.rand(batch, generator=generator) < 0.5
+        crops.append(torch.where(flip.to(images.device)[:, None, None, None], crop.flip(3), crop))
+    return crops
+
+
+def cosine_schedule(start: float, end: float, step: int, total: int) -> float:
+    """Cosine interpolation from ``start`` (step 0) to ``end`` (step ``total``)."""
+    progress = min(max(step / max(total, 1), 0.0), 1.0)
+    return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+    teacher_params = list(teacher.parameters())
+    student_params = list(student.parameters())
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+
+
+class DINO(LightningModule):
+    """Self-distillation with an EMA teacher and multi-crop (Caron et al. 2021), with R registers.
+
+    ``self.backbone`` is the EMA teacher's backbone, the model DINO evaluates and the one a
+    checkpoint of this task gives to ``build_backbone(checkpoint=...)``; ``self.student`` is
+    trained by AdamW. Logs ``train/loss``, ``train/teacher_momentum``, ``train/teacher_temp``
+    and two collapse signals: ``train/teacher_entropy`` (mean entropy of the teacher's
+    distributions, in nats; it tends to log(out_dim) when outputs go uniform) and
+    ``train/teacher_batch_entropy`` (entropy of the batch-mean distribution; it tends to 0 when
+    every image maps to one prototype), plus ``train/feature_std`` (std of the student's CLS
+    features over the batch). Validation logs ``val/loss`` on fixed crops.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_small_patch16_224",
+        num_registers: int = 4,
+        img_size: int = 224,
+        model_kwargs: dict[str, Any] | None = None,
+        checkpoint: str | None = None,
+        pretrained: bool = False,
+        out_dim: int = 4096,
+        hidden_dim: int = 1024,
+        bottleneck_dim: int = 256,
+        num_local_crops: int = 6,
+        local_crop_size: int = 96,
+        global_crop_scale: tuple[float, float] = (0.4, 1.0),
+        local_crop_scale: tuple[float, float] = (0.05, 0.4),
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.07,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_steps: int = 100,
+        center_momentum: float = 0.9,
+        teacher_momentum: float = 0.996,
+        head_warmup_steps: int = 0,
+        lr: float = 5e-4,
+        weight_decay: float = 0.04,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.01,
+    ) -> None:
+        """
+        Args:
+            model_name: timm ViT name; sizes in ``model_kwargs`` override its defaults.
+            num_registers: registers R of student and teacher.
+            img_size: global crop side in pixels; linked from ``data.img_size`` by the CLI.
+            model_kwargs: extra timm arguments (patch_size, embed_dim, depth, num_heads, drop_path_rate...).
+            checkpoint: continue from these weights (any register count); heads start from scratch.
+            pretrained: continue from timm's pretrained weights.
+            out_dim: number of prototypes K.
+            hidden_dim: width of the head's MLP.
+            bottleneck_dim: width before the prototypes.
+            num_local_crops: small crops per image seen by the student only.
+            local_crop_size: side of a local crop in pixels (a multiple of the patch size).
+            global_crop_scale: area range of the two global crops, as a fraction of the image.
+            local_crop_scale: area range of the local crops.
+            student_temp: student softmax temperature.
+            teacher_temp: teacher temperature after its warmup.
+            warmup_teacher_temp: teacher temperature at step 0, raised linearly to ``teacher_temp``.
+            warmup_teacher_temp_steps: steps of that warmup.
+            center_momentum: EMA momentum of the teacher's output centre.
+            teacher_momentum: EMA momentum of the teacher at step 0, raised to 1 by a cosine.
+            head_warmup_steps: steps during which only the heads train (the backbone stays frozen);
+                use it when continuing from a checkpoint, since the heads start from scratch.
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay (none on tokens, position embedding, biases, norms).
+            warmup_steps: linear warmup steps before the cosine decay.
+            min_lr_ratio: final learning rate as a fraction of ``lr``.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        sizes = {"img_size": img_size, **(model_kwargs or {})}
+        self.student = build_backbone(
+            model_name, num_registers, checkpoint=checkpoint, pretrained=pretrained, dynamic_img_size=True, **sizes
+        )
+        patch = self.student.patch_embed.patch_size[0]
+        if local_crop_size % patch or num_local_crops < 0:
+            raise RegablateError(
+                f"local_crop_size {local_crop_size} must be a multiple of the patch size {patch} "
+                f"and num_local_crops >= 0 (got {num_local_crops})"
+            )
+        self.student_head = DINOHead(self.student.embed_dim, out_dim, hidden_dim, bottleneck_dim)
+        self.backbone = build_backbone(model_name, num_registers, dynamic_img_size=True, **sizes)
+        self.backbone.load_state_dict(self.student.state_dict())
+        self.teacher_head = DINOHead(self.student.embed_dim, out_dim, hidden_dim, bottleneck_dim)
+        self.teacher_head.load_state_dict(self.student_head.state_dict())
+        self.backbone.requires_grad_(False)
+        self.teacher_head.requires_grad_(False)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def train(self, mode: bool = True) -> DINO:
+        super().train(mode)
+        self.backbone.eval()
+        self.teacher_head.eval()
+        return self
+
+    def teacher_temperature(self, step: int) -> float:
+        hp = self.hparams
+        if step >= hp.warmup_teacher_temp_steps:
+            return hp.teacher_temp
+        return hp.warmup_teacher_temp + (hp.teacher_temp - hp.warmup_teacher_temp) * step / hp.warmup_teacher_temp_steps
+
+    def teacher_momentum(self, step: int) -> float:
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        return cosine_schedule(self.hparams.teacher_momentum, 1.0, step, total)
+
+    def crops(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        hp = self.hparams
+        global_crops = random_crops(images, 2, hp.img_size, hp.global_crop_scale, generator)
+        local_crops = random_crops(images, hp.num_local_crops, hp.local_crop_size, hp.local_crop_scale, generator)
+        return global_crops, local_crops
+
+    def _student_out(self, global_crops: list[Tensor], local_crops: list[Tensor]) -> tuple[Tensor, Tensor]:
+        frozen = self.global_step < self.hparams.head_warmup_steps and self.training
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            cls = [self.student.forward_features(torch.cat(group))[:, 0] for group in (global_crops, local_crops) if group]
+        cls = torch.cat(cls)
+        return self.student_head(cls), cls
+
+    def dino_loss(self, student_out: Tensor, teacher_out: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        """Cross-entropy of every student crop against every other global teacher crop.
+
+        ``student_out`` is (V * B, K) for V crops, the two global ones first; ``teacher_out``
+        (2 * B, K). Returns the loss and the teacher probabilities.
+        """
+        teacher_probs = F.softmax((teacher_out - self.center) / temperature, dim=-1).chunk(2)
+        student_logp = F.log_softmax(student_out / self.hparams.student_temp, dim=-1).chunk(student_out.shape[0] // teacher_probs[0].shape[0])
+        total, terms = student_out.new_zeros(()), 0
+        for t, probs in enumerate(teacher_probs):
+            for s, logp in enumerate(student_logp):
+                if s != t:
+                    total = total - (probs * logp).sum(-1).mean()
+                    terms += 1
+        return total / terms, torch.cat(teacher_probs)
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: Tensor) -> None:
+        batch_center = teacher_out.sum(0, keepdim=True)
+        count = torch.tensor(float(teacher_out.shape[0]), device=teacher_out.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_center)
+            dist.all_reduce(count)
+        m = self.hparams.center_momentum
+        self.center.mul_(m).add_(batch_center / count, alpha=1 - m)
+
+    def _shared_step(self, images: Tensor, step: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        global_crops, local_crops = self.crops(images, generator)
+        with torch.no_grad():
+            teacher_out = self.teacher_head(self.backbone.forward_features(torch.cat(global_crops))[:, 0])
+        student_out, student_cls = self._student_out(global_crops, local_crops)
+        temperature = self.teacher_temperature(step)
+        loss, probs = self.dino_loss(student_out, teacher_out, temperature)
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        mean_probs = probs.mean(0)
+        batch_entropy = -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()
+        return {
+            "loss": loss,
+            "teacher_out": teacher_out,
+            "teacher_temp": torch.tensor(temperature),
+            "teacher_entropy": entropy,
+            "teacher_batch_entropy": batch_entropy,
+            "feature_std": F.normalize(student_cls.detach(), dim=-1).std(0).mean(),
+        }
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self._shared_step(batch["image"], self.global_step)
+        require_finite(out["loss"], self.global_step)
+        self.update_center(out["teacher_out"])
+        self.log("train/loss", out["loss"], prog_bar=True)
+        self.log_dict({f"train/{k}": out[k] for k in ("teacher_temp", "teacher_entropy", "teacher_batch_entropy", "feature_std")})
+        return out["loss"]
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """After each optimiser step (not each batch, so gradient accumulation is respected), move the teacher."""
+        super().optimizer_step(*args, **kwargs)
+        momentum = self.teacher_momentum(self.global_step)
+        ema_update(self.backbone, self.student, momentum)
+        ema_update(self.teacher_head, self.student_head, momentum)
+        self.log("train/teacher_momentum", momentum)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        generator = torch.Generator().manual_seed(batch_idx)  # the same crops at every validation
+        out = self._shared_step(batch["image"], self.global_step, generator)
+        self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
+        self.log("val/teacher_entropy", out["teacher_entropy"], sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        trainable = nn.ModuleDict({"student": self.student, "head": self.student_head})
+        return adamw_warmup_cosine(
+            trainable,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            warmup_steps=hp.warmup_steps,
+            total_steps=self.trainer.estimated_stepping_batches,
+            min_lr_ratio=hp.min_lr_ratio,
+        )

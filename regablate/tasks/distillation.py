@@ -1,0 +1,204 @@
+"""Post-hoc registers: distil a frozen model into a copy of itself that has R registers.
+
+A model trained without registers keeps its artifacts (high-norm tokens on background) in the
+patch features. Adding registers and training the copy to reproduce the original's features
+would copy the artifacts too, so the targets are denoised first (PH-Reg, 2025): the teacher
+sees V views of each image, shifted by whole patches and flipped; each view's features are
+moved back into place and the views are averaged. Content moves with the shift and comes back,
+artifacts sit wherever the teacher put its scratch space, so the average keeps the content and
+washes the artifacts out.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch import Tensor
+
+from regablate.backbone import build_backbone, extract_features
+from regablate.errors import RegablateError
+from regablate.tasks.optim import adamw_warmup_cosine, require_finite
+
+# Views are deterministic: identity first, then a flip, then whole-patch shifts with and without it.
+_SHIFTS = ((0, 0), (1, 1), (-1, -1), (1, -2), (-2, 1), (2, 2), (-2, -2), (2, -1))
+TRAINABLE_PRESETS = ("registers", "registers+pos+last", "all")
+
+
+def view_transforms(num_views: int) -> list[tuple[int, int, bool]]:
+    """``num_views`` (shift_y, shift_x in patches, flip) triples; the first is the identity."""
+    if not 1 <= num_views <= 2 * len(_SHIFTS):
+        raise RegablateError(f"num_views must be between 1 and {2 * len(_SHIFTS)}, got {num_views}")
+    return [(*_SHIFTS[v // 2], v % 2 == 1) for v in range(num_views)]
+
+
+def apply_view(images: Tensor, shift: tuple[int, int], flip: bool, patch_size: int) -> Tensor:
+    """Roll ``images`` by whole patches (so the patch grid stays aligned), then mirror them."""
+    out = torch.roll(images, shifts=(shift[0] * patch_size, shift[1] * patch_size), dims=(2, 3))
+    return out.flip(3) if flip else out
+
+
+def undo_view(grid_features: Tensor, shift: tuple[int, int], flip: bool) -> Tensor:
+    """Put (B, H, W, D) patch features of a view back where the original image has them."""
+    out = grid_features.flip(2) if flip else grid_features
+    return torch.roll(out, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+
+
+def trainable_patterns(trainable: str | list[str], depth: int) -> list[str]:
+    """Parameter-name patterns of the student that train; everything else stays frozen."""
+    if isinstance(trainable, list):
+        return trainable
+    presets = {
+        "registers": ["reg_token"],
+        "registers+pos+last": ["reg_token", "pos_embed", "patch_embed.*", f"blocks.{depth - 1}.*"],
+        "all": ["*"],
+    }
+    if trainable not in presets:
+        raise RegablateError(
+            f"unknown trainable setting {trainable!r}: use one of {', '.join(TRAINABLE_PRESETS)} "
+            "or a list of parameter-name patterns such as ['reg_token', 'blocks.11.*']"
+        )
+    return presets[trainable]
+
+
+class Distillation(LightningModule):
+    """Continued pretraining after adding registers: a student with R registers learns the
+    frozen source model's view-averaged patch and CLS features.
+
+    ``self.backbone`` is the student (what the run produces: its checkpoint loads with
+    ``build_backbone(checkpoint=...)``); ``self.teacher`` is the source model, frozen, always in
+    eval mode and run without gradients, once on all views batched together. Logs
+    ``train/loss``, ``train/loss_patch``, ``train/loss_cls``, ``train/feature_std`` (std of the
+    student's patch features over tokens: near 0 means collapse), and ``val/loss``,
+    ``val/patch_cos`` (mean cosine between student and target patches).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_small_patch14_dinov2",
+        num_registers: int = 4,
+        img_size: int = 224,
+        model_kwargs: dict[str, Any] | None = None,
+        checkpoint: str | None = None,
+        pretrained: bool = False,
+        teacher_registers: int = 0,
+        trainable: str | list[str] = "registers+pos+last",
+        num_views: int = 4,
+        patch_cosine_weight: float = 1.0,
+        patch_mse_weight: float = 1.0,
+        cls_weight: float = 1.0,
+        register_init_std: float = 0.02,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.01,
+    ) -> None:
+        """
+        Args:
+            model_name: timm ViT name of the source model; sizes in ``model_kwargs`` override it.
+            num_registers: registers R of the student.
+            img_size: input side in pixels; linked from ``data.img_size`` by the CLI.
+            model_kwargs: extra timm arguments (patch_size, embed_dim, depth, num_heads...).
+            checkpoint: the source model's weights (.safetensors/.pt/.pth/.ckpt).
+            pretrained: take the source model from timm's pretrained weights instead.
+            teacher_registers: registers the source model was trained with (0 for most models).
+            trainable: ``registers``, ``registers+pos+last`` (registers, position and patch
+                embedding, last block), ``all``, or a list of parameter-name patterns.
+            num_views: teacher views averaged into each target (1: no denoising).
+            patch_cosine_weight: weight of (1 - cosine) between student and target patches.
+            patch_mse_weight: weight of the MSE between student and target patches.
+            cls_weight: weight of the CLS loss ((1 - cosine) + MSE).
+            register_init_std: std of the normal new registers start from.
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay (none on tokens, position embedding, biases, norms).
+            warmup_steps: linear warmup steps before the cosine decay.
+            min_lr_ratio: final learning rate as a fraction of ``lr``.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if checkpoint is None and not pretrained:
+            raise RegablateError(
+                "Distillation needs a source model: set model.checkpoint (a local file or a run's .ckpt) "
+                "or model.pretrained: true"
+            )
+        source = {"checkpoint": checkpoint, "pretrained": pretrained, "img_size": img_size, **(model_kwargs or {})}
+        self.views = view_transforms(num_views)
+        self.teacher = build_backbone(model_name, teacher_registers, **source).eval().requires_grad_(False)
+        self.backbone = build_backbone(model_name, num_registers, register_init_std=register_init_std, **source)
+        self._freeze_all_but(trainable_patterns(trainable, len(self.backbone.blocks)))
+
+    def _freeze_all_but(self, patterns: list[str]) -> None:
+        names = [name for name, _ in self.backbone.named_parameters()]
+        for pattern in patterns:
+            if not any(fnmatch.fnmatch(name, pattern) for name in names):
+                raise RegablateError(
+                    f"trainable pattern {pattern!r} matches no parameter of the student "
+                    f"(e.g. {', '.join(names[:4])}; with 0 registers there is no reg_token)"
+                )
+        for name, param in self.backbone.named_parameters():
+            param.requires_grad_(any(fnmatch.fnmatch(name, p) for p in patterns))
+
+    def train(self, mode: bool = True) -> Distillation:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never drops paths or tokens
+        return self
+
+    @torch.no_grad()
+    def targets(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The teacher's view-averaged (CLS (B, D), patches (B, N, D)) for ``images``."""
+        patch = self.teacher.patch_embed.patch_size[0]
+        views = torch.cat([apply_view(images, (dy, dx), flip, patch) for dy, dx, flip in self.views])
+        features = extract_features(self.teacher, views)
+        batch = images.shape[0]
+        grid_h, grid_w = self.teacher.patch_embed.grid_size
+        patches = features.patches.reshape(len(self.views), batch, grid_h, grid_w, -1)
+        aligned = torch.stack(
+            [undo_view(patches[v], (dy, dx), flip) for v, (dy, dx, flip) in enumerate(self.views)]
+        )
+        cls = features.cls.reshape(len(self.views), batch, -1).mean(0)
+        return cls, aligned.mean(0).flatten(1, 2)
+
+    def _losses(self, images: Tensor) -> dict[str, Tensor]:
+        target_cls, target_patches = self.targets(images)
+        student = extract_features(self.backbone, images)
+        hp = self.hparams
+        patch_cos = F.cosine_similarity(student.patches, target_patches, dim=-1).mean()
+        loss_patch = hp.patch_cosine_weight * (1 - patch_cos) + hp.patch_mse_weight * F.mse_loss(
+            student.patches, target_patches
+        )
+        loss_cls = (1 - F.cosine_similarity(student.cls, target_cls, dim=-1).mean()) + F.mse_loss(
+            student.cls, target_cls
+        )
+        return {
+            "loss": loss_patch + hp.cls_weight * loss_cls,
+            "loss_patch": loss_patch,
+            "loss_cls": loss_cls,
+            "patch_cos": patch_cos,
+            "feature_std": student.patches.detach().std(dim=1).mean(),
+        }
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        losses = self._losses(batch["image"])
+        require_finite(losses["loss"], self.global_step)
+        self.log("train/loss", losses["loss"], prog_bar=True)
+        self.log_dict({f"train/{k}": losses[k] for k in ("loss_patch", "loss_cls", "feature_std")})
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        losses = self._losses(batch["image"])
+        self.log("val/loss", losses["loss"], prog_bar=True, sync_dist=True)
+        self.log("val/patch_cos", losses["patch_cos"], sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        return adamw_warmup_cosine(
+            self.backbone,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            warmup_steps=hp.warmup_steps,
+            total_steps=self.trainer.estimated_stepping_batches,
+            min_lr_ratio=hp.min_lr_ratio,
+        )

@@ -1,0 +1,48 @@
+"""A tiny ViT with planted register-style artifacts, made by editing weights (so it survives saving).
+
+* Channel ``MARKER`` is emptied (patch embedding and position embedding), then the position
+  embedding puts a small marker (3) in it on the planted patch positions; on its own the marker
+  keeps those tokens' norms ordinary (under 2x the median).
+* Block ``onset``'s MLP: one hidden unit fires only on the marker and writes ``NORM`` into channel
+  ``CHANNEL``, so the planted tokens get ~40x the median norm from that block on, in one channel.
+* Last block: the query bias and the key weights of channel ``CHANNEL`` point the same way, so
+  every token attends to the planted tokens: an attention sink, as real artifacts are.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from regablate.backbone import build_backbone
+
+MODEL = "vit_tiny_patch16_224"
+# 32 px, 8x8 patches of 4 px, 4 blocks: room for a middle block.
+SIZES = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2}
+CORNERS = (0, 7, 56, 63)
+MARKER, CHANNEL, NORM = 5, 11, 100.0
+
+
+def tiny_vit(num_registers: int = 2, seed: int = 0) -> VisionTransformer:
+    torch.manual_seed(seed)
+    return build_backbone(MODEL, num_registers, **SIZES)
+
+
+@torch.no_grad()
+def plant_artifacts(model: VisionTransformer, onset: int = 1, positions: tuple[int, ...] = CORNERS) -> VisionTransformer:
+    dim = model.embed_dim
+    model.patch_embed.proj.weight[MARKER] = 0.0
+    model.patch_embed.proj.bias[MARKER] = 0.0
+    model.pos_embed[0, :, MARKER] = 0.0
+    model.pos_embed[0, list(positions), MARKER] = 3.0
+    mlp = model.blocks[onset].mlp
+    mlp.fc1.weight[0] = 0.0
+    mlp.fc1.weight[0, MARKER] = 10.0  # LayerNorm makes the marker > 4 on planted tokens, ~0 elsewhere
+    mlp.fc1.bias[0] = -15.0
+    mlp.fc2.weight[:, 0] = 0.0
+    mlp.fc2.weight[CHANNEL, 0] = NORM / 10.0
+    attn = model.blocks[-1].attn
+    direction = torch.full((dim,), 4.0 / attn.head_dim**0.5)
+    attn.qkv.bias[:dim] = direction  # every query points along `direction`
+    attn.qkv.weight[dim : 2 * dim, CHANNEL] = direction  # keys of tokens big in CHANNEL do too
+    return model

@@ -1,0 +1,142 @@
+"""regablate.artifacts on hand-made tensors, and artifact_scan on a ViT with planted artifacts."""
+
+import pytest
+import torch
+
+from regablate import artifacts
+from regablate.artifact_scan import scan
+from regablate.artifacts import Threshold
+from regablate.data import SyntheticScenesDataset
+from regablate.errors import RegablateError
+from tests.planted import CORNERS, plant_artifacts, tiny_vit
+
+GRID = (8, 8)
+
+
+def norms_with_outliers() -> torch.Tensor:
+    """100 norms: 95 ordinary ones between 1 and 2, and 5 at 12, 30, 160, 200, 300 (indices 95..99)."""
+    return torch.cat([torch.linspace(1.0, 2.0, 95), torch.tensor([12.0, 30.0, 160.0, 200.0, 300.0])]).view(4, 25)
+
+
+@pytest.mark.parametrize(
+    "threshold, expected",
+    [
+        (Threshold(), [95, 96, 97, 98, 99]),  # 4x the median (~1.5) = 6
+        (Threshold("relative", 10.0), [96, 97, 98, 99]),  # 15
+        (Threshold("absolute", 150.0), [97, 98, 99]),  # the paper's cutoff
+        (Threshold("percentile", 98.0), [98, 99]),  # the top 2%
+    ],
+    ids=["relative-default", "relative-10", "absolute-150", "percentile-98"],
+)
+def test_threshold_modes_pick_the_expected_tokens(threshold, expected):
+    norms = norms_with_outliers()
+    mask = artifacts.outlier_mask(norms, threshold)
+    assert mask.shape == norms.shape
+    assert mask.flatten().nonzero().flatten().tolist() == expected
+    assert artifacts.outlier_fraction(mask) == pytest.approx(len(expected) / 100)
+
+
+def test_relative_threshold_follows_the_scale_of_the_norms():
+    norms = norms_with_outliers()
+    assert torch.equal(artifacts.outlier_mask(norms, Threshold()), artifacts.outlier_mask(norms * 10, Threshold()))
+    assert not artifacts.outlier_mask(norms / 10, Threshold("absolute", 150.0)).any()
+
+
+def test_threshold_defaults_and_bad_values():
+    assert Threshold().value == 4.0 and Threshold("absolute").value == 150.0 and Threshold("percentile").value == 98.0
+    with pytest.raises(RegablateError, match="unknown threshold mode 'median'.*relative, absolute, percentile"):
+        Threshold("median")
+    for mode, value in [("percentile", 100.0), ("relative", 0.0), ("absolute", -1.0)]:
+        with pytest.raises(RegablateError, match=f"threshold value for mode '{mode}'"):
+            Threshold(mode, value)
+
+
+def test_max_over_median_and_token_norms():
+    assert artifacts.max_over_median(torch.tensor([1.0, 2.0, 2.0, 20.0])) == pytest.approx(10.0)
+    tokens = torch.tensor([[[3.0, 4.0], [0.0, 1.0]]])
+    assert torch.equal(artifacts.token_norms(tokens), torch.tensor([[5.0, 1.0]]))
+
+
+def test_neighbour_cosine_counts_only_existing_neighbours():
+    same = torch.ones(1, 9, 4)
+    assert torch.allclose(artifacts.neighbour_cosine(same, (3, 3)), torch.ones(1, 9))
+    # A checkerboard of opposite vectors: every neighbour points the other way.
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0]).view(1, 9, 1)
+    assert torch.allclose(artifacts.neighbour_cosine(same * signs, (3, 3)), -torch.ones(1, 9))
+    # One odd patch in a corner: it disagrees with both of its neighbours, they with one of their 3.
+    odd = same.clone()
+    odd[0, 0] = -1.0
+    cosine = artifacts.neighbour_cosine(odd, (3, 3)).view(3, 3)
+    assert cosine[0, 0] == pytest.approx(-1.0) and cosine[0, 1] == pytest.approx(1 / 3) and cosine[2, 2] == pytest.approx(1.0)
+
+
+def test_channel_concentration_background_positions_and_onset():
+    one_hot = torch.zeros(2, 200)
+    one_hot[:, 7] = 5.0
+    assert torch.allclose(artifacts.channel_concentration(one_hot), torch.ones(2))  # top 1% = 2 channels
+    assert artifacts.channel_concentration(torch.ones(1, 200)).item() == pytest.approx(2 / 200)
+    segmentation = torch.zeros(1, 8, 8, dtype=torch.long)
+    segmentation[0, :4, :4] = 3  # the top-left patch of a 2x2 grid is an object
+    assert artifacts.background_patches(segmentation, (2, 2)).tolist() == [[False, True, True, True]]
+    mask = torch.tensor([[True, False, False, True], [True, False, False, False]])
+    assert artifacts.position_frequency(mask, (2, 2)).tolist() == [[1.0, 0.0], [0.0, 0.5]]
+    assert artifacts.onset_block({0: 0.0, 1: 0.02, 2: 0.0, 3: 0.02, 4: 0.03}) == 3
+    assert artifacts.onset_block({0: 0.0, 1: 0.02, 2: 0.0}) is None
+
+
+def test_attention_received_leaves_out_the_keys_as_queries():
+    attention = torch.zeros(1, 1, 3, 3)
+    attention[0, 0, :, 2] = 1.0  # everybody looks at token 2
+    keys = torch.tensor([[False, False, True]])
+    assert artifacts.attention_received(attention, keys) == pytest.approx(1.0)
+    attention[0, 0, 1] = torch.tensor([0.5, 0.5, 0.0])
+    assert artifacts.attention_received(attention, keys) == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    data = SyntheticScenesDataset(split="val", size=16, img_size=32)
+    samples = [data[i] for i in range(16)]
+    return torch.stack([s["image"] for s in samples]), torch.stack([s["mask"] for s in samples])
+
+
+def test_scan_finds_planted_artifacts_in_the_right_blocks_and_positions(scenes):
+    images, segmentation = scenes
+    model = plant_artifacts(tiny_vit(), onset=1)
+    result = scan(model, images, segmentation=segmentation)
+    stats = result.stats
+    planted = torch.zeros(64)
+    planted[list(CORNERS)] = 1.0
+    assert not result.outlier_positions[0].any()
+    for block in (1, 2, 3):
+        assert torch.equal(result.outlier_positions[block].flatten(), planted), block
+        assert stats[f"artifacts/outlier_frac/block_{block:02d}"] == pytest.approx(4 / 64)
+    assert stats["artifacts/outlier_frac/block_00"] == 0.0
+    assert stats["artifacts/outlier_frac"] == pytest.approx(4 / 64)
+    assert stats["artifacts/outlier_onset_block"] == 1.0
+    assert stats["artifacts/norm_max_over_median"] > 20
+    # What tells them apart: one channel, background, redundant input patches, an attention sink.
+    assert stats["artifacts/outlier_channel_concentration"] > 0.95 > stats["artifacts/patch_channel_concentration"]
+    expected_background = artifacts.background_patches(segmentation, GRID)[:, list(CORNERS)].float().mean().item()
+    assert stats["artifacts/outlier_background_share"] == pytest.approx(expected_background)
+    assert -1.0 <= stats["artifacts/outlier_neighbour_cosine"] <= 1.0
+    assert stats["artifacts/outlier_attention_share"] > 0.5 and stats["artifacts/outlier_attention_lift"] > 5
+    # The attention maps: every image's CLS looks hardest at a planted corner.
+    brightest = result.attention_maps[:, 0].flatten(1).argmax(dim=1)
+    assert all(int(p) in CORNERS for p in brightest)
+    assert result.attention_maps.shape == (16, 3, 8, 8)
+    assert (result.patch_norms[3][:, list(CORNERS)] > result.cutoffs[3]).all()
+    assert model.blocks[-1].attn.fused_attn and model.training, "the scan must leave the model as it was"
+
+
+def test_untouched_model_shows_no_artifacts(scenes):
+    images, segmentation = scenes
+    stats = scan(tiny_vit(), images, segmentation=segmentation).stats
+    assert all(stats[f"artifacts/outlier_frac/block_{b:02d}"] == 0.0 for b in range(4))
+    assert stats["artifacts/norm_max_over_median"] < 4
+    assert "artifacts/outlier_onset_block" not in stats and "artifacts/outlier_attention_share" not in stats
+
+
+def test_scan_rejects_a_block_out_of_range(scenes):
+    with pytest.raises(RegablateError, match="block index 4 is out of range for a ViT with 4 blocks"):
+        scan(tiny_vit(), scenes[0][:2], blocks=[0, 4])

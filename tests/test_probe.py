@@ -1,0 +1,199 @@
+"""`regablate probe` end to end on synthetic scenes: trained vs random vs oracle, cache, bad input."""
+
+import json
+import logging
+import shutil
+
+import datasets
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from tests.conftest import tiny_fit_args
+from regablate.cli import main
+from regablate.data import HFDataModule, SyntheticScenes
+from regablate.probe import BatchFeatures, LinearProbe, run_probe
+from regablate.probe import run as probe_run
+
+SMALL_DATA = ["--data.train_size", "384", "--data.val_size", "128", "--data.test_size", "192"]
+FAST = ["--probe.batch_size", "64", "--probe.cls_steps", "300", "--probe.seg_steps", "300", "--probe.depth_steps", "300"]
+MODEL = '{patch_size: 4, embed_dim: 48, depth: 2, num_heads: 2}'
+
+
+def probe(*args):
+    main(["probe", *args, *SMALL_DATA, *FAST])
+
+
+def summary(folder):
+    return json.loads((folder / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny ViT (8x8 patches of 4 px) fitted for 120 steps on synthetic scenes, probed once."""
+    tmp = tmp_path_factory.mktemp("trained")
+    main([
+        "fit", *tiny_fit_args(tmp), "--model.model_kwargs", MODEL, "--model.lr", "3e-3", "--model.warmup_steps", "10",
+        "--data.train_size", "4000", "--data.batch_size", "32", "--trainer.max_steps", "120",
+        "--trainer.val_check_interval", "120",
+    ])
+    run = next((tmp / "runs" / "tiny").iterdir())
+    probe(str(run))
+    return run
+
+
+@pytest.fixture(scope="session")
+def random_probe(tmp_path_factory):
+    out = tmp_path_factory.mktemp("random") / "probe"
+    probe("--model", "vit_tiny_patch16_224", "--num_registers", "2", "--model_kwargs", MODEL, "--output", str(out))
+    return out
+
+
+def test_trained_backbone_beats_a_random_one(trained_run, random_probe):
+    trained, random = summary(trained_run), summary(random_probe)
+    print({k: (trained[k], random[k]) for k in ("probe/cls_top1", "probe/seg_miou", "probe/depth_rmse", "probe/lost_corloc")})
+    assert trained["probe/cls_top1"] > random["probe/cls_top1"] + 0.3
+    assert trained["probe/seg_miou"] > random["probe/seg_miou"] + 0.05
+    assert trained["probe/lost_corloc"] > random["probe/lost_corloc"] + 0.1
+    # Depth is reported, not compared: in the synthetic scenes an object's depth is random and
+    # invisible, so no features predict it (RMSE ~1.6-1.7 for any backbone seen here).
+    assert 0 < trained["probe/depth_rmse"] < 3
+
+
+def test_results_and_protocol_are_written(trained_run):
+    values = summary(trained_run)
+    assert values["status"] == "complete"  # the fit's summary is kept, the probe's merged in
+    details = json.loads((trained_run / "probe.json").read_text())
+    cls = details["protocol"]["cls"]
+    assert len(cls["lrs"]) >= 8 and values["probe/cls_lr"] in cls["lrs"]
+    assert values["probe/cls_lr"] == cls["selected"]["lr"] and values["probe/cls_features"] in ("cls", "cls+mean")
+    best = max(max(per_lr.values()) for per_lr in cls["val_top1"].values())
+    assert values["probe/cls_val_top1"] == pytest.approx(best)
+    assert details["source"]["num_registers"] == 2 and details["skipped"] == {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained_run / "probe")).Reload()
+    assert {"probe/cls_top1", "probe/seg_miou", "probe/depth_rmse", "probe/lost_corloc"} <= set(events.Tags()["scalars"])
+
+
+def test_rerun_reads_the_cache_and_gives_the_same_result(trained_run, tmp_path, monkeypatch):
+    before = summary(trained_run)
+    monkeypatch.setattr(probe_run, "extract_split", lambda *a, **k: pytest.fail("re-extracted despite the cache"))
+    probe(str(trained_run))
+    after = summary(trained_run)
+    keys = [k for k in before if k.startswith("probe/") and k != "probe/seconds"]
+    assert {k: after[k] for k in keys} == {k: before[k] for k in keys}
+    monkeypatch.undo()
+    probe(str(trained_run), "--no_cache", "--output", str(tmp_path / "fresh"))
+    assert {k: summary(tmp_path / "fresh")[k] for k in keys} == {k: before[k] for k in keys}
+    assert not (tmp_path / "fresh" / "probe_cache").exists()
+
+
+def test_a_cache_written_by_another_backbone_is_refused(trained_run, random_probe, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    ours = next((run / "probe_cache").iterdir())
+    foreign = next((random_probe / "probe_cache").iterdir())
+    shutil.copy(foreign / "train.pt", ours / "train.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        probe(str(run))
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("regablate: error: probe cache") and "another backbone" in message and "\n" not in message
+
+
+def test_a_checkpoint_that_does_not_load_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "broken.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        probe("--checkpoint", str(bad))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("regablate: error: cannot read checkpoint") and "\n" not in err
+
+
+class OracleScenes(SyntheticScenes):
+    """Synthetic scenes whose "images" are the answers: channels mask, depth and main-object indicator."""
+
+    def dataset(self, split):
+        return _OracleDataset(super().dataset(split))
+
+
+class _OracleDataset(torch.utils.data.Dataset):
+    def __init__(self, scenes):
+        self.scenes = scenes
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def __getitem__(self, index):
+        sample = self.scenes[index]
+        main = (sample["mask"] == sample["label"] + 1).float()
+        sample["image"] = torch.stack([sample["mask"].float(), sample["depth"], main])
+        return sample
+
+
+class OracleExtractor(nn.Module):
+    """One token per pixel: one-hot mask class, one-hot depth level and depth; CLS: one-hot label; keys: +-1 main object."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.register_buffer("levels", torch.linspace(0.5, 13.5, 28))
+        self.num_classes = num_classes
+
+    def forward(self, images):
+        mask, depth, main = images[:, 0].long(), images[:, 1], images[:, 2]
+        level = (depth[..., None] - self.levels).abs().argmin(dim=-1)
+        patches = torch.cat(
+            [nn.functional.one_hot(mask, self.num_classes + 1), nn.functional.one_hot(level, 28), depth[..., None]], dim=-1
+        ).float()
+        counts = nn.functional.one_hot(mask, self.num_classes + 1).sum(dim=(1, 2))[:, 1:]
+        cls = nn.functional.one_hot(counts.argmax(dim=1), self.num_classes).float()
+        return BatchFeatures(cls=cls, patches=patches, keys=(main * 2 - 1)[..., None])
+
+
+def test_features_that_carry_the_answers_score_near_perfectly(tmp_path):
+    data = OracleScenes(img_size=16, num_classes=4, train_size=128, val_size=32, test_size=64, batch_size=32)
+    report = run_probe(
+        OracleExtractor(4), data, LinearProbe(batch_size=32, cls_steps=200, seg_steps=300, depth_steps=400),
+        output_dir=tmp_path, patch_size=(1, 1), data_config={"oracle": 1},
+    )
+    metrics = report.metrics
+    assert metrics["probe/cls_top1"] == 1.0
+    assert metrics["probe/seg_miou"] > 0.97
+    assert metrics["probe/depth_rmse"] < 0.3  # depth spans 1..13
+    assert metrics["probe/lost_corloc"] > 0.95
+
+
+@pytest.fixture
+def offline_hf(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_data_without_a_probes_columns_skip_it_with_a_warning(tmp_path, offline_hf, caplog):
+    rng = np.random.default_rng(0)
+    rows = lambda n: {  # noqa: E731
+        "image": [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(n)],
+        "label": [i % 2 for i in range(n)],
+        "seg": [Image.fromarray((rng.random((16, 16)) > 0.5).astype(np.uint8)) for _ in range(n)],
+    }
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_dict(rows(24)), validation=datasets.Dataset.from_dict(rows(8))
+    ).save_to_disk(str(tmp_path / "saved"))
+    data = HFDataModule(str(tmp_path / "saved"), mask_column="seg", img_size=16, batch_size=8)
+    extractor = OracleExtractor(1)
+    extractor.forward = lambda images: BatchFeatures(images.mean(dim=(2, 3)), images.permute(0, 2, 3, 1), images.permute(0, 2, 3, 1))
+    with caplog.at_level(logging.WARNING):
+        report = run_probe(
+            extractor, data, LinearProbe(batch_size=8, cls_steps=5, seg_steps=5, depth_steps=5),
+            output_dir=tmp_path / "out", patch_size=(1, 1), data_config={"hf": 1},
+        )
+    assert set(report.skipped) == {"depth", "lost"} and "'depth'" in report.skipped["depth"]
+    assert "skipping the depth probe" in caplog.text and "skipping the lost probe" in caplog.text
+    assert {"probe/cls_top1", "probe/seg_miou"} <= set(report.metrics)
+    assert "probe/depth_rmse" not in summary(tmp_path / "out")
