@@ -64,7 +64,7 @@ def scan(
     wanted = sorted({*(range(depth) if blocks is None else blocks), depth - 1})
     grid = tuple(model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
     num_prefix = model.num_prefix_tokens
-    with torch.no_grad(), _eval_mode(model), _captured(model) as captured:
+    with torch.no_grad(), eval_mode(model), _captured(model) as captured:
         features = extract_features(model, images, blocks=wanted)
     per_block = {int(b) % depth: tokens for b, tokens in features.blocks.items()}
     last = depth - 1
@@ -101,7 +101,7 @@ def scan(
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode for the pass; every submodule gets its own mode back (frozen parts stay frozen)."""
     modes = {module: module.training for module in model.modules()}
     model.eval()

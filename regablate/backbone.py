@@ -41,8 +41,8 @@ _VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
 _LAYOUT_KWARGS = {"reg_tokens": "num_registers", "no_embed_class": None, "class_token": None}
 # Prefixes under which a backbone's weights are found in training checkpoints, most specific first.
 _PREFERRED_PREFIXES = ("backbone.", "student.backbone.", "model.backbone.", "model.", "module.", "")
-# Source keys that a headless backbone may ignore.
-_IGNORED_SOURCE_KEYS = ("head.", "head_drop.", "fc_norm.", "attn_pool.")
+# Source keys that a headless backbone may ignore (a test-time register is added after loading).
+_IGNORED_SOURCE_KEYS = ("head.", "head_drop.", "fc_norm.", "attn_pool.", "test_time_register.")
 
 
 def build_backbone(
@@ -52,6 +52,7 @@ def build_backbone(
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
     register_init_std: float = 0.02,
+    test_time_registers: str | Path | None = None,
     **timm_kwargs: Any,
 ) -> VisionTransformer:
     """Build a headless timm ViT with ``num_registers`` registers in the DINOv2 layout.
@@ -65,6 +66,8 @@ def build_backbone(
             loading, so it needs network access or a populated cache) and convert them.
         register_init_std: standard deviation of the normal that new registers start from
             when weights are loaded.
+        test_time_registers: a ``register_neurons.json`` found on these weights: adds one untrained
+            token after the registers that takes over those MLP units (see ``regablate.test_time_registers``).
         **timm_kwargs: passed to ``timm.create_model`` (``img_size``, ``patch_size``,
             ``embed_dim``, ``depth``, ``num_heads``, ``drop_path_rate``, ...).
     """
@@ -106,6 +109,10 @@ def build_backbone(
     if source is not None:
         converted = convert_state_dict(source, model, register_init_std=register_init_std)
         model.load_state_dict(converted, strict=True)
+    if test_time_registers is not None:
+        from regablate.test_time_registers import add_test_time_register  # it builds on this module
+
+        add_test_time_register(model, test_time_registers)
     return model
 
 
@@ -265,7 +272,8 @@ def _grid_of(num_patches: int, target_grid: tuple[int, int]) -> tuple[int, int]:
 class TokenFeatures:
     """What one backbone pass returns.
 
-    ``cls``, ``registers`` and ``patches`` come after the final LayerNorm (what heads use);
+    ``cls``, ``registers`` and ``patches`` come after the final LayerNorm (what heads use); with a
+    test-time register (``regablate.test_time_registers``), ``registers`` ends with it;
     ``blocks`` maps a block index to that block's output, the whole ``[CLS, REG, PATCH]``
     sequence of the residual stream *before* the final norm, which would hide the high norms.
     """
@@ -282,13 +290,13 @@ def extract_features(model: VisionTransformer, images: Tensor, blocks: Sequence[
     ``blocks`` takes indices into ``model.blocks``; negative ones count from the end.
     """
     depth = len(model.blocks)
-    wanted = sorted({_block_index(i, depth) for i in blocks})
+    wanted = sorted({block_index(i, depth) for i in blocks})
     if wanted:
         tokens, inter = model.forward_intermediates(
             images, indices=wanted, return_prefix_tokens=True, norm=False, output_fmt="NLC"
         )
         taken = {i: torch.cat([prefix, patches], dim=1) for i, (patches, prefix) in zip(wanted, inter)}
-        by_request = {i: taken[_block_index(i, depth)] for i in blocks}
+        by_request = {i: taken[block_index(i, depth)] for i in blocks}
     else:
         tokens = model.forward_features(images)
         by_request = {}
@@ -301,7 +309,7 @@ def extract_features(model: VisionTransformer, images: Tensor, blocks: Sequence[
     )
 
 
-def _block_index(index: int, depth: int) -> int:
+def block_index(index: int, depth: int) -> int:
     if not -depth <= index < depth:
         raise RegablateError(f"block index {index} is out of range for a ViT with {depth} blocks")
     return index % depth

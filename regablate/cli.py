@@ -28,6 +28,8 @@ DESCRIPTION = "Fine-tune and ablate register tokens in Vision Transformers."
 TOOLS: dict[str, tuple[str, str]] = {
     "probe": ("regablate.probe:main", "frozen-feature probes: classification, segmentation, depth, LOST"),
     "inspect": ("regablate.inspect:main", "does a model have artifacts? norms, attention maps, verdict"),
+    "sweep": ("regablate.sweep.command:main", "run a register-count grid (configs/fig8/), locally or on Slurm"),
+    "report": ("regablate.sweep.report:main", "results.csv, results.md, figure8.png of runs/<experiment>"),
 }
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 DEFAULT_LOGGER = {
@@ -69,17 +71,22 @@ class RegablateCLI(LightningCLI):
 
 
 def build_cli(
-    args: list[str] | None = None, *, run: bool = True, extra_callbacks: Sequence[Callback] = ()
+    args: list[str] | None = None,
+    *,
+    run: bool = True,
+    extra_callbacks: Sequence[Callback] = (),
+    cli_class: type[RegablateCLI] = RegablateCLI,
 ) -> RegablateCLI:
     """Parse ``args`` (default: ``sys.argv``), instantiate, and run the subcommand when ``run``.
 
     ``run=False`` parses a config without a subcommand and only instantiates (tests, tools);
-    ``extra_callbacks`` are added to the trainer next to the configured ones (benchmarks).
+    ``extra_callbacks`` are added to the trainer next to the configured ones (benchmarks);
+    ``cli_class`` is a RegablateCLI subclass (the sweep's parse-only resolver).
     """
     trainer_defaults: dict[str, Any] = {"logger": DEFAULT_LOGGER}
     if extra_callbacks:
         trainer_defaults["callbacks"] = list(extra_callbacks)
-    return RegablateCLI(
+    return cli_class(
         model_class=LightningModule,
         subclass_mode_model=True,
         datamodule_class=LightningDataModule,

@@ -11,6 +11,11 @@ masks add the background test. The output folder gets ``stats.json`` (the monito
 ``artifacts/...`` keys, per block and for the last block), ``norms/block_NN.png``,
 ``attention.png`` and ``outlier_positions.png``; it is written next to its final place and
 renamed into it, so a failure leaves nothing half-written.
+
+Test-time registers (``regablate.test_time_registers``): ``--find_register_neurons`` also finds
+the MLP units that write the outliers, on the same images, writes them to ``register_neurons.json``
+and prints them with the outlier fraction that one test-time register holding them leaves;
+``--test_time_registers FILE`` inspects the model with such a register added.
 """
 
 from __future__ import annotations
@@ -39,6 +44,15 @@ from regablate.data.synthetic import SyntheticScenesDataset
 from regablate.errors import RegablateError
 from regablate.runs import checkpoint_hparams, load_backbone
 from regablate.summary import write_json_atomic
+from regablate.test_time_registers import (
+    NEURONS_FILE,
+    NeuronSearch,
+    RegisterNeurons,
+    add_test_time_register,
+    attached_neurons,
+    find_register_neurons,
+    summary_labels,
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SIZE_ARGUMENTS = ("patch_size", "embed_dim", "depth", "num_heads")
@@ -67,6 +81,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--threshold_value", type=float | None, default=None, help="the rule's number (default 4 / 150 / 98)")
     parser.add_argument("--blocks", type=list[int] | None, default=None, help="blocks to measure, e.g. [0,5,-1] (default all)")
     parser.add_argument("--out", type=str | None, default=None, help="output folder (default runs/inspect/<model>)")
+    parser.add_argument("--find_register_neurons", type=bool, default=False, help=f"find register neurons, write {NEURONS_FILE}")
+    parser.add_class_arguments(NeuronSearch, "register_neurons", skip={"threshold", "threshold_value", "num_images"})
+    parser.add_argument("--test_time_registers", type=str | None, default=None, help=f"inspect with a test-time register ({NEURONS_FILE})")
     return parser
 
 
@@ -76,6 +93,8 @@ def main(argv: list[str]) -> None:
     threshold = Threshold(args.threshold, args.threshold_value)
     if args.num_images < 1:
         raise RegablateError(f"--num_images must be at least 1, got {args.num_images}")
+    if args.find_register_neurons and args.test_time_registers:
+        raise RegablateError("give --find_register_neurons or --test_time_registers, not both: find them on the model without one")
     model, name, pretrained = load_model(args)
     out = Path(args.out) if args.out else Path("runs") / "inspect" / name
     check_output_folder(out)
@@ -97,9 +116,21 @@ def main(argv: list[str]) -> None:
         "threshold": threshold.mode,
         "threshold_value": threshold.value,
     }
-    write_atomically(out, lambda folder: write_outputs(folder, result, unnormalize(images, mean, std), stats))
+    if (attached := attached_neurons(model)) is not None:
+        stats.update(summary_labels(attached))
+    neurons = None
+    if args.find_register_neurons:
+        search = NeuronSearch(**args.register_neurons.as_dict(), threshold=threshold.mode, threshold_value=threshold.value, num_images=len(images))
+        neurons = find_register_neurons(model, images, search, model_name=name)
+        add_test_time_register(model, neurons)
+        moved = scan(model, images, threshold=threshold, blocks=args.blocks, segmentation=segmentation)
+        stats["test_time_registers/outlier_frac"] = moved.stats["artifacts/outlier_frac"]
+    write_atomically(out, lambda folder: write_outputs(folder, result, unnormalize(images, mean, std), stats, neurons))
     print("\n".join(verdict(result.stats, threshold, len(model.blocks))))
-    print(f"wrote {out}/: stats.json, attention.png, outlier_positions.png, norms/")
+    if neurons is not None:
+        print("\n".join(neuron_lines(neurons, stats["test_time_registers/outlier_frac"])))
+    written = ", ".join(["stats.json", *([NEURONS_FILE] if neurons else []), "attention.png", "outlier_positions.png", "norms/"])
+    print(f"wrote {out}/: {written}")
 
 
 def load_model(args: Any) -> tuple[VisionTransformer, str, bool]:
@@ -110,6 +141,8 @@ def load_model(args: Any) -> tuple[VisionTransformer, str, bool]:
     checkpoint = Path(args.checkpoint).expanduser() if args.checkpoint else None
     if checkpoint is not None and not checkpoint.exists():
         raise RegablateError(f"checkpoint not found: {checkpoint}")
+    if args.test_time_registers is not None:
+        sizes["test_time_registers"] = args.test_time_registers
     if checkpoint is not None and _is_training_run(checkpoint):
         overrides = dict(sizes) if args.num_registers is None else {**sizes, "num_registers": args.num_registers}
         model = load_backbone(checkpoint, **overrides)
@@ -212,8 +245,12 @@ def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_outputs(folder: Path, result: ArtifactScan, images: Tensor, stats: dict[str, Any]) -> None:
+def write_outputs(
+    folder: Path, result: ArtifactScan, images: Tensor, stats: dict[str, Any], neurons: RegisterNeurons | None = None
+) -> None:
     write_json_atomic(folder / "stats.json", stats)
+    if neurons is not None:
+        neurons.save(folder / NEURONS_FILE)
     save_image(attention_grid(images, result.attention_maps), folder / "attention.png")
     save_image(position_grid(result.outlier_positions), folder / "outlier_positions.png")
     (folder / "norms").mkdir()
@@ -242,6 +279,19 @@ def verdict(stats: dict[str, float], threshold: Threshold, depth: int) -> list[s
     else:
         lines.append("verdict          : register-style artifacts: high-norm tokens on redundant background patches that draw attention")
     return lines
+
+
+def neuron_lines(neurons: RegisterNeurons, outlier_frac: float, shown: int = 10) -> list[str]:
+    """The printed register neurons: the best units with their scores, and what a test-time register leaves."""
+    search = neurons.search
+    if not neurons.units:
+        return [f"register neurons : none (no outlier tokens at block {search.outlier_block})"]
+    units = ", ".join(f"{block}:{unit} ({score:.3g})" for (block, unit), score in zip(neurons.units[:shown], neurons.scores))
+    more = f" and {len(neurons.units) - shown} more" if len(neurons.units) > shown else ""
+    return [
+        f"register neurons : block:unit (mean |activation| at outliers) {units}{more}",
+        f"test-time reg.   : outlier fraction {outlier_frac:.2%} in the last block with one test-time register holding them",
+    ]
 
 
 def _evidence(stats: dict[str, float]) -> tuple[list[str], list[str]]:

@@ -3,8 +3,9 @@
 * Channel ``MARKER`` is emptied (patch embedding and position embedding), then the position
   embedding puts a small marker (3) in it on the planted patch positions; on its own the marker
   keeps those tokens' norms ordinary (under 2x the median).
-* Block ``onset``'s MLP: one hidden unit fires only on the marker and writes ``NORM`` into channel
-  ``CHANNEL``, so the planted tokens get ~40x the median norm from that block on, in one channel.
+* Block ``onset``'s MLP: hidden ``units`` (default: unit 0) fire only on the marker and together
+  write ``NORM`` into channel ``CHANNEL``, so the planted tokens get ~40x the median norm from that
+  block on, in one channel: these units are the model's "register neurons".
 * Last block: the query bias and the key weights of channel ``CHANNEL`` point the same way, so
   every token attends to the planted tokens: an attention sink, as real artifacts are.
 """
@@ -29,18 +30,21 @@ def tiny_vit(num_registers: int = 2, seed: int = 0) -> VisionTransformer:
 
 
 @torch.no_grad()
-def plant_artifacts(model: VisionTransformer, onset: int = 1, positions: tuple[int, ...] = CORNERS) -> VisionTransformer:
+def plant_artifacts(
+    model: VisionTransformer, onset: int = 1, positions: tuple[int, ...] = CORNERS, units: tuple[int, ...] = (0,)
+) -> VisionTransformer:
     dim = model.embed_dim
     model.patch_embed.proj.weight[MARKER] = 0.0
     model.patch_embed.proj.bias[MARKER] = 0.0
     model.pos_embed[0, :, MARKER] = 0.0
     model.pos_embed[0, list(positions), MARKER] = 3.0
     mlp = model.blocks[onset].mlp
-    mlp.fc1.weight[0] = 0.0
-    mlp.fc1.weight[0, MARKER] = 10.0  # LayerNorm makes the marker > 4 on planted tokens, ~0 elsewhere
-    mlp.fc1.bias[0] = -15.0
-    mlp.fc2.weight[:, 0] = 0.0
-    mlp.fc2.weight[CHANNEL, 0] = NORM / 10.0
+    units = list(units)
+    mlp.fc1.weight[units] = 0.0
+    mlp.fc1.weight[units, MARKER] = 10.0  # LayerNorm makes the marker > 4 on planted tokens, ~0 elsewhere
+    mlp.fc1.bias[units] = -15.0
+    mlp.fc2.weight[:, units] = 0.0
+    mlp.fc2.weight[CHANNEL, units] = NORM / 10.0 / len(units)
     attn = model.blocks[-1].attn
     direction = torch.full((dim,), 4.0 / attn.head_dim**0.5)
     attn.qkv.bias[:dim] = direction  # every query points along `direction`

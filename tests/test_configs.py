@@ -5,18 +5,35 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import timm
 import yaml
 from lightning import LightningDataModule, LightningModule, Trainer
 
 from regablate.cli import RegablateCLI, build_cli
+from regablate.sweep.grid import is_grid_file, load_grid
+from regablate.sweep.resolve import resolve_config
 from tests.conftest import REPO, write_source_checkpoint
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
-RUN_CONFIGS = sorted((REPO / "configs").rglob("*.yaml")) + sorted((REPO / "tests" / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted((REPO / "configs").rglob("*.yaml")) + sorted((REPO / "tests" / "configs").glob("*.yaml"))
+# Grid files (a top-level `grid:`) are `regablate sweep` input, not LightningCLI configs.
+GRID_FILES = [path for path in ALL_CONFIGS if is_grid_file(yaml.safe_load(path.read_text()))]
+RUN_CONFIGS = [path for path in ALL_CONFIGS if path not in GRID_FILES]
 
 
 def test_configs_are_found():
     assert QUICKSTART in RUN_CONFIGS
+    assert REPO / "configs" / "fig8" / "cpu.yaml" in GRID_FILES
+
+
+@pytest.mark.parametrize("path", GRID_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_grid_file_loads_and_its_runs_resolve(path: Path):
+    grid = load_grid(path)
+    assert grid.runs and grid.stages
+    # The first and last grid points parse as run configs (base configs + their overrides).
+    for run in (grid.runs[0], grid.runs[-1]):
+        config = yaml.safe_load(resolve_config(grid.base, run.overrides))
+        assert config["model"]["init_args"]["num_registers"] in (0, 1, 2, 4, 8, 16)
 
 
 def source_override(config: dict, tmp_path: Path) -> list[str]:
@@ -46,7 +63,9 @@ def test_config_instantiates(path: Path, tmp_path, monkeypatch):
     if is_cluster_config(config):
         monkeypatch.setattr(RegablateCLI, "instantiate_classes", lambda self: None)
         cli = build_cli(args, run=False)
-        assert cli.config.model.init_args.num_registers in (0, 1, 2, 4, 8, 16)
+        model = cli.config.model.init_args
+        assert model.num_registers in (0, 1, 2, 4, 8, 16)
+        assert timm.is_model(model.model_name), f"{model.model_name} is not a timm model"
         return
     cli = build_cli([*args, *source_override(config, tmp_path)], run=False)
     assert isinstance(cli.model, LightningModule)

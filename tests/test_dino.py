@@ -74,6 +74,15 @@ def test_random_crops_shapes_and_local_crops_through_the_backbone():
     assert tokens.shape == (4, 1 + 2 + 4, 32), "16 px local crops: 2x2 patches, position embedding resampled"
 
 
+def test_ranks_get_the_crops_of_their_samples_in_the_global_batch():
+    images = torch.randn(8, 3, 32, 32)
+    whole = random_crops(images, 2, 16, (0.1, 0.4), torch.Generator().manual_seed(3))
+    for rank in (0, 1):  # the distributed sampler deals samples rank::2
+        part = random_crops(images[rank::2], 2, 16, (0.1, 0.4), torch.Generator().manual_seed(3), rank=rank, world_size=2)
+        for crop, full in zip(part, whole):
+            torch.testing.assert_close(crop, full[rank::2])
+
+
 def test_bad_local_crop_size():
     with pytest.raises(RegablateError, match="local_crop_size 12 must be a multiple of the patch size 8"):
         task(local_crop_size=12)

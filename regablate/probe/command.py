@@ -4,9 +4,17 @@
     regablate probe RUN --data.test_size 500 --probe.cls_epochs 10
     regablate probe --checkpoint weights.safetensors --model vit_small_patch14_dinov2 --num_registers 4
     regablate probe --model vit_tiny_patch16_224 --model_kwargs '{patch_size: 4}' --output runs/probe/random
+    regablate probe runs/fig8/r0_s0 --test_time_registers auto   # -> runs/fig8/r0_s0_ttr/
 
 The data default to the run's own data settings (``config.yaml``), else to SyntheticScenes;
 ``--data`` takes a data config or class and ``--data.*`` overrides single settings.
+
+``--test_time_registers`` probes the backbone with one test-time register (``regablate.test_time_registers``):
+``auto`` finds the register neurons on this backbone first (``--register_neurons.*``, on the first
+training images), a path uses a ``register_neurons.json`` found on the same weights. Results go to
+their own folder (default: the run folder's name + ``_ttr``), whose ``summary.json`` carries
+``test_time_registers: 1``, the register neurons, and the artifact statistics measured with the
+register on the search images.
 """
 
 from __future__ import annotations
@@ -14,20 +22,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import torch
 import yaml
 from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 from lightning import LightningDataModule
 from timm.models.vision_transformer import VisionTransformer
 
+from regablate import artifacts
+from regablate.artifact_scan import scan
+from regablate.artifacts import Threshold
 from regablate.backbone import build_backbone
 from regablate.errors import RegablateError
 from regablate.probe.features import ViTExtractor
 from regablate.probe.protocol import LinearProbe
-from regablate.probe.run import run_probe
+from regablate.probe.run import frozen_dataset, run_probe
 from regablate.runs import find_checkpoint, load_backbone
 from regablate.summary import read_summary, update_summary
+from regablate.test_time_registers import (
+    NEURONS_FILE,
+    NeuronSearch,
+    RegisterNeurons,
+    add_test_time_register,
+    find_register_neurons,
+    summary_labels,
+)
 
 DEFAULT_DATA = {"class_path": "regablate.data.SyntheticScenes"}
+# --test_time_registers value that finds the register neurons on the probed backbone itself.
+AUTO = "auto"
 
 
 def build_parser() -> ArgumentParser:
@@ -46,6 +68,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--model_kwargs", type=Optional[dict[str, Any]], default=None, help="timm sizes for --model")
     parser.add_argument("--output", type=Optional[str], default=None, help="results folder (default: the run folder)")
     parser.add_argument("--cache", action=ActionYesNo, default=True, help="reuse/store features in OUTPUT/probe_cache")
+    parser.add_argument(
+        "--test_time_registers", type=Optional[str], default=None, help=f"'{AUTO}' or a {NEURONS_FILE}: add a test-time register"
+    )
+    parser.add_class_arguments(NeuronSearch, "register_neurons")
     parser.add_subclass_arguments(LightningDataModule, "data", required=False)
     parser.set_defaults(data=DEFAULT_DATA)
     parser.add_class_arguments(LinearProbe, "probe")
@@ -95,12 +121,35 @@ def _backbone(cfg: Namespace, data_img_size: int | None) -> tuple[VisionTransfor
 
 
 def _output_dir(cfg: Namespace, run_dir: Path | None, source: dict[str, Any]) -> Path:
+    """--output, else the run folder, else ``runs/probe/<model>_r<R>``; ``_ttr`` appended with a test-time register."""
     if cfg.output is not None:
         return Path(cfg.output)
+    suffix = "_ttr" if cfg.test_time_registers is not None else ""
     if run_dir is not None:
-        return run_dir
+        return run_dir.with_name(run_dir.name + suffix) if suffix else run_dir
     name = source.get("model_name") or Path(source["checkpoint"]).stem
-    return Path("runs") / "probe" / f"{name}_r{source['num_registers']}"
+    return Path("runs") / "probe" / f"{name}_r{source['num_registers']}{suffix}"
+
+
+def _add_test_time_register(
+    cfg: Namespace, model: VisionTransformer, datamodule: LightningDataModule, source: dict[str, Any], output_dir: Path
+) -> dict[str, Any]:
+    """Add the test-time register ``cfg`` asks for; return the summary keys that label the results.
+
+    The register neurons are found on (``auto``) and measured on the first training images.
+    """
+    search = NeuronSearch(**cfg.register_neurons.as_dict())
+    dataset = frozen_dataset(datamodule, "train")
+    images = torch.stack([dataset[i]["image"] for i in range(min(search.num_images, len(dataset)))])
+    if cfg.test_time_registers == AUTO:
+        neurons = find_register_neurons(model, images, search, model_name=str(source.get("checkpoint") or source.get("model_name")))
+    else:
+        neurons = RegisterNeurons.load(cfg.test_time_registers)
+    add_test_time_register(model, neurons)
+    neurons.save(output_dir / NEURONS_FILE)
+    moved = scan(model, images, threshold=Threshold(neurons.search.threshold, neurons.search.threshold_value))
+    print(f"test-time register: {len(neurons.units)} register neurons; {moved.stats['artifacts/outlier_frac']:.2%} outliers left")
+    return {**summary_labels(neurons), **artifacts.summary_keys(moved.stats)}
 
 
 def _check_sizes(model: VisionTransformer, datamodule: LightningDataModule) -> None:
@@ -129,7 +178,11 @@ def main(argv: list[str]) -> None:
     output_dir = _output_dir(cfg, run_dir, source)
     known = read_summary(output_dir)
     identity = {"model_name": source.get("model_name"), "num_registers": source["num_registers"]}
+    if run_dir is not None and output_dir != run_dir:  # results of a run kept elsewhere still name its seed
+        identity["seed"] = read_summary(run_dir).get("seed")
     update_summary(output_dir, {k: v for k, v in identity.items() if k not in known and v is not None})
+    if cfg.test_time_registers is not None:
+        update_summary(output_dir, _add_test_time_register(cfg, model, datamodule, source, output_dir))
     report = run_probe(
         ViTExtractor(model),
         datamodule,

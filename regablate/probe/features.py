@@ -11,7 +11,6 @@ float32), whether or not they went through the cache, so cached and fresh runs a
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, fields
 from typing import Iterable, Protocol
 
@@ -129,12 +128,3 @@ def _compact_ids(mask: Tensor) -> Tensor:
     """Class-id masks in uint8 where they fit (ADE20k, VOC, the synthetic scenes), int32 otherwise."""
     fits = mask.numel() == 0 or (mask.min() >= 0 and mask.max() <= 255)
     return mask.to(torch.uint8 if fits else torch.int32)
-
-
-def weights_fingerprint(module: nn.Module) -> str:
-    """SHA-256 over a module's class, tensor names, shapes, dtypes and values."""
-    digest = hashlib.sha256(type(module).__qualname__.encode())
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

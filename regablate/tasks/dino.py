@@ -13,6 +13,7 @@ works. This is DINO's image-level loss; DINOv2's iBOT patch loss and KoLeo are n
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -53,24 +54,36 @@ class DINOHead(nn.Module):
         return self.prototypes(F.normalize(self.mlp(x), dim=-1))
 
 
-def random_crops(images: Tensor, num: int, size: int, scale: tuple[float, float], generator: torch.Generator | None = None) -> list[Tensor]:
+def random_crops(
+    images: Tensor,
+    num: int,
+    size: int,
+    scale: tuple[float, float],
+    generator: torch.Generator | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[Tensor]:
     """``num`` batches of random resized crops (one box per image each), randomly mirrored.
 
     Boxes follow RandomResizedCrop: area ``scale`` of the image, aspect ratio in [3/4, 4/3].
+    Under DDP the boxes are drawn for the whole global batch and each rank keeps the rows of
+    its own samples (``rank::world_size``, the way the distributed sampler deals them out),
+    so every image gets the same crops on any number of devices.
     """
     batch, _, height, width = images.shape
+    total = batch * world_size
     crops = []
     for _ in range(num):
-        area = torch.empty(batch).uniform_(*scale, generator=generator) * height * width
-        log_ratio = torch.empty(batch).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+        area = torch.empty(total).uniform_(*scale, generator=generator)[rank::world_size] * height * width
+        log_ratio = torch.empty(total).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)[rank::world_size]
         ratio = log_ratio.exp()
         w = (area * ratio).sqrt().clamp(max=width)
         h = (area / ratio).sqrt().clamp(max=height)
-        x0 = torch.rand(batch, generator=generator) * (width - w)
-        y0 = torch.rand(batch, generator=generator) * (height - h)
+        x0 = torch.rand(total, generator=generator)[rank::world_size] * (width - w)
+        y0 = torch.rand(total, generator=generator)[rank::world_size] * (height - h)
         boxes = torch.stack([torch.arange(batch, dtype=torch.float), x0, y0, x0 + w, y0 + h], dim=1)
         crop = roi_align(images, boxes.to(images), output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
-        flip = torch.rand(batch, generator=generator) < 0.5
+        flip = (torch.rand(total, generator=generator) < 0.5)[rank::world_size]
         crops.append(torch.where(flip.to(images.device)[:, None, None, None], crop.flip(3), crop))
     return crops
 
@@ -194,10 +207,11 @@ class DINO(LightningModule):
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
         return cosine_schedule(self.hparams.teacher_momentum, 1.0, step, total)
 
-    def crops(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    def crops(self, images: Tensor, generator: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
         hp = self.hparams
-        global_crops = random_crops(images, 2, hp.img_size, hp.global_crop_scale, generator)
-        local_crops = random_crops(images, hp.num_local_crops, hp.local_crop_size, hp.local_crop_scale, generator)
+        ranks = {"rank": self.global_rank, "world_size": self.trainer.world_size} if self._trainer is not None else {}
+        global_crops = random_crops(images, 2, hp.img_size, hp.global_crop_scale, generator, **ranks)
+        local_crops = random_crops(images, hp.num_local_crops, hp.local_crop_size, hp.local_crop_scale, generator, **ranks)
         return global_crops, local_crops
 
     def _student_out(self, global_crops: list[Tensor], local_crops: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -233,7 +247,12 @@ class DINO(LightningModule):
         m = self.hparams.center_momentum
         self.center.mul_(m).add_(batch_center / count, alpha=1 - m)
 
-    def _shared_step(self, images: Tensor, step: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def crop_generator(self, step: int) -> torch.Generator:
+        """The random source of a training step's crops: the same on every rank, new every step."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+    def _shared_step(self, images: Tensor, step: int, generator: torch.Generator) -> dict[str, Tensor]:
         global_crops, local_crops = self.crops(images, generator)
         with torch.no_grad():
             teacher_out = self.teacher_head(self.backbone.forward_features(torch.cat(global_crops))[:, 0])
@@ -253,7 +272,7 @@ class DINO(LightningModule):
         }
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        out = self._shared_step(batch["image"], self.global_step)
+        out = self._shared_step(batch["image"], self.global_step, self.crop_generator(self.global_step))
         require_finite(out["loss"], self.global_step)
         self.update_center(out["teacher_out"])
         self.log("train/loss", out["loss"], prog_bar=True)

@@ -1,0 +1,84 @@
+"""The whole frozen-feature probe against one feature-extraction pass, and against a naive probe.
+
+On the quickstart-sized backbone and SyntheticScenes splits, measured in one run:
+
+* ``extract``: one extraction pass over train, val and test (what any probe must pay once);
+* ``probe``: ``run_probe`` without a cache: that pass plus every head (classification grid,
+  segmentation, depth) and LOST. Target: at most 1.5x ``extract``;
+* ``naive``: a probe that reruns the backbone for every head and every epoch of its training
+  (no cache). Its heads and scores are the ones above (the features are deterministic), so its
+  time is the probe's head time plus, per head, epochs x one measured train extraction pass.
+  Target: the cached probe at least 10x faster.
+
+    python benchmarks/probe_speed.py [--train 2000] [--val 500] [--test 1000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from regablate.backbone import build_backbone
+from regablate.data import SyntheticScenes
+from regablate.probe.features import ViTExtractor, extract_split
+from regablate.probe.protocol import LinearProbe
+from regablate.probe.run import frozen_dataset, load_features, run_probe
+
+SIZES = {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}  # the quickstart model
+
+
+def timed(fn) -> float:  # noqa: ANN001
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--val", type=int, default=500)
+    parser.add_argument("--test", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    extractor = ViTExtractor(build_backbone("vit_tiny_patch16_224", 4, img_size=32, **SIZES))
+    data = SyntheticScenes(img_size=32, train_size=args.train, val_size=args.val, test_size=args.test, batch_size=128)
+    probe = LinearProbe()
+    train_loader = DataLoader(frozen_dataset(data, "train"), batch_size=128)
+
+    extract, whole, train_pass = [], [], []
+    report = None
+    for _ in range(args.repeats):
+        extract.append(timed(lambda: load_features(extractor, data, None)))
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            report = run_probe(extractor, data, probe, output_dir=out, patch_size=(4, 4), data_config={}, use_cache=False)
+            whole.append(time.perf_counter() - start)
+        train_pass.append(timed(lambda: extract_split(extractor, train_loader, keep_keys=False)))
+    e, p, t = statistics.median(extract), statistics.median(whole), statistics.median(train_pass)
+    heads = p - e
+    epochs = {
+        head: math.ceil(steps * probe.batch_size / args.train)
+        for head, steps in (("cls", probe.cls_steps), ("seg", probe.seg_steps), ("depth", probe.depth_steps))
+    }
+    naive = heads + sum(epochs.values()) * t + (e - t)  # + val/test extraction once
+    scores = {k: round(v, 4) for k, v in report.metrics.items() if k in ("probe/cls_top1", "probe/seg_miou", "probe/depth_rmse", "probe/lost_corloc")}
+    print(f"threads: {torch.get_num_threads()}  splits: {args.train}/{args.val}/{args.test}  repeats: {args.repeats}")
+    print(f"extraction pass (all splits): {e:6.2f} s   (runs: {', '.join(f'{x:.2f}' for x in extract)})")
+    print(f"whole probe, no cache       : {p:6.2f} s   (runs: {', '.join(f'{x:.2f}' for x in whole)})")
+    print(f"  of which heads and LOST   : {heads:6.2f} s")
+    print(f"train extraction pass       : {t:6.2f} s; epochs per head {epochs}")
+    print(f"naive probe (reruns the backbone per head and epoch): {naive:7.1f} s")
+    print(f"probe / extraction : {p / e:.2f}x  (target <= 1.5)")
+    print(f"naive / probe      : {naive / p:.1f}x  (target >= 10)")
+    print(f"scores: {scores}")
+
+
+if __name__ == "__main__":
+    main()

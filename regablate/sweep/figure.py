@@ -1,0 +1,117 @@
+"""Figure 8 of a grid: attention maps per register count on top, metrics against the register count below."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from regablate.artifact_scan import scan
+from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
+from regablate.errors import RegablateError
+from regablate.inspect import load_image_folder, synthetic_images
+from regablate.runs import load_backbone
+
+IMAGE_SEED = 0  # the fixed synthetic scenes every register count is shown on
+
+
+def attention_rows(experiment: Path, rows: list[dict[str, Any]], images: str | None, num_images: int) -> dict[str, Any]:
+    """``images`` (B, 3, H, W) in [0, 1] and ``maps``: register count -> (B, h, w) last-block CLS attention.
+
+    Each register count is shown by its lowest-seed run that has a checkpoint; every backbone
+    sees the same images (the grid's, or fixed synthetic scenes) with ImageNet normalisation.
+    """
+    chosen: dict[int, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: (r.get("seed") or 0, r["run"])):
+        registers = row.get("num_registers")
+        has_checkpoint = any((experiment / row["run"] / "checkpoints").glob("*.ckpt"))
+        if registers is not None and has_checkpoint and int(registers) not in chosen:
+            chosen[int(registers)] = row
+    maps: dict[int, Tensor] = {}
+    shown: Tensor | None = None
+    for registers, row in sorted(chosen.items()):
+        model = load_backbone(experiment / row["run"], "best")
+        size = tuple(model.patch_embed.img_size)
+        if images:
+            batch = load_image_folder(Path(images), num_images, size, IMAGENET_MEAN, IMAGENET_STD)
+        else:
+            batch, _ = synthetic_images(IMAGE_SEED, num_images, size, IMAGENET_MEAN, IMAGENET_STD)
+        maps[registers] = scan(model, batch).attention_maps[:, 0]
+        if shown is None:
+            mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+            shown = (batch * std + mean).clamp(0, 1)
+    return {"images": shown, "maps": maps}
+
+
+def draw_figure8(
+    path: Path, title: str, table: dict[str, dict[int, dict[str, list[float]]]], attention: dict[str, Any], paper: bool
+) -> None:
+    """Save the figure: attention rows (one per image) over the four metric panels."""
+    from regablate.sweep.report import PANELS, PAPER
+
+    maps: dict[int, Tensor] = attention["maps"]
+    images: Tensor | None = attention["images"]
+    counts = sorted({registers for series in table.values() for registers in series})
+    if not counts:
+        raise RegablateError("no run has a num_registers in its summary: nothing to plot")
+    num_rows = 0 if images is None else len(images)
+    figure = Figure(figsize=(13, 3.4 + 1.6 * num_rows), layout="constrained")
+    top, bottom = figure.subfigures(2, 1, height_ratios=[max(num_rows, 0.01) * 1.6, 3.4]) if num_rows else (None, figure)
+    figure.suptitle(f"{title}: attention maps and frozen-feature probes against the register count", fontsize=12)
+    if top is not None:
+        _attention_panel(top, images, maps)
+    axes = bottom.subplots(1, len(PANELS))
+    positions = {registers: i for i, registers in enumerate(counts)}
+    for ax, (key, label, higher) in zip(axes, PANELS):
+        plotted = False
+        for series, cells in sorted(table.items()):
+            points = [(positions[r], cells[r][key]) for r in counts if cells.get(r, {}).get(key)]
+            if not points:
+                continue
+            xs = [x for x, _ in points]
+            means = [statistics.fmean(v) for _, v in points]
+            stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=series if len(table) > 1 else "this grid")
+            plotted = True
+        if not plotted:
+            ax.text(0.5, 0.5, f"no {key}\nin the summaries", ha="center", va="center", transform=ax.transAxes, color="grey")
+        if paper and key in PAPER:
+            twin = ax.twinx()
+            reference = [(positions[r], PAPER[key][r]) for r in counts if r in PAPER[key]]
+            twin.plot([x for x, _ in reference], [y for _, y in reference], "s--", color="grey", alpha=0.8, label="paper (ViT-L/14)")
+            twin.tick_params(axis="y", colors="grey", labelsize=8)
+            twin.set_ylabel("paper", color="grey", fontsize=8)
+            twin.legend(loc="lower right", fontsize=7)
+        ax.set_xticks(range(len(counts)), [str(c) for c in counts])
+        ax.set_xlabel("registers")
+        ax.set_title(f"{label} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        if plotted and len(table) > 1:
+            ax.legend(fontsize=7)
+    figure.savefig(path, dpi=90)
+
+
+def _attention_panel(top: Any, images: Tensor, maps: dict[int, Tensor]) -> None:
+    """Rows: the image, then the CLS attention of each register count's model."""
+    counts = sorted(maps)
+    cells = top.subplots(len(images), 1 + len(counts), squeeze=False)
+    for row, image in enumerate(images):
+        cells[row][0].imshow(image.permute(1, 2, 0).numpy())
+        for column, registers in enumerate(counts, start=1):
+            cells[row][column].imshow(maps[registers][row].numpy(), cmap="inferno", interpolation="nearest")
+            if row == 0:
+                cells[row][column].set_title(f"{registers} register{'s' if registers != 1 else ''}", fontsize=9)
+        if row == 0:
+            cells[row][0].set_title("image", fontsize=9)
+        for cell in cells[row]:
+            cell.set_xticks([])
+            cell.set_yticks([])

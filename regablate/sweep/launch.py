@@ -1,0 +1,217 @@
+"""Running a grid's runs: each stage of each run as its own ``python -m regablate`` process.
+
+One process per stage keeps ranks and seeds clean: LightningCLI and Lightning's DDP launcher
+re-execute ``sys.argv``, so a run must own its process. ``LocalLauncher`` packs runs onto this
+machine (``max_parallel`` at a time, ``devices_per_run`` GPUs each, through
+``CUDA_VISIBLE_DEVICES``); ``SlurmLauncher`` submits one Slurm job per run with submitit, and
+the job runs the same stages through the same ``run_stages``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from regablate.errors import RegablateError
+from regablate.sweep.grid import LIGHTNING_COMMANDS, PlannedRun, Stage
+from regablate.sweep.state import (
+    COMPLETE,
+    LOG_FILE,
+    mark_finished,
+    mark_running,
+    resumable_checkpoint,
+    stage_state,
+)
+
+POLL_SECONDS = 0.2
+
+
+@dataclass
+class RunJob:
+    """A run ready to launch: its folder, its resolved config and the stages it goes through."""
+
+    run: PlannedRun
+    run_dir: Path
+    config: Path
+    stages: list[Stage]
+
+    def pending_stages(self) -> list[Stage]:
+        return [stage for stage in self.stages if stage_state(self.run_dir, stage.name) != COMPLETE]
+
+
+def stage_command(job: RunJob, stage: Stage) -> list[str]:
+    """``python -m regablate <command> ...`` for one stage.
+
+    LightningCLI commands take the run's resolved config; ``fit`` resumes from a whole
+    ``last.ckpt`` when the run has one, the others evaluate the best checkpoint unless the stage's
+    args name one. Tools (``probe``, ``inspect``, ...) take the run folder.
+    """
+    command = [sys.executable, "-m", "regablate", stage.command]
+    if stage.command not in LIGHTNING_COMMANDS:
+        return [*command, str(job.run_dir), *stage.args]
+    command += ["--config", str(job.config)]
+    if stage.command == "fit" and resumable_checkpoint(job.run_dir) is not None:
+        command += ["--ckpt_path", "last"]
+    elif stage.command != "fit" and "--ckpt_path" not in stage.args:
+        command += ["--ckpt_path", "best"]
+    return [*command, *stage.args]
+
+
+class StageProcess:
+    """One running stage: its process, its log file, and when it started."""
+
+    def __init__(self, job: RunJob, stage: Stage, env: dict[str, str]) -> None:
+        self.job, self.stage = job, stage
+        mark_running(job.run_dir, stage.name, job.run.axes)
+        command = stage_command(job, stage)
+        self.log: TextIO = open(job.run_dir / LOG_FILE, "a")  # noqa: SIM115 - closed in finish()
+        self.log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} stage {stage.name}: {' '.join(command)}\n")
+        self.log.flush()
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+        )
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def finish(self, exit_code: int) -> None:
+        """Close the log and record the stage's end in the run's summary."""
+        seconds = time.perf_counter() - self.started
+        self.log.write(f"==== stage {self.stage.name} exited {exit_code} after {seconds:.1f} s\n")
+        self.log.close()
+        mark_finished(self.job.run_dir, self.stage.name, exit_code, seconds)
+
+
+def run_stages(job: RunJob, env: dict[str, str] | None = None) -> bool:
+    """Run ``job``'s unfinished stages one after another (the body of a Slurm job); True when all complete."""
+    env = stage_env(env)
+    for stage in job.pending_stages():
+        process = StageProcess(job, stage, env)
+        exit_code = process.process.wait()
+        process.finish(exit_code)
+        if exit_code != 0:
+            return False
+    return True
+
+
+def stage_env(base: dict[str, str] | None = None, cuda_devices: str | None = None) -> dict[str, str]:
+    """The environment of a stage process.
+
+    ``SLURM_JOB_NAME=interactive`` stops Lightning from taking the Slurm job's single task for
+    its DDP world: inside a job the run starts its own ranks, as it does on a workstation.
+    """
+    env = dict(os.environ if base is None else base)
+    env.pop("PL_GLOBAL_SEED", None)  # set in the sweep by config resolution; each run seeds itself
+    if "SLURM_JOB_ID" in env:
+        env["SLURM_JOB_NAME"] = "interactive"
+    if cuda_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_devices
+    return env
+
+
+def device_slots(max_parallel: int, devices_per_run: int | None, num_gpus: int) -> list[str | None]:
+    """One entry per run that may run at once: its ``CUDA_VISIBLE_DEVICES``, or None (CPU / all GPUs)."""
+    if not devices_per_run or num_gpus == 0:
+        return [None] * max_parallel
+    fitting = num_gpus // devices_per_run
+    if fitting == 0:
+        raise RegablateError(f"--devices-per-run {devices_per_run} needs that many GPUs; this machine has {num_gpus}")
+    return [
+        ",".join(str(gpu) for gpu in range(slot * devices_per_run, (slot + 1) * devices_per_run))
+        for slot in range(min(max_parallel, fitting))
+    ]
+
+
+class LocalLauncher:
+    """Run jobs on this machine, one slot each, starting the next as soon as a slot frees up."""
+
+    def __init__(self, slots: list[str | None], on_event: Callable[[str, RunJob, Any], None]) -> None:
+        self.slots = slots
+        self.on_event = on_event  # ("start", job, stage) | ("done", job, ok)
+
+    def run(self, jobs: list[RunJob]) -> dict[str, bool]:
+        pending = deque(jobs)
+        active: dict[int, StageProcess] = {}
+        results: dict[str, bool] = {}
+        while pending or active:
+            for slot, devices in enumerate(self.slots):
+                if slot not in active and pending:
+                    job = pending.popleft()
+                    active[slot] = self._start(job, job.pending_stages()[0], devices)
+            time.sleep(POLL_SECONDS)
+            for slot, process in list(active.items()):
+                exit_code = process.poll()
+                if exit_code is None:
+                    continue
+                process.finish(exit_code)
+                remaining = process.job.pending_stages()
+                if exit_code == 0 and remaining:
+                    active[slot] = self._start(process.job, remaining[0], self.slots[slot])
+                    continue
+                del active[slot]
+                results[process.job.run.name] = exit_code == 0
+                self.on_event("done", process.job, exit_code == 0)
+        return results
+
+    def _start(self, job: RunJob, stage: Stage, devices: str | None) -> StageProcess:
+        self.on_event("start", job, stage)
+        return StageProcess(job, stage, stage_env(cuda_devices=devices))
+
+
+class SlurmLauncher:
+    """One Slurm job per run through submitit; ``max_parallel`` caps the job array's running jobs."""
+
+    def __init__(
+        self, folder: Path, settings: dict[str, Any], max_parallel: int | None, devices_per_run: int | None,
+        on_event: Callable[[str, RunJob, Any], None],
+    ) -> None:
+        import submitit
+
+        self.executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        parameters = {"tasks_per_node": 1, "nodes": 1, **settings}
+        if devices_per_run and "gpus_per_node" not in settings:
+            parameters["gpus_per_node"] = devices_per_run
+        if max_parallel:
+            parameters["slurm_array_parallelism"] = max_parallel
+        self.executor.update_parameters(**parameters)
+        self.on_event = on_event
+
+    def run(self, jobs: list[RunJob]) -> dict[str, bool]:
+        self.executor.update_parameters(name=f"regablate-{jobs[0].run_dir.parent.name}" if jobs else "regablate")
+        with self.executor.batch():
+            submitted = [self.executor.submit(run_stages, job) for job in jobs]
+        for job, slurm_job in zip(jobs, submitted):
+            self.on_event("start", job, f"slurm job {slurm_job.job_id}")
+        results: dict[str, bool] = {}
+        waiting = dict(zip(submitted, jobs))
+        while waiting:
+            time.sleep(POLL_SECONDS * 5)
+            for slurm_job, job in list(waiting.items()):
+                if not slurm_job.done():
+                    continue
+                del waiting[slurm_job]
+                try:
+                    ok = bool(slurm_job.result())
+                except Exception as err:  # noqa: BLE001 - a job that died is a failed run, reported, not raised
+                    with (job.run_dir / LOG_FILE).open("a") as log:
+                        log.write(f"==== slurm job {slurm_job.job_id} failed: {err}\n")
+                    ok = False
+                results[job.run.name] = ok
+                self.on_event("done", job, ok)
+        return results
+
+
+def _die_with_parent() -> None:
+    """Linux: the stage process gets SIGKILL when the sweep dies, so no orphan keeps writing a run."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
