@@ -59,6 +59,7 @@ def main() -> None:
     print(f"sum of stage processes' wall time: {stage_seconds:8.1f} s")
     print(f"sweep wall time:                   {sweep_seconds:8.1f} s")
     print(f"overhead ratio (sweep / stages):   {sweep_seconds / stage_seconds:8.3f}  (target <= 1.05)")
+    print(f"overhead in seconds (mostly the sweep's own start-up, fixed per sweep): {sweep_seconds - stage_seconds:.1f} s")
     print(f"report (regablate report) alone:   {report_seconds:8.1f} s")
 
 
