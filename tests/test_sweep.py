@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from regablate.errors import RegablateError
 from regablate.sweep.grid import load_grid
+from regablate.sweep.report import aggregate, results_markdown
 from tests.conftest import REPO
 
 MICRO = REPO / "tests" / "configs" / "grid_micro.yaml"
@@ -110,7 +111,7 @@ def test_complete_sweep_writes_every_artifact(swept):
     rows = (experiment / "results.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("run,num_registers,seed,status")
     table = (experiment / "results.md").read_text()
-    assert "| all | 0 | 1 |" in table and "| all | 2 | 1 |" in table and "**" in table
+    assert "| trained registers | 0 | 1 |" in table and "| trained registers | 2 | 1 |" in table and "**" in table
     assert (experiment / "figure8.png").stat().st_size > 10_000
     events = EventAccumulator(str(experiment / "hparams" / "r2_s0"))
     events.Reload()
@@ -208,3 +209,14 @@ def test_slurm_launcher_runs_the_grid_as_jobs(slurm, tmp_path):
     summary = json.loads((tmp_path / "runs" / "slurm" / "r2" / "summary.json").read_text())
     assert summary["stages/fit"] == "complete" and summary["status"] == "complete"
     assert list((tmp_path / "runs" / "slurm" / "slurm").glob("*_submission.sh"))
+
+
+def test_test_time_register_results_are_a_series_of_their_own():
+    rows = [
+        {"run": "r0_s0", "num_registers": 0, "seed": 0, "status": "complete", "probe/cls_top1": 0.5},
+        {"run": "r0_s0_ttr", "num_registers": 0, "seed": 0, "status": "complete", "test_time_registers": 1, "probe/cls_top1": 0.6},
+    ]
+    table = aggregate(rows)
+    assert table["trained registers"][0]["probe/cls_top1"] == [0.5]
+    assert table["+ test-time register"][0]["probe/cls_top1"] == [0.6]
+    assert "| + test-time register | 0 | 1 |" in results_markdown("grid", rows)

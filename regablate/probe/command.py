@@ -193,6 +193,8 @@ def main(argv: list[str]) -> None:
         use_cache=cfg.cache,
         source=source,
     )
+    if cfg.test_time_registers is not None:  # a finished row of its own in a grid's report
+        update_summary(output_dir, {"status": "complete"})
     for name, value in report.metrics.items():
         print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
     for probe_name, reason in report.skipped.items():

@@ -19,6 +19,7 @@ from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
 from regablate.errors import RegablateError
 from regablate.inspect import load_image_folder, synthetic_images
 from regablate.runs import load_backbone
+from regablate.sweep.report import TTR_SERIES
 
 IMAGE_SEED = 0  # the fixed synthetic scenes every register count is shown on
 
@@ -79,7 +80,8 @@ def draw_figure8(
             xs = [x for x, _ in points]
             means = [statistics.fmean(v) for _, v in points]
             stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
-            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=series if len(table) > 1 else "this grid")
+            marker = "D" if TTR_SERIES in series else "o"
+            ax.errorbar(xs, means, yerr=stds, marker=marker, capsize=3, label=series if len(table) > 1 else "this grid")
             plotted = True
         if not plotted:
             ax.text(0.5, 0.5, f"no {key}\nin the summaries", ha="center", va="center", transform=ax.transAxes, color="grey")

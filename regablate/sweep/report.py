@@ -53,6 +53,8 @@ TABLE_EXTRA = (("probe/lost_corloc", True), ("val/top1", True), ("test/top1", Tr
 # Summary-key prefixes that are final metrics (for the HPARAMS view).
 METRIC_PREFIXES = ("probe/", "artifacts/", "val/", "test/", "train/")
 RESERVED_FOLDERS = ("hparams", "slurm")
+# The series of results probed with a test-time register (`regablate probe RUN --test_time_registers auto`).
+TRAINED_SERIES, TTR_SERIES = "trained registers", "+ test-time register"
 # Axes that are the figure's x axis and its error bars, not series of their own.
 SEED_AXIS, REGISTER_AXIS = "axis/seed_everything", "axis/model.init_args.num_registers"
 
@@ -137,7 +139,9 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, list[
         registers = row.get("num_registers")
         if registers is None or row.get("status") != "complete":
             continue
-        label = ", ".join(f"{axis.rsplit('.', 1)[-1]}={row.get(axis)}" for axis in axes) or "all"
+        label = ", ".join(f"{axis.rsplit('.', 1)[-1]}={row.get(axis)}" for axis in axes) or TRAINED_SERIES
+        if row.get("test_time_registers"):  # a `probe --test_time_registers` folder beside its run
+            label = TTR_SERIES if label == TRAINED_SERIES else f"{label}, {TTR_SERIES}"
         for key, value in row.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 table[label][int(registers)][key].append(float(value))
