@@ -57,3 +57,10 @@ def test_dino_ddp_matches_one_process(tmp_path):
     # Crops are drawn for the global batch and dealt out like the samples: the same crops, the same model.
     assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-3)
     assert two["train/teacher_momentum"] == pytest.approx(one["train/teacher_momentum"])
+
+
+def test_monitor_under_ddp_writes_its_summary(tmp_path):
+    """The monitor measures on rank zero; its fit-end summary must not leave the other rank behind."""
+    summary = fit("tiny.yaml", tmp_path, "monitored", 2, "--config", str(REPO / "configs" / "monitor.yaml"))
+    assert summary["status"] == "complete"
+    assert "artifacts/outlier_frac" in summary and "artifacts/outlier_frac/block_01" in summary

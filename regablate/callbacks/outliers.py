@@ -77,5 +77,8 @@ class OutlierNormMonitor(FixedImagesCallback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._maybe_measure(trainer, pl_module)
-        if self.latest and trainer.is_global_zero and not trainer.fast_dev_run and trainer.log_dir is not None:
-            update_summary(trainer.log_dir, summary_keys(self.latest))
+        if trainer.fast_dev_run:
+            return
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
+        if self.latest and trainer.is_global_zero and log_dir is not None:
+            update_summary(log_dir, summary_keys(self.latest))
