@@ -78,8 +78,8 @@ def plain_loop(config: dict, steps: int, warmup: int) -> float:
     return (steps - warmup) * data.hparams.batch_size / (time.perf_counter() - start)
 
 
-def lightning_fit(config_path: Path, steps: int, warmup: int, batch_size: int) -> float:
-    """Images per second of the real `regablate fit` on the same config."""
+def timed_fit(config_path: Path, steps: int, warmup: int, extra_callbacks: list[Callback] | tuple = ()) -> float:
+    """Seconds of the timed steps (after ``warmup``) of the real `regablate fit`, validation off."""
     timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as runs:
         build_cli(
@@ -90,9 +90,14 @@ def lightning_fit(config_path: Path, steps: int, warmup: int, batch_size: int) -
                 "--trainer.enable_progress_bar", "false",
                 "--trainer.logger.init_args.save_dir", runs,
             ],
-            extra_callbacks=[timer],
+            extra_callbacks=[timer, *extra_callbacks],
         )
-    return (steps - warmup) * batch_size / (timer.end - timer.start)
+    return timer.end - timer.start
+
+
+def lightning_fit(config_path: Path, steps: int, warmup: int, batch_size: int) -> float:
+    """Images per second of the real `regablate fit` on the same config."""
+    return (steps - warmup) * batch_size / timed_fit(config_path, steps, warmup)
 
 
 def data_rate(config: dict, batches: int) -> float:

@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fit_throughput import StepTimer, load_config  # noqa: E402
+from fit_throughput import load_config, timed_fit  # noqa: E402
 
 from regablate.callbacks import OutlierNormMonitor  # noqa: E402
-from regablate.cli import build_cli  # noqa: E402
 
 
 class MeasureTimer(OutlierNormMonitor):
@@ -39,19 +37,7 @@ class MeasureTimer(OutlierNormMonitor):
 
 def fit_seconds(config: Path, steps: int, warmup: int, monitor: OutlierNormMonitor | None) -> float:
     """Wall time of the timed steps of one `regablate fit`."""
-    timer = StepTimer(warmup)
-    with tempfile.TemporaryDirectory() as runs:
-        build_cli(
-            [
-                "fit", "--config", str(config),
-                "--trainer.max_steps", str(steps),
-                "--trainer.limit_val_batches", "0",
-                "--trainer.enable_progress_bar", "false",
-                "--trainer.logger.init_args.save_dir", runs,
-            ],
-            extra_callbacks=[timer, *([monitor] if monitor else [])],
-        )
-    return timer.end - timer.start
+    return timed_fit(config, steps, warmup, [monitor] if monitor else [])
 
 
 def main() -> None:
