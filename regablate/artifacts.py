@@ -61,12 +61,16 @@ class Threshold:
 
     def cutoff(self, patch_norms: Tensor) -> Tensor:
         """The norm above which a patch token of this block is an outlier (a 0-d tensor)."""
-        norms = patch_norms.detach().flatten().float()
+        return self.cutoffs(patch_norms[None])[0]
+
+    def cutoffs(self, patch_norms: Tensor) -> Tensor:
+        """One cutoff per leading index (a block) of ``(K, ...)`` patch norms: ``(K,)``."""
+        norms = patch_norms.detach().flatten(1).float()
         if self.mode == "absolute":
-            return norms.new_tensor(self.value)
+            return norms.new_full((len(norms),), self.value)
         if self.mode == "relative":
-            return self.value * norms.median()
-        return torch.quantile(norms, self.value / 100.0)
+            return self.value * norms.median(dim=1).values
+        return torch.quantile(norms, self.value / 100.0, dim=1)
 
     def describe(self) -> str:
         if self.mode == "absolute":
@@ -89,12 +93,6 @@ def outlier_mask(patch_norms: Tensor, threshold: Threshold) -> Tensor:
 def outlier_fraction(mask: Tensor) -> float:
     """Share of tokens that are outliers."""
     return mask.float().mean().item() if mask.numel() else 0.0
-
-
-def max_over_median(patch_norms: Tensor) -> float:
-    """Largest patch norm over the median one: ~10 in models with artifacts, ~2 without."""
-    norms = patch_norms.flatten().float()
-    return (norms.max() / norms.median().clamp_min(1e-12)).item()
 
 
 def position_frequency(mask: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -162,31 +160,44 @@ def onset_block(fractions: dict[int, float], min_fraction: float = ONSET_MIN_FRA
     return onset
 
 
-def block_key(name: str, block: int) -> str:
-    return f"artifacts/{name}/block_{block:02d}"
+def block_key(name: str, block: int, prefix: str = "artifacts") -> str:
+    return f"{prefix}/{name}/block_{block:02d}"
+
+
+def norm_statistics(norms: Tensor, num_prefix: int, threshold: Threshold) -> tuple[list[dict[str, float]], Tensor]:
+    """Statistics of ``K`` blocks' ``(K, B, T)`` token norms, one dict per block, and the ``(K, B, N)`` outlier masks.
+
+    Keys (no prefix): ``outlier_frac``, ``norm_max_over_median``, ``patch_norm_median`` and, with
+    registers, ``register_norm_mean`` / ``register_norm_max``. All blocks are computed together
+    and leave the device in one transfer (a GPU waits once per measurement, not once per number).
+    """
+    patch_norms = norms[..., num_prefix:].float()
+    mask = patch_norms > threshold.cutoffs(patch_norms)[:, None, None]
+    flat = patch_norms.flatten(1)
+    median = flat.median(dim=1).values
+    columns = {
+        "outlier_frac": mask.flatten(1).float().mean(dim=1),
+        "norm_max_over_median": flat.max(dim=1).values / median.clamp_min(1e-12),
+        "patch_norm_median": median,
+    }
+    if num_prefix > 1:
+        register_norms = norms[..., 1:num_prefix].float().flatten(1)
+        columns["register_norm_mean"] = register_norms.mean(dim=1)
+        columns["register_norm_max"] = register_norms.max(dim=1).values
+    rows = torch.stack(list(columns.values()), dim=1).tolist()
+    return [dict(zip(columns, row)) for row in rows], mask
 
 
 def block_statistics(
     tokens: Tensor, num_prefix: int, threshold: Threshold, background: Tensor | None = None
 ) -> tuple[dict[str, float], Tensor]:
-    """Norm statistics of one block's ``(B, T, D)`` residual stream, and its ``(B, N)`` outlier mask.
+    """Statistics of one block's ``(B, T, D)`` residual stream, and its ``(B, N)`` outlier mask.
 
-    Keys (no prefix): ``outlier_frac``, ``norm_max_over_median``, ``patch_norm_median``,
-    ``register_norm_mean`` / ``register_norm_max`` (with registers), and for blocks with outliers
-    ``outlier_channel_concentration`` and, given a ``(B, N)`` ``background`` mask,
-    ``outlier_background_share``.
+    The keys of ``norm_statistics``, and for blocks with outliers ``outlier_channel_concentration``
+    and, given a ``(B, N)`` ``background`` mask, ``outlier_background_share``.
     """
-    norms = token_norms(tokens)
-    patch_norms, register_norms = norms[:, num_prefix:], norms[:, 1:num_prefix]
-    mask = outlier_mask(patch_norms, threshold)
-    stats = {
-        "outlier_frac": outlier_fraction(mask),
-        "norm_max_over_median": max_over_median(patch_norms),
-        "patch_norm_median": patch_norms.median().item(),
-    }
-    if register_norms.numel():
-        stats["register_norm_mean"] = register_norms.mean().item()
-        stats["register_norm_max"] = register_norms.max().item()
+    per_block, masks = norm_statistics(token_norms(tokens)[None], num_prefix, threshold)
+    stats, mask = per_block[0], masks[0]
     if mask.any():
         stats["outlier_channel_concentration"] = channel_concentration(tokens[:, num_prefix:][mask]).mean().item()
         if background is not None:
@@ -241,20 +252,22 @@ def register_attention(attention: Tensor, num_prefix: int) -> dict[str, float]:
     return {"cls_register_attention": attention.float().mean(dim=1)[:, 0, 1:num_prefix].sum(-1).mean().item()}
 
 
-def flatten_statistics(per_block: dict[int, dict[str, float]], last: dict[str, float]) -> dict[str, float]:
-    """``{"artifacts/NAME/block_NN": v}`` for every block, ``{"artifacts/NAME": v}`` for the last block.
+def flatten_statistics(
+    per_block: dict[int, dict[str, float]], last: dict[str, float], prefix: str = "artifacts"
+) -> dict[str, float]:
+    """``{"PREFIX/NAME/block_NN": v}`` for every block, ``{"PREFIX/NAME": v}`` for the last block.
 
-    ``last`` holds statistics measured for the last block only; ``artifacts/outlier_onset_block``
+    ``last`` holds statistics measured for the last block only; ``PREFIX/outlier_onset_block``
     is added when some block has outliers.
     """
     flat: dict[str, float] = {}
     for block, stats in sorted(per_block.items()):
-        flat.update({block_key(name, block): value for name, value in stats.items()})
+        flat.update({block_key(name, block, prefix): value for name, value in stats.items()})
     last_block = max(per_block)
-    flat.update({f"artifacts/{name}": value for name, value in {**per_block[last_block], **last}.items()})
+    flat.update({f"{prefix}/{name}": value for name, value in {**per_block[last_block], **last}.items()})
     onset = onset_block({block: stats["outlier_frac"] for block, stats in per_block.items()})
     if onset is not None:
-        flat["artifacts/outlier_onset_block"] = float(onset)
+        flat[f"{prefix}/outlier_onset_block"] = float(onset)
     return flat
 
 

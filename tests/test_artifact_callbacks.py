@@ -97,6 +97,32 @@ def test_monitor_and_attention_maps_find_planted_artifacts(tmp_path):
     assert model.backbone.blocks[-1].attn.fused_attn, "training keeps the fused attention"
 
 
+def test_training_batch_readings_find_planted_artifacts_at_every_step(tmp_path):
+    kwargs = {k: v for k, v in SIZES.items() if k != "img_size"}
+    model = Classification(MODEL, num_registers=2, num_classes=4, img_size=32, model_kwargs=kwargs, lr=1e-9)
+    plant_artifacts(model.backbone, onset=1)
+    monitor = OutlierNormMonitor(every_n_steps=None, train_batch_every_n_steps=1, histograms=False)
+    trainer = Trainer(
+        logger=TensorBoardLogger(tmp_path, name="planted", version="v"),
+        callbacks=[monitor],
+        max_steps=3,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(model, datamodule=SyntheticScenes(img_size=32, num_classes=4, train_size=64, val_size=16, batch_size=16))
+    accumulator = events(tmp_path / "planted" / "v")
+    prefix = "artifacts/train_batch"
+    assert [e.step for e in accumulator.Scalars(f"{prefix}/outlier_frac")] == [0, 1, 2]  # the weights of each step
+    for block, expected in ((0, 0.0), (1, 4 / 64), (2, 4 / 64), (3, 4 / 64)):
+        values = [e.value for e in accumulator.Scalars(f"{prefix}/outlier_frac/block_{block:02d}")]
+        assert values == pytest.approx([expected] * 3), block
+    assert [e.value for e in accumulator.Scalars(f"{prefix}/outlier_onset_block")] == [1.0] * 3
+    assert f"{prefix}/register_norm_mean/block_03" in accumulator.Tags()["scalars"]
+    assert not any(block._forward_hooks for block in model.backbone.blocks), "no hook outlives its step"
+
+
 @pytest.mark.parametrize(
     "option, value, message",
     [

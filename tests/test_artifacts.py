@@ -51,8 +51,23 @@ def test_threshold_defaults_and_bad_values():
             Threshold(mode, value)
 
 
-def test_max_over_median_and_token_norms():
-    assert artifacts.max_over_median(torch.tensor([1.0, 2.0, 2.0, 20.0])) == pytest.approx(10.0)
+def test_norm_statistics_of_one_block_and_token_norms():
+    # CLS, 2 registers, 4 patches.
+    # Two blocks of one image: CLS, 2 registers, 4 patches.
+    norms = torch.tensor([[[9.0, 3.0, 5.0, 1.0, 2.0, 2.0, 20.0]], [[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]]])
+    stats, mask = artifacts.norm_statistics(norms, num_prefix=3, threshold=Threshold("relative", 4.0))
+    assert stats[0] == pytest.approx(
+        {"outlier_frac": 0.25, "norm_max_over_median": 10.0, "patch_norm_median": 2.0,
+         "register_norm_mean": 4.0, "register_norm_max": 5.0}
+    )
+    assert stats[1]["outlier_frac"] == 0.0 and stats[1]["norm_max_over_median"] == 1.0
+    assert mask.tolist() == [[[False, False, False, True]], [[False] * 4]]
+    # Each block gets its own cutoff, as if measured alone.
+    for mode in ("relative", "absolute", "percentile"):
+        threshold = Threshold(mode, 50.0 if mode == "percentile" else 1.5)
+        assert torch.equal(threshold.cutoffs(norms[..., 3:]), torch.stack([threshold.cutoff(n[..., 3:]) for n in norms]))
+    no_registers, _ = artifacts.norm_statistics(norms[:, :, 2:], num_prefix=1, threshold=Threshold())
+    assert "register_norm_mean" not in no_registers[0]
     tokens = torch.tensor([[[3.0, 4.0], [0.0, 1.0]]])
     assert torch.equal(artifacts.token_norms(tokens), torch.tensor([[5.0, 1.0]]))
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import REPO, TINY_MODEL, write_source_checkpoint
 
@@ -61,6 +62,17 @@ def test_dino_ddp_matches_one_process(tmp_path):
 
 def test_monitor_under_ddp_writes_its_summary(tmp_path):
     """The monitor measures on rank zero; its fit-end summary must not leave the other rank behind."""
-    summary = fit("tiny.yaml", tmp_path, "monitored", 2, "--config", str(REPO / "configs" / "monitor.yaml"))
+    every_step = tmp_path / "every_step.yaml"
+    every_step.write_text(
+        "trainer:\n  callbacks+:\n    - class_path: regablate.callbacks.OutlierNormMonitor\n"
+        "      init_args: {every_n_steps: null, train_batch_every_n_steps: 1}\n"
+    )
+    summary = fit(
+        "tiny.yaml", tmp_path, "monitored", 2, "--config", str(REPO / "configs" / "monitor.yaml"), "--config", str(every_step)
+    )
     assert summary["status"] == "complete"
     assert "artifacts/outlier_frac" in summary and "artifacts/outlier_frac/block_01" in summary
+    events = EventAccumulator(str(tmp_path / "monitored" / "r2_s0"))
+    events.Reload()
+    # Training-batch readings: rank zero's batch, once per step, never twice.
+    assert [e.step for e in events.Scalars("artifacts/train_batch/outlier_frac")] == [0, 1, 2]
