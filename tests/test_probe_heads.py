@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from regablate.probe.heads import (
     DepthHead,
     LinearClassifierGrid,
+    PixelSampler,
     Schedule,
     SegmentationHead,
     decode_depth,
@@ -42,7 +43,23 @@ def test_depth_head_is_one_linear_map_of_patch_and_cls():
 
 def test_segmentation_head_upsamples_logits_to_the_mask():
     head = SegmentationHead(4, 3).eval()
-    assert head(torch.randn(2, 2, 2, 4), (8, 8)).shape == (2, 3, 8, 8)
+    patches = torch.randn(2, 2, 2, 4)
+    assert head(patches, (8, 8)).shape == (2, 3, 8, 8)
+    assert torch.allclose(head(patches, (2, 2)), head.logits(patches).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("grid, size", [((8, 8), (32, 32)), ((3, 5), (13, 7)), ((4, 4), (4, 4))])
+def test_pixel_sampler_is_bilinear_upsampling_at_the_drawn_pixels(grid, size):
+    torch.manual_seed(0)
+    sampler = PixelSampler(grid, size)
+    ys, xs = sampler.draw(3, 50)
+    assert ys.shape == xs.shape == (3, 50) and ys.max() < size[0] and xs.max() < size[1]
+    maps = torch.randn(3, *grid)
+    full = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(sampler(maps, ys, xs), full[torch.arange(3)[:, None], ys, xs], atol=1e-5)
+    logits = torch.randn(3, *grid, 4)  # trailing channels, as the segmentation logits come
+    full = F.interpolate(logits.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
+    assert torch.allclose(sampler(logits, ys, xs), full.permute(0, 2, 3, 1)[torch.arange(3)[:, None], ys, xs], atol=1e-5)
 
 
 def test_miou_is_per_class_iou_over_the_dataset_ignoring_255():

@@ -1,7 +1,7 @@
 """``regablate probe``: frozen-feature probes of a run folder, a checkpoint or a timm model.
 
     regablate probe runs/quickstart/r4_s0                      # the run's best checkpoint, its own data
-    regablate probe RUN --data.test_size 500 --probe.cls_epochs 10
+    regablate probe RUN --data.test_size 500 --probe.cls_steps 1000
     regablate probe --checkpoint weights.safetensors --model vit_small_patch14_dinov2 --num_registers 4
     regablate probe --model vit_tiny_patch16_224 --model_kwargs '{patch_size: 4}' --output runs/probe/random
     regablate probe runs/fig8/r0_s0 --test_time_registers auto   # -> runs/fig8/r0_s0_ttr/

@@ -6,6 +6,10 @@ tokens). Lightning's per-step overhead (~2 ms here, FACTS.md) would cost more th
 themselves and break the probe's budget of half a feature-extraction pass, while none of
 what it brings (devices, distributed sampling, checkpointing, loggers) is needed for a
 few-second job on one process. The metrics still come from torchmetrics.
+
+What keeps a step cheap: the dense heads compute their loss at a few sampled pixels
+(``PixelSampler``), not on the whole upsampled map, and the optimisers are torch's fused ones
+(on heads this small the default optimiser's per-tensor work is a quarter of a step).
 """
 
 from __future__ import annotations
@@ -88,17 +92,22 @@ class LinearClassifierGrid(nn.Module):
 
 
 class SegmentationHead(nn.Module):
-    """BatchNorm + 1x1 convolution on the patch grid; logits upsampled to the mask (DINOv2 "linear")."""
+    """BatchNorm + a linear map of each patch token (DINOv2's "linear" head: a 1x1 conv on the grid);
+    logits upsampled bilinearly to the mask."""
 
     def __init__(self, width: int, num_classes: int) -> None:
         super().__init__()
-        self.norm = nn.BatchNorm2d(width)
-        self.classify = nn.Conv2d(width, num_classes, kernel_size=1)
+        self.norm = nn.BatchNorm1d(width)
+        self.classify = nn.Linear(width, num_classes)
+
+    def logits(self, patches: Tensor) -> Tensor:
+        """Patch tokens (B, h, w, D) -> class logits on the patch grid (B, h, w, C)."""
+        return self.classify(self.norm(patches.flatten(0, 2).float())).unflatten(0, patches.shape[:3])
 
     def forward(self, patches: Tensor, size: tuple[int, int]) -> Tensor:
         """Patch tokens (B, h, w, D) -> class logits (B, C, H, W)."""
-        grid = patches.float().permute(0, 3, 1, 2)
-        return F.interpolate(self.classify(self.norm(grid)), size=size, mode="bilinear", align_corners=False)
+        logits = self.logits(patches).permute(0, 3, 1, 2)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 def linear_bin_centres(min_depth: float, max_depth: float, num_bins: int) -> Tensor:
@@ -125,11 +134,58 @@ class DepthHead(nn.Module):
         self.cls = nn.Linear(cls_width, len(centres), bias=False)
         self.register_buffer("centres", centres)
 
+    def depth(self, patches: Tensor, cls: Tensor) -> Tensor:
+        """Patch tokens (B, h, w, D) and CLS (B, D) -> depth on the patch grid (B, h, w)."""
+        return decode_depth(self.patch(patches.float()) + self.cls(cls)[:, None, None], self.centres)
+
     def forward(self, patches: Tensor, cls: Tensor, size: tuple[int, int]) -> Tensor:
         """Patch tokens (B, h, w, D) and CLS (B, D) -> depth (B, H, W)."""
-        logits = self.patch(patches.float()) + self.cls(cls)[:, None, None]
-        depth = decode_depth(logits, self.centres)
-        return F.interpolate(depth[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        depth = self.depth(patches, cls)[:, None]
+        return F.interpolate(depth, size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+class PixelSampler:
+    """The bilinear upsampling of ``F.interpolate(mode="bilinear", align_corners=False)`` from a
+    ``grid`` to ``size`` pixels, evaluated at a few random pixels per image.
+
+    The heads' losses are defined on the upsampled map, as DINOv2's linear evaluation defines
+    them; a loss over random pixels is an unbiased estimate of it (the sampled-point loss of
+    PointRend and Mask2Former) at the cost of those pixels instead of the whole image.
+    """
+
+    def __init__(self, grid: tuple[int, int], size: tuple[int, int]) -> None:
+        self.size = size
+        self.rows = _source_cells(grid[0], size[0])
+        self.cols = _source_cells(grid[1], size[1])
+
+    def draw(self, num_images: int, per_image: int) -> tuple[Tensor, Tensor]:
+        """Uniform random pixel rows and columns, each ``(num_images, per_image)``."""
+        return torch.randint(self.size[0], (num_images, per_image)), torch.randint(self.size[1], (num_images, per_image))
+
+    def __call__(self, values: Tensor, ys: Tensor, xs: Tensor) -> Tensor:
+        """Grid values (B, h, w) or (B, h, w, C) -> the upsampled map's values at pixels (ys, xs): (B, P[, C])."""
+        flat = values.flatten(1, 2)  # (B, h*w[, C]); torch.gather's backward is a fast scatter-add
+        width = values.shape[2]
+        (y0, y1, wy), (x0, x1, wx) = ((t[ys] for t in self.rows), (t[xs] for t in self.cols))
+
+        def at(row: Tensor, col: Tensor) -> Tensor:
+            index = row * width + col
+            if flat.dim() == 3:
+                return flat.gather(1, index[..., None].expand(-1, -1, flat.shape[-1]))
+            return flat.gather(1, index)
+
+        if values.dim() == 4:
+            wy, wx = wy[..., None], wx[..., None]
+        top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+        bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+        return top * (1 - wy) + bottom * wy
+
+
+def _source_cells(cells: int, pixels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per output pixel: the two grid cells it blends and the second one's weight (half-pixel centres)."""
+    source = ((torch.arange(pixels, dtype=torch.float64) + 0.5) * (cells / pixels) - 0.5).clamp_min(0.0)
+    first = source.floor().long().clamp_max(cells - 1)
+    return first, (first + 1).clamp_max(cells - 1), (source - first).float()
 
 
 def valid_depth(depth: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from regablate.probe.heads import (
     DepthHead,
     LinearClassifierGrid,
     Schedule,
+    PixelSampler,
     SegmentationHead,
     chunks,
     linear_bin_centres,
@@ -43,6 +44,7 @@ PROBES = ("cls", "seg", "depth", "lost")
 # The targets each probe needs in the data.
 NEEDS = {"cls": "label", "seg": "mask", "depth": "depth", "lost": "box"}
 CLASSIFY_CHUNK = 4096  # samples per evaluation step of the classifier grid
+DENSE_CHUNK = 256  # images per evaluation step of the segmentation and depth heads
 
 
 @dataclass
@@ -66,21 +68,24 @@ class LinearProbe:
         depth_steps: steps of the depth head (AdamW, cosine).
         depth_lr: AdamW learning rate of the depth head.
         depth_bins: number of linear depth bins, spanning the train split's depth range.
-        batch_size: mini-batch of cached samples for every head.
+        batch_size: images per mini-batch of every head.
+        pixels_per_image: random pixels per image on which the segmentation and depth losses
+            are computed each step (an unbiased estimate of the loss on the upsampled map).
         ignore_index: mask value that marks unlabelled pixels (VOC/ADE20k use 255).
         lost_k: LOST's number of lowest-degree patches to expand the seed among.
         probes: which probes to run (cls, seg, depth, lost).
-        seed: seed of head initialisation and mini-batch order.
+        seed: seed of head initialisation, mini-batch order and the sampled pixels.
     """
 
     lrs: Sequence[float] = DEFAULT_LRS
-    cls_steps: int = 1000
-    seg_steps: int = 500
-    seg_lr: float = 1e-2
-    depth_steps: int = 500
+    cls_steps: int = 300
+    seg_steps: int = 400
+    seg_lr: float = 2e-2
+    depth_steps: int = 200
     depth_lr: float = 1e-2
     depth_bins: int = 256
-    batch_size: int = 256
+    batch_size: int = 64
+    pixels_per_image: int = 64
     ignore_index: int | None = 255
     lost_k: int = 100
     probes: Sequence[str] = PROBES
@@ -92,7 +97,7 @@ class LinearProbe:
             raise RegablateError(f"unknown probe(s) {sorted(unknown)}; choose from {', '.join(PROBES)}")
         if len(self.lrs) < 1 or any(lr <= 0 for lr in self.lrs):
             raise RegablateError(f"lrs must be positive learning rates, got {list(self.lrs)}")
-        for name in ("cls_steps", "seg_steps", "depth_steps", "batch_size", "depth_bins", "lost_k"):
+        for name in ("cls_steps", "seg_steps", "depth_steps", "batch_size", "pixels_per_image", "depth_bins", "lost_k"):
             if getattr(self, name) < 1:
                 raise RegablateError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -144,7 +149,7 @@ class LinearProbe:
         classes = num_classes or int(max(s.label.max() for s in (train, val, test))) + 1
         inputs = {name: _classifier_inputs(split) for name, split in (("train", train), ("val", val), ("test", test))}
         grid = LinearClassifierGrid(len(CLS_FEATURES), inputs["train"].shape[-1], classes, self.lrs)
-        optimizer = torch.optim.SGD(grid.parameters(), lr=1.0, momentum=0.9)
+        optimizer = torch.optim.SGD(grid.parameters(), lr=1.0, momentum=0.9, fused=True)
         labels = train.label.long()
         train_head(
             optimizer, lambda idx: grid.loss(inputs["train"][:, idx], labels[idx]), len(labels), self.schedule(self.cls_steps)
@@ -174,28 +179,32 @@ class LinearProbe:
     def _segment(self, train: FeatureSet, test: FeatureSet, num_seg_classes: int | None, report: ProbeReport) -> None:
         classes = num_seg_classes or _count_mask_classes(train.mask, self.ignore_index)
         head = SegmentationHead(train.patches.shape[-1], classes)
-        size = tuple(train.mask.shape[-2:])
         ignore = -100 if self.ignore_index is None else self.ignore_index
-        masks = train.mask.long()
-        optimizer = torch.optim.AdamW(head.parameters(), lr=self.seg_lr, weight_decay=1e-4)
+        pixels = PixelSampler(tuple(train.patches.shape[1:3]), tuple(train.mask.shape[-2:]))
+
+        def loss_of(idx: Tensor) -> Tensor:
+            logits = head.logits(train.patches[idx])
+            ys, xs = pixels.draw(len(idx), self.pixels_per_image)
+            labels = train.mask[idx[:, None], ys, xs].long()
+            if not (labels != ignore).any():  # no labelled pixel drawn: nothing to learn from
+                return logits.sum() * 0.0
+            return F.cross_entropy(pixels(logits, ys, xs).flatten(0, 1), labels.flatten(), ignore_index=ignore)
+
+        optimizer = torch.optim.AdamW(head.parameters(), lr=self.seg_lr, weight_decay=1e-4, fused=True)
         head.train()
-        train_head(
-            optimizer,
-            lambda idx: F.cross_entropy(head(train.patches[idx], size), masks[idx], ignore_index=ignore),
-            len(masks),
-            self.schedule(self.seg_steps),
-        )
+        train_head(optimizer, loss_of, len(train.mask), self.schedule(self.seg_steps))
         head.eval()
         miou = miou_metric(classes, self.ignore_index)
         with torch.no_grad():
-            for idx in chunks(len(test.mask), self.batch_size):
+            for idx in chunks(len(test.mask), DENSE_CHUNK):
                 miou.update(head(test.patches[idx], tuple(test.mask.shape[-2:])).argmax(dim=1), test.mask[idx].long())
         report.metrics.update(
             {"probe/seg_miou": float(miou.compute()), "probe/seg_lr": self.seg_lr, "probe/seg_steps": self.seg_steps}
         )
         report.protocol["seg"] = {
             "features": "patch tokens",
-            "head": "BatchNorm2d + 1x1 conv, logits bilinearly upsampled to the mask",
+            "head": "BatchNorm + linear per patch (a 1x1 conv), logits bilinearly upsampled to the mask",
+            "loss": f"cross-entropy of the upsampled logits at {self.pixels_per_image} random pixels per image and step",
             "classes": classes,
             "ignore_index": self.ignore_index,
             "lr": self.seg_lr,
@@ -211,18 +220,22 @@ class LinearProbe:
             return
         low, high = float(known.min()), float(known.max())
         head = DepthHead(train.patches.shape[-1], train.cls.shape[-1], linear_bin_centres(low, high, self.depth_bins))
-        size = tuple(train.depth.shape[-2:])
+        pixels = PixelSampler(tuple(train.patches.shape[1:3]), tuple(train.depth.shape[-2:]))
 
         def loss_of(idx: Tensor) -> Tensor:
-            target = train.depth[idx]
+            depth = head.depth(train.patches[idx], train.cls[idx])
+            ys, xs = pixels.draw(len(idx), self.pixels_per_image)
+            target = train.depth[idx[:, None], ys, xs]
             valid = valid_depth(target)
-            return F.mse_loss(head(train.patches[idx], train.cls[idx], size)[valid], target[valid])
+            if not valid.any():  # no pixel with a depth drawn
+                return depth.sum() * 0.0
+            return F.mse_loss(pixels(depth, ys, xs)[valid], target[valid])
 
-        optimizer = torch.optim.AdamW(head.parameters(), lr=self.depth_lr, weight_decay=1e-4)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=self.depth_lr, weight_decay=1e-4, fused=True)
         train_head(optimizer, loss_of, len(train.depth), self.schedule(self.depth_steps))
         rmse = rmse_metric()
         with torch.no_grad():
-            for idx in chunks(len(test.depth), self.batch_size):
+            for idx in chunks(len(test.depth), DENSE_CHUNK):
                 target = test.depth[idx]
                 valid = valid_depth(target)
                 rmse.update(head(test.patches[idx], test.cls[idx], tuple(target.shape[-2:]))[valid], target[valid])
@@ -240,7 +253,8 @@ class LinearProbe:
             "depth_range": [low, high],
             "lr": self.depth_lr,
             "steps": self.depth_steps,
-            "optimizer": "AdamW weight decay 1e-4, cosine, MSE on valid pixels",
+            "loss": f"MSE of the upsampled depth at {self.pixels_per_image} random pixels per image and step (valid ones)",
+            "optimizer": "AdamW weight decay 1e-4, cosine",
         }
 
     def _lost(self, test: FeatureSet, patch_size: tuple[int, int], report: ProbeReport) -> None:
