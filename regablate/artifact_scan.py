@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from regablate import artifacts
 from regablate.artifacts import Threshold
-from regablate.backbone import extract_features
+from regablate.backbone import block_index, extract_features
 from regablate.errors import RegablateError
 
 
@@ -61,12 +61,12 @@ def scan(
     background, which adds the outliers' background share.
     """
     depth = len(model.blocks)
-    wanted = sorted({*(range(depth) if blocks is None else blocks), depth - 1})
+    wanted = measured_blocks(depth, blocks)
     grid = tuple(model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
     num_prefix = model.num_prefix_tokens
     with torch.no_grad(), eval_mode(model), _captured(model) as captured:
         features = extract_features(model, images, blocks=wanted)
-    per_block = {int(b) % depth: tokens for b, tokens in features.blocks.items()}
+    per_block = features.blocks  # keyed by the wanted indices, 0..depth-1
     last = depth - 1
     background = None
     if segmentation is not None:
@@ -98,6 +98,11 @@ def scan(
         attention_maps=artifacts.cls_attention_maps(attention, num_prefix, grid).cpu(),
         grid=grid,
     )
+
+
+def measured_blocks(depth: int, blocks: Sequence[int] | None) -> list[int]:
+    """The block indices (``0..depth-1``) to measure: ``blocks`` (negative from the end; ``None``: all), plus the last."""
+    return sorted({*(block_index(b, depth) for b in (range(depth) if blocks is None else blocks)), depth - 1})
 
 
 @contextmanager

@@ -51,7 +51,7 @@ def test_segmentation_head_upsamples_logits_to_the_mask():
 @pytest.mark.parametrize("grid, size", [((8, 8), (32, 32)), ((3, 5), (13, 7)), ((4, 4), (4, 4))])
 def test_pixel_sampler_is_bilinear_upsampling_at_the_drawn_pixels(grid, size):
     torch.manual_seed(0)
-    sampler = PixelSampler(grid, size)
+    sampler = PixelSampler(size)
     ys, xs = sampler.draw(3, 50)
     assert ys.shape == xs.shape == (3, 50) and ys.max() < size[0] and xs.max() < size[1]
     maps = torch.randn(3, *grid)

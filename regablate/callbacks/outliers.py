@@ -12,9 +12,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from regablate.artifact_images import position_grid
-from regablate.artifact_scan import scan
+from regablate.artifact_scan import measured_blocks, scan
 from regablate.artifacts import Threshold, block_key, flatten_statistics, norm_statistics, summary_keys, token_norms
-from regablate.backbone import block_index
 from regablate.callbacks.fixed_images import FixedImagesCallback, tensorboards
 from regablate.errors import RegablateError
 from regablate.summary import update_summary
@@ -149,12 +148,9 @@ class BlockNormTap:
     """
 
     def __init__(self, model: VisionTransformer, blocks: Sequence[int] | None) -> None:
-        depth = len(model.blocks)
-        wanted = sorted({*(block_index(b, depth) for b in (range(depth) if blocks is None else blocks)), depth - 1})
         self.norms: dict[int, Tensor] = {}
-        self.handles: list[RemovableHandle] = [
-            model.blocks[block].register_forward_hook(self._keeper(block)) for block in wanted
-        ]
+        wanted = measured_blocks(len(model.blocks), blocks)
+        self.handles: list[RemovableHandle] = [model.blocks[b].register_forward_hook(self._keeper(b)) for b in wanted]
 
     def _keeper(self, block: int):  # noqa: ANN202 - a hook factory
         def keep(module: nn.Module, inputs: tuple, output: Tensor) -> None:

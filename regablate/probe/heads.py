@@ -145,18 +145,17 @@ class DepthHead(nn.Module):
 
 
 class PixelSampler:
-    """The bilinear upsampling of ``F.interpolate(mode="bilinear", align_corners=False)`` from a
-    ``grid`` to ``size`` pixels, evaluated at a few random pixels per image.
+    """Random pixels of ``size`` images, and the values there of a patch grid upsampled as
+    ``F.interpolate(mode="bilinear", align_corners=False)`` upsamples it.
 
     The heads' losses are defined on the upsampled map, as DINOv2's linear evaluation defines
     them; a loss over random pixels is an unbiased estimate of it (the sampled-point loss of
     PointRend and Mask2Former) at the cost of those pixels instead of the whole image.
+    ``F.grid_sample`` with border padding evaluates that upsampling at any point.
     """
 
-    def __init__(self, grid: tuple[int, int], size: tuple[int, int]) -> None:
+    def __init__(self, size: tuple[int, int]) -> None:
         self.size = size
-        self.rows = _source_cells(grid[0], size[0])
-        self.cols = _source_cells(grid[1], size[1])
 
     def draw(self, num_images: int, per_image: int) -> tuple[Tensor, Tensor]:
         """Uniform random pixel rows and columns, each ``(num_images, per_image)``."""
@@ -164,28 +163,14 @@ class PixelSampler:
 
     def __call__(self, values: Tensor, ys: Tensor, xs: Tensor) -> Tensor:
         """Grid values (B, h, w) or (B, h, w, C) -> the upsampled map's values at pixels (ys, xs): (B, P[, C])."""
-        flat = values.flatten(1, 2)  # (B, h*w[, C]); torch.gather's backward is a fast scatter-add
-        width = values.shape[2]
-        (y0, y1, wy), (x0, x1, wx) = ((t[ys] for t in self.rows), (t[xs] for t in self.cols))
-
-        def at(row: Tensor, col: Tensor) -> Tensor:
-            index = row * width + col
-            if flat.dim() == 3:
-                return flat.gather(1, index[..., None].expand(-1, -1, flat.shape[-1]))
-            return flat.gather(1, index)
-
-        if values.dim() == 4:
-            wy, wx = wy[..., None], wx[..., None]
-        top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
-        bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
-        return top * (1 - wy) + bottom * wy
-
-
-def _source_cells(cells: int, pixels: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per output pixel: the two grid cells it blends and the second one's weight (half-pixel centres)."""
-    source = ((torch.arange(pixels, dtype=torch.float64) + 0.5) * (cells / pixels) - 0.5).clamp_min(0.0)
-    first = source.floor().long().clamp_max(cells - 1)
-    return first, (first + 1).clamp_max(cells - 1), (source - first).float()
+        height, width = self.size
+        # Pixel centres in grid_sample's [-1, 1] coordinates, as (x, y) points: (B, 1, P, 2).
+        points = torch.stack([(xs + 0.5) * (2 / width) - 1, (ys + 0.5) * (2 / height) - 1], dim=-1)[:, None]
+        channels = values if values.dim() == 4 else values[..., None]
+        sampled = F.grid_sample(
+            channels.permute(0, 3, 1, 2), points.to(values.dtype), mode="bilinear", padding_mode="border", align_corners=False
+        )[:, :, 0].transpose(1, 2)  # (B, P, C)
+        return sampled if values.dim() == 4 else sampled[..., 0]
 
 
 def valid_depth(depth: Tensor) -> Tensor:

@@ -180,7 +180,7 @@ class LinearProbe:
         classes = num_seg_classes or _count_mask_classes(train.mask, self.ignore_index)
         head = SegmentationHead(train.patches.shape[-1], classes)
         ignore = -100 if self.ignore_index is None else self.ignore_index
-        pixels = PixelSampler(tuple(train.patches.shape[1:3]), tuple(train.mask.shape[-2:]))
+        pixels = PixelSampler(tuple(train.mask.shape[-2:]))
 
         def loss_of(idx: Tensor) -> Tensor:
             logits = head.logits(train.patches[idx])
@@ -220,7 +220,7 @@ class LinearProbe:
             return
         low, high = float(known.min()), float(known.max())
         head = DepthHead(train.patches.shape[-1], train.cls.shape[-1], linear_bin_centres(low, high, self.depth_bins))
-        pixels = PixelSampler(tuple(train.patches.shape[1:3]), tuple(train.depth.shape[-2:]))
+        pixels = PixelSampler(tuple(train.depth.shape[-2:]))
 
         def loss_of(idx: Tensor) -> Tensor:
             depth = head.depth(train.patches[idx], train.cls[idx])
