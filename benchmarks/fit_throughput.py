@@ -21,7 +21,7 @@ import torch
 import yaml
 from lightning import Callback
 
-from regablate.cli import build_cli
+from regablate.lightning_cli import build_cli
 from regablate.data import SyntheticScenes
 from regablate.tasks import Classification
 from regablate.tasks.optim import adamw_warmup_cosine

@@ -32,7 +32,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from regablate.backbone import build_backbone
+from regablate.models import build_backbone
 from regablate.data import SyntheticScenes
 from regablate.probe.features import ViTExtractor, extract_split
 from regablate.probe.protocol import LinearProbe

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fit_throughput import StepTimer  # noqa: E402
 
-from regablate.backbone import build_backbone  # noqa: E402
+from regablate.models import build_backbone  # noqa: E402
 from regablate.data import SyntheticScenes  # noqa: E402
 from regablate.tasks import DINO, Classification, Distillation  # noqa: E402
 from regablate.tasks.dino import ema_update  # noqa: E402

@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from regablate.backbone import build_backbone
-from regablate.test_time_registers import NeuronSearch, RegisterNeurons, add_test_time_register, blocks_fingerprint
+from regablate.models import build_backbone
+from regablate.artifacts.register_neurons import NeuronSearch, RegisterNeurons, add_test_time_register, blocks_fingerprint
 
 
 def forward_seconds(model: torch.nn.Module, images: torch.Tensor) -> float:

@@ -1,17 +1,93 @@
-"""Finding what a run folder holds: its checkpoints and the backbone they contain."""
+"""Run folders and atomic files: what every command reads from and writes into ``runs/<experiment>/<run>/``.
+
+A run folder holds ``config.yaml``, ``checkpoints/`` and ``summary.json`` (flat keys that other
+tools read). Everything here that writes does it atomically: into a temporary name beside the
+target, then renamed into place, so a reader sees the old file or the new one, never half of
+one, and a failure leaves nothing half-written.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
-from regablate.backbone import build_backbone
 from regablate.errors import RegablateError
 
+SUMMARY_FILE = "summary.json"
 Which = Literal["best", "last"]
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed into ``path`` when the block succeeds.
+
+    The file keeps ``path``'s suffix (writers that pick a format by it still work) and ends up
+    readable by all, as a plain write would leave it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented, key-sorted JSON to ``path`` atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_folder_atomic(out: str | Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary folder next to ``out`` with ``write``, then rename it into place (replacing ``out``)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    old = staging.with_suffix(".old")
+    try:
+        write(staging)
+        if out.exists():
+            out.rename(old)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``summary.json``, or an empty dict when it has none yet."""
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def update_summary(run_dir: str | Path, values: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``values`` into the run's summary and write it atomically."""
+    summary = {**read_summary(run_dir), **values}
+    write_json_atomic(Path(run_dir) / SUMMARY_FILE, summary)
+    return summary
 
 
 def find_checkpoint(run_dir: str | Path, which: Which = "best") -> Path:
@@ -34,30 +110,27 @@ def checkpoint_hparams(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any read failure is the user's file, reported in one line
-        raise RegablateError(f"cannot read checkpoint {path}: {str(err).strip().splitlines()[0]}") from None
+        raise RegablateError(f"cannot read checkpoint {path}: {first_line(err)}") from None
     hparams = state.get("hyper_parameters") if isinstance(state, dict) else None
     if not hparams or "model_name" not in hparams:
         raise RegablateError(f"{path} is not a regablate training checkpoint (no model_name in its hyper-parameters)")
     return hparams
 
 
-def load_backbone(source: str | Path, which: Which = "best", **overrides: Any) -> VisionTransformer:
-    """The backbone of a run folder or of a regablate ``.ckpt``, built as it was trained.
+def is_training_checkpoint(path: Path) -> bool:
+    """A run folder, or a Lightning ``.ckpt`` that regablate wrote (it knows how to build its backbone)."""
+    if path.is_dir():
+        return True
+    if path.suffix != ".ckpt":
+        return False
+    try:
+        checkpoint_hparams(path)
+    except RegablateError:
+        return False
+    return True
 
-    ``overrides`` replace stored settings (``num_registers`` to convert, ``img_size``, ...).
-    """
-    path = Path(source)
-    checkpoint = find_checkpoint(path, which) if path.is_dir() else path
-    if not checkpoint.is_file():
-        raise RegablateError(f"checkpoint not found: {checkpoint}")
-    hparams = checkpoint_hparams(checkpoint)
-    settings = {
-        "model_name": hparams["model_name"],
-        "num_registers": hparams.get("num_registers", 0),
-        "img_size": hparams.get("img_size"),
-        **(hparams.get("model_kwargs") or {}),
-        **overrides,
-    }
-    if settings["img_size"] is None:
-        del settings["img_size"]
-    return build_backbone(settings.pop("model_name"), settings.pop("num_registers"), checkpoint=checkpoint, **settings)
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none (for one-line errors)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

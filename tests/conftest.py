@@ -40,7 +40,7 @@ def write_source_checkpoint(path: Path, model_name: str, img_size: int, model_kw
     import torch
     from safetensors.torch import save_file
 
-    from regablate.backbone import build_backbone
+    from regablate.models import build_backbone
 
     torch.manual_seed(123)
     model = build_backbone(model_name, registers, img_size=img_size, **model_kwargs)

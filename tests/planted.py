@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from regablate.backbone import build_backbone
+from regablate.models import build_backbone
 
 MODEL = "vit_tiny_patch16_224"
 # 32 px, 8x8 patches of 4 px, 4 blocks: room for a middle block.

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from regablate.callbacks import AttentionMaps, OutlierNormMonitor
 from regablate.cli import main
 from regablate.data import SyntheticScenes
-from regablate.summary import read_summary
+from regablate.runs import read_summary
 from regablate.tasks import Classification
 from tests.conftest import REPO, tiny_fit_args
 from tests.planted import MODEL, SIZES, plant_artifacts
@@ -55,7 +55,7 @@ def test_fit_with_both_callbacks_logs_the_tags_and_the_summary(fitted):
 
 def test_inspect_on_a_run_folder_writes_the_monitors_keys(fitted, tmp_path, capsys):
     out = tmp_path / "inspect"
-    main(["inspect", "--checkpoint", str(fitted), "--num_images", "8", "--out", str(out)])
+    main(["inspect", "--checkpoint", str(fitted), "--num_images", "8", "--output", str(out)])
     stats = (out / "stats.json").read_text()
     logged = {tag for tag in events(fitted).Tags()["scalars"] if tag.startswith("artifacts/")}
     assert logged and all(f'"{tag}"' in stats for tag in logged)
@@ -73,7 +73,7 @@ def test_monitor_fragment_keeps_the_callbacks_of_the_config_before_it(capsys):
 
 def test_monitor_and_attention_maps_find_planted_artifacts(tmp_path):
     kwargs = {k: v for k, v in SIZES.items() if k != "img_size"}
-    model = Classification(MODEL, num_registers=2, num_classes=4, img_size=32, model_kwargs=kwargs)
+    model = Classification(model_name=MODEL, num_registers=2, num_classes=4, img_size=32, model_kwargs=kwargs)
     plant_artifacts(model.backbone, onset=1)
     monitor, maps = OutlierNormMonitor(num_images=8), AttentionMaps(num_images=4)
     trainer = Trainer(
@@ -99,7 +99,7 @@ def test_monitor_and_attention_maps_find_planted_artifacts(tmp_path):
 
 def test_training_batch_readings_find_planted_artifacts_at_every_step(tmp_path):
     kwargs = {k: v for k, v in SIZES.items() if k != "img_size"}
-    model = Classification(MODEL, num_registers=2, num_classes=4, img_size=32, model_kwargs=kwargs, lr=1e-9)
+    model = Classification(model_name=MODEL, num_registers=2, num_classes=4, img_size=32, model_kwargs=kwargs, lr=1e-9)
     plant_artifacts(model.backbone, onset=1)
     monitor = OutlierNormMonitor(every_n_steps=None, train_batch_every_n_steps=1, histograms=False)
     trainer = Trainer(

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from regablate import artifacts
-from regablate.artifact_scan import scan
-from regablate.artifacts import Threshold
+from regablate.artifacts import stats as artifacts
+from regablate.artifacts.scan import scan
+from regablate.artifacts.stats import Threshold
 from regablate.data import SyntheticScenesDataset
 from regablate.errors import RegablateError
 from tests.planted import CORNERS, plant_artifacts, tiny_vit

@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from regablate.backbone import build_backbone, convert_state_dict, extract_features, load_state_dict_file
+from regablate.models import build_backbone, convert_state_dict, extract_features, load_state_dict_file
 from regablate.errors import RegablateError
 from tests.conftest import TINY, TINY_MODEL
 

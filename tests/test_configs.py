@@ -9,7 +9,7 @@ import timm
 import yaml
 from lightning import LightningDataModule, LightningModule, Trainer
 
-from regablate.cli import RegablateCLI, build_cli
+from regablate.lightning_cli import RegablateCLI, build_cli
 from regablate.sweep.grid import is_grid_file, load_grid
 from regablate.sweep.resolve import resolve_config
 from tests.conftest import REPO, write_source_checkpoint

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning import Trainer
 
-from regablate.backbone import build_backbone, extract_features
+from regablate.models import build_backbone, extract_features
 from regablate.cli import main
 from regablate.data import SyntheticScenes
 from regablate.errors import RegablateError

@@ -48,7 +48,7 @@ def trained_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def random_probe(tmp_path_factory):
     out = tmp_path_factory.mktemp("random") / "probe"
-    probe("--model", "vit_tiny_patch16_224", "--num_registers", "2", "--model_kwargs", MODEL, "--output", str(out))
+    probe("--model", "vit_tiny_patch16_224", "--pretrained", "false", "--num_registers", "2", "--model_kwargs", MODEL, "--output", str(out))
     return out
 
 
@@ -87,7 +87,7 @@ def test_rerun_reads_the_cache_and_gives_the_same_result(trained_run, tmp_path, 
     keys = [k for k in before if k.startswith("probe/") and k != "probe/seconds"]
     assert {k: after[k] for k in keys} == {k: before[k] for k in keys}
     monkeypatch.undo()
-    probe(str(trained_run), "--no_cache", "--output", str(tmp_path / "fresh"))
+    probe(str(trained_run), "--cache", "false", "--output", str(tmp_path / "fresh"))
     assert {k: summary(tmp_path / "fresh")[k] for k in keys} == {k: before[k] for k in keys}
     assert not (tmp_path / "fresh" / "probe_cache").exists()
 

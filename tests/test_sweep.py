@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from regablate.errors import RegablateError
 from regablate.sweep.grid import load_grid
-from regablate.sweep.report import aggregate, results_markdown
+from regablate.report.tables import aggregate, results_markdown
 from tests.conftest import REPO
 
 MICRO = REPO / "tests" / "configs" / "grid_micro.yaml"
@@ -90,7 +90,7 @@ def test_bad_grid_files_get_one_clear_error(tmp_path, body, message):
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
-    result = sweep(tmp_path, MICRO, "--dry-run", "--only", "num_registers=2")
+    result = sweep(tmp_path, MICRO, "--dry_run", "true", "--only", "num_registers=2")
     assert "1 runs" in result.stdout and "r2_s0: new, fit -> probe" in result.stdout
     assert "regablate fit --config" in result.stdout and "r0_s0" not in result.stdout
     assert not (tmp_path / "runs").exists()
@@ -123,7 +123,7 @@ def test_second_invocation_does_no_work(swept):
     experiment, _ = swept
     checkpoints = {p: p.stat().st_mtime_ns for p in experiment.glob("*/checkpoints/*.ckpt")}
     before = summaries(experiment)
-    result = sweep(experiment.parent.parent, MICRO, "--no-report")
+    result = sweep(experiment.parent.parent, MICRO, "--report", "false")
     assert "2 already complete, 0 to run" in result.stdout
     assert {p: p.stat().st_mtime_ns for p in experiment.glob("*/checkpoints/*.ckpt")} == checkpoints
     assert summaries(experiment) == before
@@ -132,7 +132,7 @@ def test_second_invocation_does_no_work(swept):
 def test_killed_sweep_resumes_to_the_same_results(swept, tmp_path):
     """SIGKILL the stage process and the sweep after the first epoch's checkpoint; run it again."""
     reference = summaries(swept[0])["r0_s0"]
-    command = [sys.executable, "-m", "regablate", "sweep", str(MICRO), "--output", str(tmp_path / "runs"), "--only", "num_registers=0", "--no-report"]
+    command = [sys.executable, "-m", "regablate", "sweep", str(MICRO), "--output", str(tmp_path / "runs"), "--only", "num_registers=0", "--report", "false"]
     sweeper = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     run = tmp_path / "runs" / "micro" / "r0_s0"
     deadline = time.monotonic() + 300
@@ -146,7 +146,7 @@ def test_killed_sweep_resumes_to_the_same_results(swept, tmp_path):
     sweeper.wait()
     interrupted = json.loads((run / "summary.json").read_text())
     assert interrupted["stages/fit"] == "running" and "status" not in interrupted
-    result = sweep(tmp_path, MICRO, "--only", "num_registers=0", "--no-report")
+    result = sweep(tmp_path, MICRO, "--only", "num_registers=0", "--report", "false")
     assert "0 already complete, 1 to run" in result.stdout
     assert "--ckpt_path last" in (run / "sweep.log").read_text()
     resumed = json.loads((run / "summary.json").read_text())
@@ -176,7 +176,7 @@ def test_ddp_grid_point(tmp_path):
     model.init_args.num_registers: [2]
   stages: [{command: fit}]
 """)
-    sweep(tmp_path, grid, "--devices-per-run", "2", "--no-report")
+    sweep(tmp_path, grid, "--devices_per_run", "2", "--report", "false")
     run = tmp_path / "runs" / "ddp" / "r2"
     assert yaml.safe_load((run / "sweep_config.yaml").read_text())["trainer"]["devices"] == 2
     summary = json.loads((run / "summary.json").read_text())
@@ -204,7 +204,7 @@ def test_slurm_launcher_runs_the_grid_as_jobs(slurm, tmp_path):
   stages: [{command: fit}]
   launcher: {slurm: {timeout_min: 10, cpus_per_task: 1}}
 """)
-    result = sweep(tmp_path, grid, "--launcher", "slurm", "--no-report")
+    result = sweep(tmp_path, grid, "--launcher", "slurm", "--report", "false")
     assert "slurm job" in result.stdout
     summary = json.loads((tmp_path / "runs" / "slurm" / "r2" / "summary.json").read_text())
     assert summary["stages/fit"] == "complete" and summary["status"] == "complete"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from lightning import LightningModule, Trainer
 
-from regablate.artifact_images import attention_grid, unnormalize
-from regablate.artifact_scan import scan
+from regablate.artifacts.pictures import attention_grid, unnormalize
+from regablate.artifacts.scan import scan
 from regablate.callbacks.fixed_images import FixedImagesCallback, normalisation, tensorboards
 
 

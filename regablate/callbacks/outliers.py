@@ -11,12 +11,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from regablate.artifact_images import position_grid
-from regablate.artifact_scan import measured_blocks, scan
-from regablate.artifacts import Threshold, block_key, flatten_statistics, norm_statistics, summary_keys, token_norms
+from regablate.artifacts.pictures import position_grid
+from regablate.artifacts.scan import measured_blocks, scan
+from regablate.artifacts.stats import Threshold, block_key, flatten_statistics, norm_statistics, summary_keys, token_norms
 from regablate.callbacks.fixed_images import FixedImagesCallback, tensorboards
 from regablate.errors import RegablateError
-from regablate.summary import update_summary
+from regablate.runs import update_summary
 
 TRAIN_BATCH_PREFIX = "artifacts/train_batch"
 

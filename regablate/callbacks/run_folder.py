@@ -12,7 +12,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn
 
-from regablate.summary import SUMMARY_FILE, update_summary
+from regablate.runs import SUMMARY_FILE, update_summary
 
 
 class RunConfig(SaveConfigCallback):

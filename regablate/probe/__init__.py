@@ -1,8 +1,10 @@
-"""Frozen-feature evaluation: classification, segmentation, depth and LOST probes on cached features."""
+"""Frozen-feature evaluation: classification, segmentation, depth and LOST probes on cached features.
 
-from regablate.probe.command import main
+The command, ``regablate probe``, is ``regablate.probe.command``.
+"""
+
 from regablate.probe.features import BatchFeatures, FeatureSet, ViTExtractor, extract_split
 from regablate.probe.protocol import LinearProbe, ProbeReport
 from regablate.probe.run import run_probe
 
-__all__ = ["BatchFeatures", "FeatureSet", "LinearProbe", "ProbeReport", "ViTExtractor", "extract_split", "main", "run_probe"]
+__all__ = ["BatchFeatures", "FeatureSet", "LinearProbe", "ProbeReport", "ViTExtractor", "extract_split", "run_probe"]

@@ -18,7 +18,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from regablate.backbone import extract_features
+from regablate.models.backbone import extract_features
 from regablate.errors import RegablateError
 
 # Batch keys a probe may use as targets, and the probe that needs each.

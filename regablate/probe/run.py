@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 
 from regablate.errors import RegablateError
-from regablate.fingerprint import weights_fingerprint
+from regablate.models.fingerprint import weights_fingerprint
 from regablate.probe.cache import FeatureCache
 from regablate.probe.features import Extractor, FeatureSet, extract_split
 from regablate.probe.protocol import LinearProbe, ProbeReport
-from regablate.summary import read_summary, update_summary, write_json_atomic
+from regablate.runs import read_summary, update_summary, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""The register-count grid: grid files, the sweep that runs them, and the Figure 8 report."""
+"""The register-count grid: grid files, config resolution, run state, and the launchers that run it."""

@@ -1,9 +1,9 @@
 """``regablate sweep GRID.yaml``: run every point of a register-count grid, then write its report.
 
     regablate sweep configs/fig8/cpu.yaml                       # the whole CPU grid, then the report
-    regablate sweep configs/fig8/cpu.yaml --dry-run             # the plan: runs, their state, commands
+    regablate sweep configs/fig8/cpu.yaml --dry_run true        # the plan: runs, their state, commands
     regablate sweep configs/fig8/cpu.yaml --only num_registers=4 --only seed_everything=0
-    regablate sweep configs/fig8/paper.yaml --devices-per-run 8 --launcher slurm
+    regablate sweep configs/fig8/paper.yaml --devices_per_run 8 --launcher slurm
 
 Runs land in ``<output>/<grid name>/<run>/``. Finished stages are never re-run, an interrupted
 run resumes from ``last.ckpt``, a failed run is recorded and the others go on; the command
@@ -16,70 +16,102 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from jsonargparse import ArgumentParser
+from jsonargparse.typing import PositiveInt
 
+from regablate.commands import Renamed, function_arguments, modernise, tool_parser
 from regablate.errors import RegablateError
+from regablate.report.command import write_report
 from regablate.sweep.grid import Grid, Stage, load_grid
+from regablate.runs import write_text_atomic
 from regablate.sweep.launch import LocalLauncher, RunJob, SlurmLauncher, device_slots, stage_command
+from regablate.sweep.resolve import resolve_config
 from regablate.sweep.state import CONFIG_FILE, LOG_FILE, mark_finished, mark_running
-from regablate.summary import write_text_atomic
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="regablate sweep",
-        description="Run a register-count grid (see configs/fig8/): every run, its probes, then the Figure 8 report.",
-        exit_on_error=False,
-    )
-    parser.add_argument("grid", type=str, help="grid file, e.g. configs/fig8/cpu.yaml")
-    parser.add_argument("--output", type=str, default="runs", help="runs folder; the grid writes <output>/<grid name>/")
-    parser.add_argument("--only", action="append", default=[], help="keep runs whose axis KEY=VALUE (repeatable; KEY may be the last part, e.g. num_registers=4)")
-    parser.add_argument("--max-parallel", type=Optional[int], default=None, help="runs at once (default: the grid's, else 1)")
-    parser.add_argument("--devices-per-run", type=Optional[int], default=None, help="devices of each run (sets trainer.devices; GPUs are packed per run)")
-    parser.add_argument("--launcher", type=Literal["local", "slurm"], default="local", help="local processes, or Slurm jobs through submitit")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
-    parser.add_argument("--no-report", action="store_true", help="skip the report when the runs end")
-    return parser
+RENAMED = (
+    Renamed("--dry-run", "--dry_run", "true"),
+    Renamed("--no-report", "--report", "false"),
+    Renamed("--max-parallel", "--max_parallel"),
+    Renamed("--devices-per-run", "--devices_per_run"),
+)
 
 
-def main(argv: list[str]) -> None:
-    """Entry point of ``regablate sweep`` (errors surface as RegablateError / ArgumentError)."""
-    args = build_parser().parse_args(argv)
-    grid = load_grid(args.grid)
-    runs = [run for run in grid.runs if run.matches(_filters(args.only))]
+def sweep(
+    grid: str,
+    output: str = "runs",
+    only: list[str] | None = None,
+    max_parallel: PositiveInt | None = None,
+    devices_per_run: PositiveInt | None = None,
+    launcher: Literal["local", "slurm"] = "local",
+    dry_run: bool = False,
+    report: bool = True,
+) -> None:
+    """Run a register-count grid (see configs/fig8/): every run, its probes, then the Figure 8 report.
+
+    Args:
+        grid: grid file, e.g. configs/fig8/cpu.yaml.
+        output: runs folder; the grid writes <output>/<grid name>/.
+        only: keep runs whose axis KEY=VALUE (repeatable; KEY may be the last part, e.g. num_registers=4).
+        max_parallel: runs at once (default: the grid's, else 1).
+        devices_per_run: devices of each run (sets trainer.devices; GPUs are packed per run).
+        launcher: local processes, or Slurm jobs through submitit.
+        dry_run: print the plan, run nothing.
+        report: write the report when the runs end.
+    """
+    only = list(only or [])
+    loaded = load_grid(grid)
+    runs = [run for run in loaded.runs if run.matches(_filters(only))]
     if not runs:
-        raise RegablateError(f"--only {' '.join(args.only)} matches no run of {args.grid}; axes: {', '.join(grid.axes)}")
-    max_parallel = args.max_parallel or grid.launcher.get("max_parallel") or 1
-    devices_per_run = args.devices_per_run or grid.launcher.get("devices_per_run")
-    experiment = Path(args.output) / grid.name
-    plan = make_plan(grid, runs, experiment, devices_per_run)
-    if args.dry_run:
-        print_plan(grid, plan, experiment, max_parallel, devices_per_run, args.launcher)
+        raise RegablateError(f"--only {' '.join(only)} matches no run of {grid}; axes: {', '.join(loaded.axes)}")
+    max_parallel = max_parallel or loaded.launcher.get("max_parallel") or 1
+    devices_per_run = devices_per_run or loaded.launcher.get("devices_per_run")
+    experiment = Path(output) / loaded.name
+    plan = make_plan(loaded, runs, experiment, devices_per_run)
+    if dry_run:
+        print_plan(loaded, plan, experiment, max_parallel, devices_per_run, launcher)
         return
     write_configs(plan)
     progress = Progress(total=len(plan.jobs) + len(plan.complete) + len(plan.invalid), done=len(plan.complete))
     for job, message in plan.invalid:
         record_invalid(job, message)
         progress.on_event("done", job, False)
-    print(f"sweep {grid.name}: {progress.total} runs, {len(plan.complete)} already complete, {len(plan.jobs)} to run -> {experiment}/", flush=True)
-    if args.launcher == "slurm":
-        launcher: LocalLauncher | SlurmLauncher = SlurmLauncher(
-            experiment / "slurm", grid.launcher.get("slurm") or {}, args.max_parallel, devices_per_run, progress.on_event
+    print(
+        f"sweep {loaded.name}: {progress.total} runs, {len(plan.complete)} already complete, "
+        f"{len(plan.jobs)} to run -> {experiment}/",
+        flush=True,
+    )
+    if launcher == "slurm":
+        chosen: LocalLauncher | SlurmLauncher = SlurmLauncher(
+            experiment / "slurm", loaded.launcher.get("slurm") or {}, max_parallel, devices_per_run, progress.on_event
         )
     else:
-        launcher = LocalLauncher(device_slots(max_parallel, devices_per_run, _num_gpus(devices_per_run)), progress.on_event)
-    launcher.run(plan.jobs)
-    if not args.no_report and grid.report.get("enabled", True):
-        from regablate.sweep.report import write_report
-
-        paths = write_report(experiment, grid=grid)
+        chosen = LocalLauncher(device_slots(max_parallel, devices_per_run, _num_gpus(devices_per_run)), progress.on_event)
+    chosen.run(plan.jobs)
+    if report and loaded.report.get("enabled", True):
+        paths = write_report(experiment, grid=loaded)
         print(f"report: {', '.join(str(p) for p in paths)}", flush=True)
     if progress.failed:
         logs = ", ".join(str(experiment / name / LOG_FILE) for name in progress.failed)
-        raise RegablateError(f"{len(progress.failed)} of {progress.total} runs failed: {', '.join(progress.failed)} (logs: {logs}); run the same command again to retry them")
-    print(f"sweep {grid.name}: all {progress.total} runs complete in {_duration(time.perf_counter() - progress.started)}", flush=True)
+        raise RegablateError(
+            f"{len(progress.failed)} of {progress.total} runs failed: {', '.join(progress.failed)} (logs: {logs}); "
+            "run the same command again to retry them"
+        )
+    print(f"sweep {loaded.name}: all {progress.total} runs complete in {_duration(time.perf_counter() - progress.started)}", flush=True)
+
+
+def build_parser() -> ArgumentParser:
+    parser = tool_parser("sweep", "Run a register-count grid (see configs/fig8/): every run, its probes, then the Figure 8 report.")
+    parser.add_function_arguments(sweep, as_positional=True)
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of ``regablate sweep`` (errors surface as RegablateError / ArgumentError)."""
+    cfg = build_parser().parse_args(modernise(argv, "sweep", RENAMED, repeatable=("--only",)))
+    sweep(**function_arguments(cfg))
 
 
 @dataclass
@@ -94,8 +126,6 @@ class Plan:
 
 def make_plan(grid: Grid, runs: list, experiment: Path, devices_per_run: int | None) -> Plan:
     """Resolve the config of every run with work left and write it into its folder (not in a dry run)."""
-    from regablate.sweep.resolve import resolve_config
-
     plan = Plan()
     for run in runs:
         run_dir = experiment / run.name

@@ -34,6 +34,8 @@ import yaml
 from regablate.errors import RegablateError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# Commands a stage may run: LightningCLI's on the run's config, and the tools that take a run folder.
+STAGE_COMMANDS = (*LIGHTNING_COMMANDS, "probe", "inspect")
 # Short run-name prefixes of the two axes every Figure 8 grid has.
 NAME_PREFIXES = {"model.init_args.num_registers": "r", "seed_everything": "s"}
 GRID_KEYS = {"name", "base", "overrides", "axes", "stages", "launcher", "report", "description"}
@@ -184,17 +186,15 @@ def _check_axes(path: Path, axes: Any) -> dict[str, Any]:
 
 
 def _parse_stages(path: Path, stages: Any) -> list[Stage]:
-    from regablate.cli import TOOLS
-
     if not isinstance(stages, list) or not stages:
         raise RegablateError(f"{path}: grid.stages must be a list such as [{{name: fit, command: fit}}]")
     parsed = []
     for entry in stages:
         if not isinstance(entry, dict) or "command" not in entry:
-            raise RegablateError(f"{path}: each stage needs a command (one of {', '.join([*LIGHTNING_COMMANDS, *TOOLS])})")
+            raise RegablateError(f"{path}: each stage needs a command (one of {', '.join(STAGE_COMMANDS)})")
         command = entry["command"]
-        if command not in LIGHTNING_COMMANDS and command not in TOOLS:
-            raise RegablateError(f"{path}: unknown stage command {command!r}; use {', '.join([*LIGHTNING_COMMANDS, *TOOLS])}")
+        if command not in STAGE_COMMANDS:
+            raise RegablateError(f"{path}: unknown stage command {command!r}; use {', '.join(STAGE_COMMANDS)}")
         args = tuple(str(arg).replace("{grid_dir}", str(path.parent.resolve())) for arg in entry.get("args") or ())
         parsed.append(Stage(str(entry.get("name", command)), command, args))
     names = [stage.name for stage in parsed]

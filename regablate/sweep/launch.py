@@ -125,7 +125,7 @@ def device_slots(max_parallel: int, devices_per_run: int | None, num_gpus: int) 
         return [None] * max_parallel
     fitting = num_gpus // devices_per_run
     if fitting == 0:
-        raise RegablateError(f"--devices-per-run {devices_per_run} needs that many GPUs; this machine has {num_gpus}")
+        raise RegablateError(f"--devices_per_run {devices_per_run} needs that many GPUs; this machine has {num_gpus}")
     return [
         ",".join(str(gpu) for gpu in range(slot * devices_per_run, (slot + 1) * devices_per_run))
         for slot in range(min(max_parallel, fitting))

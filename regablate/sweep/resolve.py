@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentError
 
-from regablate.cli import RegablateCLI, build_cli
+from regablate.lightning_cli import RegablateCLI, build_cli
 from regablate.errors import RegablateError
 from regablate.sweep.grid import nested
 

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from regablate.summary import read_summary, update_summary
+from regablate.runs import read_summary, update_summary
 
 COMPLETE, RUNNING, FAILED = "complete", "running", "failed"
 LOG_FILE = "sweep.log"

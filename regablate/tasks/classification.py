@@ -5,19 +5,18 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from lightning import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from regablate.backbone import build_backbone
 from regablate.errors import RegablateError
-from regablate.tasks.optim import adamw_warmup_cosine, require_finite
+from regablate.tasks.base import BackboneTask
+from regablate.tasks.optim import require_finite
 
 Pool = Literal["cls", "mean", "cls+mean"]
 
 
-class Classification(LightningModule):
+class Classification(BackboneTask):
     """Fine-tune a timm ViT with ``num_registers`` registers on an image-classification dataset.
 
     Batches are dicts with ``image`` (B, 3, H, W) and ``label`` (B,). Logs ``train/loss``,
@@ -27,55 +26,35 @@ class Classification(LightningModule):
 
     def __init__(
         self,
-        model_name: str = "vit_small_patch16_224",
-        num_registers: int = 4,
         num_classes: int = 10,
-        img_size: int = 224,
-        model_kwargs: dict[str, Any] | None = None,
-        checkpoint: str | None = None,
-        pretrained: bool = False,
         pool: Pool = "cls",
         freeze_backbone: bool = False,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.01,
         label_smoothing: float = 0.0,
+        **kwargs: Any,
     ) -> None:
         """
         Args:
-            model_name: timm ViT name; sizes in ``model_kwargs`` override its defaults.
-            num_registers: register tokens R (0/1/2/4/8/16 in the paper).
             num_classes: classes of the dataset (must match the data module's).
-            img_size: input side in pixels; linked from ``data.img_size`` by the CLI.
-            model_kwargs: extra timm arguments (patch_size, embed_dim, depth, num_heads, drop_path_rate...).
-            checkpoint: local weights to start from (.safetensors/.pt/.pth/.ckpt, any register count).
-            pretrained: start from timm's pretrained weights (needs the hub or a filled cache).
             pool: head input: the CLS token, the mean patch token, or both concatenated.
             freeze_backbone: train the head only (a linear probe trained end to end).
-            lr: peak AdamW learning rate.
-            weight_decay: AdamW weight decay (none on tokens, position embedding, biases, norms).
-            warmup_steps: linear warmup steps before the cosine decay.
-            min_lr_ratio: final learning rate as a fraction of ``lr``.
             label_smoothing: cross-entropy label smoothing.
+            **kwargs: the backbone and optimiser arguments of ``BackboneTask``.
         """
-        super().__init__()
-        self.save_hyperparameters()
-        if num_classes < 2:
-            raise RegablateError(f"num_classes must be at least 2, got {num_classes}")
-        self.backbone = build_backbone(
-            model_name,
-            num_registers,
-            checkpoint=checkpoint,
-            pretrained=pretrained,
-            img_size=img_size,
-            **(model_kwargs or {}),
-        )
-        if freeze_backbone:
+        super().__init__(**kwargs)
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        if hp.num_classes < 2:
+            raise RegablateError(f"num_classes must be at least 2, got {hp.num_classes}")
+        self.backbone = self.make_backbone()
+        if hp.freeze_backbone:
             self.backbone.requires_grad_(False)
-        width = self.backbone.embed_dim * (2 if pool == "cls+mean" else 1)
-        self.head = nn.Linear(width, num_classes)
-        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        width = self.backbone.embed_dim * (2 if hp.pool == "cls+mean" else 1)
+        self.head = nn.Linear(width, hp.num_classes)
+        self.loss = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+
+    def configure_metrics(self) -> None:
+        num_classes = self.hparams.num_classes
         metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
         if num_classes > 5:
             metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
@@ -129,14 +108,3 @@ class Classification(LightningModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         probs = self(batch["image"]).softmax(dim=-1)
         return {"probs": probs, "pred": probs.argmax(dim=-1)}
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return adamw_warmup_cosine(
-            self,
-            lr=hp.lr,
-            weight_decay=hp.weight_decay,
-            warmup_steps=hp.warmup_steps,
-            total_steps=self.trainer.estimated_stepping_batches,
-            min_lr_ratio=hp.min_lr_ratio,
-        )

@@ -19,14 +19,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from lightning import LightningModule
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 from torchvision.ops import roi_align
 
-from regablate.backbone import build_backbone
 from regablate.errors import RegablateError
-from regablate.tasks.optim import adamw_warmup_cosine, require_finite
+from regablate.tasks.base import BackboneTask
+from regablate.tasks.optim import require_finite
 
 
 class DINOHead(nn.Module):
@@ -102,7 +101,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
 
 
-class DINO(LightningModule):
+class DINO(BackboneTask):
     """Self-distillation with an EMA teacher and multi-crop (Caron et al. 2021), with R registers.
 
     ``self.backbone`` is the EMA teacher's backbone, the model DINO evaluates and the one a
@@ -117,12 +116,6 @@ class DINO(LightningModule):
 
     def __init__(
         self,
-        model_name: str = "vit_small_patch16_224",
-        num_registers: int = 4,
-        img_size: int = 224,
-        model_kwargs: dict[str, Any] | None = None,
-        checkpoint: str | None = None,
-        pretrained: bool = False,
         out_dim: int = 4096,
         hidden_dim: int = 1024,
         bottleneck_dim: int = 256,
@@ -139,17 +132,10 @@ class DINO(LightningModule):
         head_warmup_steps: int = 0,
         lr: float = 5e-4,
         weight_decay: float = 0.04,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.01,
+        **kwargs: Any,
     ) -> None:
         """
         Args:
-            model_name: timm ViT name; sizes in ``model_kwargs`` override its defaults.
-            num_registers: registers R of student and teacher.
-            img_size: global crop side in pixels; linked from ``data.img_size`` by the CLI.
-            model_kwargs: extra timm arguments (patch_size, embed_dim, depth, num_heads, drop_path_rate...).
-            checkpoint: continue from these weights (any register count); heads start from scratch.
-            pretrained: continue from timm's pretrained weights.
             out_dim: number of prototypes K.
             hidden_dim: width of the head's MLP.
             bottleneck_dim: width before the prototypes.
@@ -165,31 +151,32 @@ class DINO(LightningModule):
             teacher_momentum: EMA momentum of the teacher at step 0, raised to 1 by a cosine.
             head_warmup_steps: steps during which only the heads train (the backbone stays frozen);
                 use it when continuing from a checkpoint, since the heads start from scratch.
-            lr: peak AdamW learning rate.
+            lr: peak AdamW learning rate (the recipe's default).
             weight_decay: AdamW weight decay (none on tokens, position embedding, biases, norms).
-            warmup_steps: linear warmup steps before the cosine decay.
-            min_lr_ratio: final learning rate as a fraction of ``lr``.
+            **kwargs: the other backbone and optimiser arguments of ``BackboneTask``; with
+                ``checkpoint`` or ``pretrained`` training continues from those weights (any register
+                count) and the heads start from scratch; ``img_size`` is the global crop side.
         """
-        super().__init__()
-        self.save_hyperparameters()
-        sizes = {"img_size": img_size, **(model_kwargs or {})}
-        self.student = build_backbone(
-            model_name, num_registers, checkpoint=checkpoint, pretrained=pretrained, dynamic_img_size=True, **sizes
-        )
+        super().__init__(lr=lr, weight_decay=weight_decay, **kwargs)
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.student = self.make_backbone(dynamic_img_size=True)
         patch = self.student.patch_embed.patch_size[0]
-        if local_crop_size % patch or num_local_crops < 0:
+        if hp.local_crop_size % patch or hp.num_local_crops < 0:
             raise RegablateError(
-                f"local_crop_size {local_crop_size} must be a multiple of the patch size {patch} "
-                f"and num_local_crops >= 0 (got {num_local_crops})"
+                f"local_crop_size {hp.local_crop_size} must be a multiple of the patch size {patch} "
+                f"and num_local_crops >= 0 (got {hp.num_local_crops})"
             )
-        self.student_head = DINOHead(self.student.embed_dim, out_dim, hidden_dim, bottleneck_dim)
-        self.backbone = build_backbone(model_name, num_registers, dynamic_img_size=True, **sizes)
+        heads = (self.student.embed_dim, hp.out_dim, hp.hidden_dim, hp.bottleneck_dim)
+        self.student_head = DINOHead(*heads)
+        self.backbone = self.make_backbone(weights=False, dynamic_img_size=True)
         self.backbone.load_state_dict(self.student.state_dict())
-        self.teacher_head = DINOHead(self.student.embed_dim, out_dim, hidden_dim, bottleneck_dim)
+        self.teacher_head = DINOHead(*heads)
         self.teacher_head.load_state_dict(self.student_head.state_dict())
         self.backbone.requires_grad_(False)
         self.teacher_head.requires_grad_(False)
-        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("center", torch.zeros(1, hp.out_dim))
 
     def train(self, mode: bool = True) -> DINO:
         super().train(mode)
@@ -292,15 +279,3 @@ class DINO(LightningModule):
         out = self._shared_step(batch["image"], self.global_step, generator)
         self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
         self.log("val/teacher_entropy", out["teacher_entropy"], sync_dist=True)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        trainable = nn.ModuleDict({"student": self.student, "head": self.student_head})
-        return adamw_warmup_cosine(
-            trainable,
-            lr=hp.lr,
-            weight_decay=hp.weight_decay,
-            warmup_steps=hp.warmup_steps,
-            total_steps=self.trainer.estimated_stepping_batches,
-            min_lr_ratio=hp.min_lr_ratio,
-        )

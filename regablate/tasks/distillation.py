@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
 from torch import Tensor
 
-from regablate.backbone import build_backbone, extract_features
 from regablate.errors import RegablateError
-from regablate.tasks.optim import adamw_warmup_cosine, require_finite
+from regablate.models.backbone import extract_features
+from regablate.tasks.base import BackboneTask
+from regablate.tasks.optim import require_finite
 
 # Views are deterministic: identity first, then a flip, then whole-patch shifts with and without it.
 _SHIFTS = ((0, 0), (1, 1), (-1, -1), (1, -2), (-2, 1), (2, 2), (-2, -2), (2, -1))
@@ -64,7 +64,7 @@ def trainable_patterns(trainable: str | list[str], depth: int) -> list[str]:
     return presets[trainable]
 
 
-class Distillation(LightningModule):
+class Distillation(BackboneTask):
     """Continued pretraining after adding registers: a student with R registers learns the
     frozen source model's view-averaged patch and CLS features.
 
@@ -78,12 +78,6 @@ class Distillation(LightningModule):
 
     def __init__(
         self,
-        model_name: str = "vit_small_patch14_dinov2",
-        num_registers: int = 4,
-        img_size: int = 224,
-        model_kwargs: dict[str, Any] | None = None,
-        checkpoint: str | None = None,
-        pretrained: bool = False,
         teacher_registers: int = 0,
         trainable: str | list[str] = "registers+pos+last",
         num_views: int = 4,
@@ -91,19 +85,13 @@ class Distillation(LightningModule):
         patch_mse_weight: float = 1.0,
         cls_weight: float = 1.0,
         register_init_std: float = 0.02,
-        lr: float = 1e-3,
+        model_name: str = "vit_small_patch14_dinov2",
         weight_decay: float = 0.0,
         warmup_steps: int = 50,
-        min_lr_ratio: float = 0.01,
+        **kwargs: Any,
     ) -> None:
         """
         Args:
-            model_name: timm ViT name of the source model; sizes in ``model_kwargs`` override it.
-            num_registers: registers R of the student.
-            img_size: input side in pixels; linked from ``data.img_size`` by the CLI.
-            model_kwargs: extra timm arguments (patch_size, embed_dim, depth, num_heads...).
-            checkpoint: the source model's weights (.safetensors/.pt/.pth/.ckpt).
-            pretrained: take the source model from timm's pretrained weights instead.
             teacher_registers: registers the source model was trained with (0 for most models).
             trainable: ``registers``, ``registers+pos+last`` (registers, position and patch
                 embedding, last block), ``all``, or a list of parameter-name patterns.
@@ -112,23 +100,25 @@ class Distillation(LightningModule):
             patch_mse_weight: weight of the MSE between student and target patches.
             cls_weight: weight of the CLS loss ((1 - cosine) + MSE).
             register_init_std: std of the normal new registers start from.
-            lr: peak AdamW learning rate.
-            weight_decay: AdamW weight decay (none on tokens, position embedding, biases, norms).
+            model_name: timm ViT name of the source model (the recipe's default: DINOv2 ViT-S/14).
+            weight_decay: AdamW weight decay (the recipe's default: none, few parameters train).
             warmup_steps: linear warmup steps before the cosine decay.
-            min_lr_ratio: final learning rate as a fraction of ``lr``.
+            **kwargs: the other backbone and optimiser arguments of ``BackboneTask``; ``checkpoint``
+                or ``pretrained`` name the source model's weights.
         """
-        super().__init__()
-        self.save_hyperparameters()
-        if checkpoint is None and not pretrained:
+        super().__init__(model_name=model_name, weight_decay=weight_decay, warmup_steps=warmup_steps, **kwargs)
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        if hp.checkpoint is None and not hp.pretrained:
             raise RegablateError(
                 "Distillation needs a source model: set model.checkpoint (a local file or a run's .ckpt) "
                 "or model.pretrained: true"
             )
-        source = {"checkpoint": checkpoint, "pretrained": pretrained, "img_size": img_size, **(model_kwargs or {})}
-        self.views = view_transforms(num_views)
-        self.teacher = build_backbone(model_name, teacher_registers, **source).eval().requires_grad_(False)
-        self.backbone = build_backbone(model_name, num_registers, register_init_std=register_init_std, **source)
-        self._freeze_all_but(trainable_patterns(trainable, len(self.backbone.blocks)))
+        self.views = view_transforms(hp.num_views)
+        self.teacher = self.make_backbone(hp.teacher_registers).eval().requires_grad_(False)
+        self.backbone = self.make_backbone(register_init_std=hp.register_init_std)
+        self._freeze_all_but(trainable_patterns(hp.trainable, len(self.backbone.blocks)))
 
     def _freeze_all_but(self, patterns: list[str]) -> None:
         names = [name for name, _ in self.backbone.named_parameters()]
@@ -191,14 +181,3 @@ class Distillation(LightningModule):
         losses = self._losses(batch["image"])
         self.log("val/loss", losses["loss"], prog_bar=True, sync_dist=True)
         self.log("val/patch_cos", losses["patch_cos"], sync_dist=True)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return adamw_warmup_cosine(
-            self.backbone,
-            lr=hp.lr,
-            weight_decay=hp.weight_decay,
-            warmup_steps=hp.warmup_steps,
-            total_steps=self.trainer.estimated_stepping_batches,
-            min_lr_ratio=hp.min_lr_ratio,
-        )

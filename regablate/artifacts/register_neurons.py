@@ -3,7 +3,7 @@
 A few MLP hidden units ("register neurons") write the high-norm outliers of a ViT. Finding them
 takes one model and a few images, no training:
 
-1. mark the outlier patch tokens at ``outlier_block`` (the thresholds of ``regablate.artifacts``);
+1. mark the outlier patch tokens at ``outlier_block`` (the thresholds of ``regablate.artifacts.stats``);
 2. score every hidden unit of every block up to ``max_block`` (the input of ``mlp.fc2``, which is
    ``mlp.act``'s output for timm's plain MLP) by its mean absolute activation at those tokens;
 3. keep the ``top_k`` units, as ``(block, unit)`` pairs.
@@ -34,13 +34,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from regablate import artifacts
-from regablate.artifact_scan import eval_mode
-from regablate.artifacts import Threshold
-from regablate.backbone import block_index, extract_features
+from regablate.artifacts import stats
+from regablate.artifacts.stats import Threshold
+from regablate.models.backbone import block_index, eval_mode, extract_features
 from regablate.errors import RegablateError
-from regablate.fingerprint import weights_fingerprint
-from regablate.summary import write_json_atomic
+from regablate.models.fingerprint import weights_fingerprint
+from regablate.runs import write_json_atomic
 
 FORMAT = 1
 NEURONS_FILE = "register_neurons.json"
@@ -57,7 +56,7 @@ class NeuronSearch:
         top_k: number of (block, unit) pairs to keep.
         outlier_block: block whose output marks the outlier patch tokens (negative counts from the end).
         max_block: deepest block whose units are candidates (default: ``outlier_block``).
-        threshold: outlier rule: relative | absolute | percentile (see ``regablate.artifacts.Threshold``).
+        threshold: outlier rule: relative | absolute | percentile (see ``regablate.artifacts.stats.Threshold``).
         threshold_value: the rule's number (default 4 / 150 / 98).
         num_images: images to search on.
     """
@@ -167,7 +166,7 @@ def find_register_neurons(
     num_prefix = model.num_prefix_tokens
     with torch.no_grad(), eval_mode(model):
         tokens = extract_features(model, images, blocks=[outlier_block]).blocks[outlier_block]
-        mask = artifacts.outlier_mask(artifacts.token_norms(tokens[:, num_prefix:]), threshold)
+        mask = stats.outlier_mask(stats.token_norms(tokens[:, num_prefix:]), threshold)
         scores: dict[int, Tensor] = {}
         handles = [
             _fc2(model, b).register_forward_pre_hook(_scorer(scores, b, mask, num_prefix)) for b in range(max_block + 1)
@@ -191,7 +190,7 @@ def find_register_neurons(
         scores=tuple(values),
         weights=blocks_fingerprint(model),
         search=search,
-        outlier_fraction=artifacts.outlier_fraction(mask),
+        outlier_fraction=stats.outlier_fraction(mask),
         model=model_name,
     )
 

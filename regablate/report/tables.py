@@ -1,104 +1,18 @@
-"""``regablate report runs/<experiment>``: a grid's results as a table, a Figure 8 and a TensorBoard HPARAMS view.
-
-    regablate report runs/fig8_cpu                    # any grid, complete or partial
-    regablate report runs/fig8_paper --paper          # overlay the paper's Figure 8 numbers
-
-Writes into the experiment folder (each file atomically):
-
-* ``results.csv``: one row per run folder holding a ``summary.json``, every summary key;
-* ``results.md``: mean ± std over seeds per register count (and per value of any other axis),
-  the best mean of each column in bold;
-* ``figure8.png``: top, the last block's CLS attention on the same images for each register
-  count (from each count's lowest-seed run, via ``artifact_scan.scan``); bottom, classification
-  top-1, segmentation mIoU, depth RMSE and outlier fraction against the register count, with
-  error bars over seeds;
-* ``hparams/<run>/``: each run's hyper-parameters with its final metrics for TensorBoard's HPARAMS tab.
-"""
+"""The report's tables: one row per run folder, results.csv, results.md (mean ± std over seeds) and the HPARAMS view."""
 
 from __future__ import annotations
 
 import csv
 import io
 import math
-import os
 import statistics
-import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
-
-from jsonargparse import ArgumentParser
+from typing import Any
 
 from regablate.errors import RegablateError
-from regablate.summary import SUMMARY_FILE, read_summary, write_text_atomic
-
-if TYPE_CHECKING:
-    from regablate.sweep.grid import Grid
-
-# Figure 8 of Darcet et al. (DINOv2 ViT-L/14), read off the figure: registers -> value.
-PAPER = {
-    "probe/cls_top1": dict(zip((0, 1, 2, 4, 8, 16), (84.35, 84.42, 84.60, 84.60, 84.64, 84.80))),
-    "probe/seg_miou": dict(zip((0, 1, 2, 4, 8, 16), (66.02, 66.66, 66.69, 66.91, 66.76, 66.75))),
-    "probe/depth_rmse": dict(zip((0, 1, 2, 4, 8, 16), (2.845, 2.750, 2.772, 2.753, 2.728, 2.761))),
-}
-# Figure 8's bottom row: metric, panel title, whether higher is better.
-PANELS = (
-    ("probe/cls_top1", "classification top-1", True),
-    ("probe/seg_miou", "segmentation mIoU", True),
-    ("probe/depth_rmse", "depth RMSE", False),
-    ("artifacts/outlier_frac", "outlier fraction", False),
-)
-# Columns of results.md beyond the panels, when the runs have them.
-TABLE_EXTRA = (("probe/lost_corloc", True), ("val/top1", True), ("test/top1", True), ("artifacts/norm_max_over_median", False))
-# Summary-key prefixes that are final metrics (for the HPARAMS view).
-METRIC_PREFIXES = ("probe/", "artifacts/", "val/", "test/", "train/")
-RESERVED_FOLDERS = ("hparams", "slurm")
-# The series of results probed with a test-time register (`regablate probe RUN --test_time_registers auto`).
-TRAINED_SERIES, TTR_SERIES = "trained registers", "+ test-time register"
-# Axes that are the figure's x axis and its error bars, not series of their own.
-SEED_AXIS, REGISTER_AXIS = "axis/seed_everything", "axis/model.init_args.num_registers"
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="regablate report", description="results.csv, results.md, figure8.png and a TensorBoard HPARAMS view of a grid.", exit_on_error=False)
-    parser.add_argument("experiment", type=str, help="the grid's folder, e.g. runs/fig8_cpu")
-    parser.add_argument("--images", type=Optional[str], default=None, help="image folder for the attention maps (default: fixed synthetic scenes)")
-    parser.add_argument("--num_images", type=int, default=2, help="images in the attention-map rows")
-    parser.add_argument("--paper", action="store_true", help="overlay the paper's Figure 8 values")
-    return parser
-
-
-def main(argv: list[str]) -> None:
-    """Entry point of ``regablate report``."""
-    args = build_parser().parse_args(argv)
-    paths = write_report(Path(args.experiment), images=args.images, num_images=args.num_images, paper=args.paper)
-    print(f"wrote {', '.join(str(p) for p in paths)}")
-
-
-def write_report(
-    experiment: Path, *, grid: Grid | None = None, images: str | None = None, num_images: int | None = None, paper: bool | None = None
-) -> list[Path]:
-    """Write every report file of ``experiment``; a grid's ``report:`` settings fill what is not given."""
-    settings = grid.report if grid is not None else {}
-    if images is None and settings.get("images"):
-        images = str((grid.path.parent / settings["images"]).resolve())
-    num_images = num_images or settings.get("num_images", 2)
-    paper = paper if paper is not None else settings.get("paper", False)
-    rows = collect_rows(experiment)
-    written = [
-        experiment / "results.csv",
-        experiment / "results.md",
-        experiment / "figure8.png",
-        experiment / "hparams",
-    ]
-    write_text_atomic(written[0], results_csv(rows))
-    write_text_atomic(written[1], results_markdown(experiment.name, rows))
-    from regablate.sweep.figure import attention_rows, draw_figure8
-
-    maps = attention_rows(experiment, rows, images, num_images)
-    _save_atomic(written[2], lambda path: draw_figure8(path, experiment.name, aggregate(rows), maps, paper))
-    write_hparams(written[3], rows)
-    return written
+from regablate.report.paper import METRIC_PREFIXES, PANELS, RESERVED_FOLDERS, SEED_AXIS, REGISTER_AXIS, TABLE_EXTRA, TRAINED_SERIES, TTR_SERIES
+from regablate.runs import SUMMARY_FILE, read_summary, write_folder_atomic
 
 
 def collect_rows(experiment: Path) -> list[dict[str, Any]]:
@@ -191,8 +105,6 @@ def write_hparams(folder: Path, rows: list[dict[str, Any]]) -> None:
     """``hparams/<run>/``: one ``add_hparams`` record per run (the folder is replaced whole)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from regablate.inspect import write_atomically
-
     def write(staging: Path) -> None:
         for row in rows:
             params = {"num_registers": row.get("num_registers"), "seed": row.get("seed"), "model_name": row.get("model_name"), "task": row.get("task")}
@@ -209,17 +121,4 @@ def write_hparams(folder: Path, rows: list[dict[str, Any]]) -> None:
             finally:
                 writer.close()
 
-    write_atomically(folder, write)
-
-
-def _save_atomic(path: Path, save: Any) -> None:
-    """Call ``save(temp_path)`` and rename the file into ``path`` (readable by all, as a plain save would be)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        save(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_folder_atomic(folder, write)

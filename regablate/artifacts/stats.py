@@ -1,6 +1,6 @@
 """Pure tensor functions that measure ViT artifacts: high-norm outlier tokens and where attention goes.
 
-Everything here works on tensors that a capture pass produced (see ``regablate.token_capture``)
+Everything here works on tensors that a capture pass produced (see ``regablate.artifacts.scan``)
 and returns tensors or flat ``{"artifacts/...": float}`` dicts, so the training monitor, the
 attention-map callback, ``regablate inspect`` and the probes all compute the same numbers.
 

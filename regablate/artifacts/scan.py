@@ -3,7 +3,7 @@
 ``scan`` runs the backbone once in eval mode without gradients and captures, with hooks, the
 patch embedding (the input side of Fig. 5a), the pre-norm residual stream after every chosen
 block, the stream entering the last block and the last block's attention probabilities; then
-it turns them into the ``artifacts/...`` statistics of ``regablate.artifacts``. The training
+it turns them into the ``artifacts/...`` statistics of ``regablate.artifacts.stats``. The training
 monitor, the attention-map callback and ``regablate inspect`` all go through it.
 
 timm's fused attention (SDPA) never materialises attention probabilities, so the last block
@@ -22,9 +22,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from regablate import artifacts
-from regablate.artifacts import Threshold
-from regablate.backbone import block_index, extract_features
+from regablate.artifacts import stats
+from regablate.artifacts.stats import Threshold
+from regablate.models.backbone import block_index, eval_mode, extract_features
 from regablate.errors import RegablateError
 
 
@@ -32,7 +32,7 @@ from regablate.errors import RegablateError
 class ArtifactScan:
     """What one ``scan`` found; tensors are on the CPU.
 
-    ``stats``: flat ``artifacts/...`` numbers (see ``artifacts.flatten_statistics``);
+    ``stats``: flat ``artifacts/...`` numbers (see ``stats.flatten_statistics``);
     ``patch_norms``: block -> ``(B, N)`` patch-token norms; ``cutoffs``: block -> outlier norm cutoff;
     ``outlier_positions``: block -> ``(h, w)`` share of images in which each position is an outlier;
     ``attention_maps``: ``(B, 1 + R, h, w)`` last-block attention of CLS and each register to the patches.
@@ -70,15 +70,15 @@ def scan(
     last = depth - 1
     background = None
     if segmentation is not None:
-        background = artifacts.background_patches(segmentation.to(images.device), grid)
+        background = stats.background_patches(segmentation.to(images.device), grid)
 
     block_stats, masks, norms, cutoffs = {}, {}, {}, {}
     for block, tokens in sorted(per_block.items()):
-        block_stats[block], masks[block] = artifacts.block_statistics(tokens, num_prefix, threshold, background)
-        norms[block] = artifacts.token_norms(tokens[:, num_prefix:])
+        block_stats[block], masks[block] = stats.block_statistics(tokens, num_prefix, threshold, background)
+        norms[block] = stats.token_norms(tokens[:, num_prefix:])
         cutoffs[block] = threshold.cutoff(norms[block]).item()
     attention = captured["attention"]
-    last_only = artifacts.outlier_evidence(
+    last_only = stats.outlier_evidence(
         last_tokens=per_block[last],
         last_mask=masks[last],
         embeddings=captured["embeddings"].flatten(1, -2),
@@ -89,13 +89,13 @@ def scan(
         threshold=threshold,
         background=background,
     )
-    last_only.update(artifacts.register_attention(attention, num_prefix))
+    last_only.update(stats.register_attention(attention, num_prefix))
     return ArtifactScan(
-        stats=artifacts.flatten_statistics(block_stats, last_only),
+        stats=stats.flatten_statistics(block_stats, last_only),
         patch_norms={b: n.cpu() for b, n in norms.items()},
         cutoffs=cutoffs,
-        outlier_positions={b: artifacts.position_frequency(m, grid).cpu() for b, m in masks.items()},
-        attention_maps=artifacts.cls_attention_maps(attention, num_prefix, grid).cpu(),
+        outlier_positions={b: stats.position_frequency(m, grid).cpu() for b, m in masks.items()},
+        attention_maps=stats.cls_attention_maps(attention, num_prefix, grid).cpu(),
         grid=grid,
     )
 
@@ -103,18 +103,6 @@ def scan(
 def measured_blocks(depth: int, blocks: Sequence[int] | None) -> list[int]:
     """The block indices (``0..depth-1``) to measure: ``blocks`` (negative from the end; ``None``: all), plus the last."""
     return sorted({*(block_index(b, depth) for b in (range(depth) if blocks is None else blocks)), depth - 1})
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the pass; every submodule gets its own mode back (frozen parts stay frozen)."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.train(training)
 
 
 @contextmanager

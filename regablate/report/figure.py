@@ -14,12 +14,12 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from regablate.artifact_scan import scan
+from regablate.artifacts.scan import scan
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
+from regablate.data.images import load_image_folder, synthetic_images
 from regablate.errors import RegablateError
-from regablate.inspect import load_image_folder, synthetic_images
-from regablate.runs import load_backbone
-from regablate.sweep.report import TTR_SERIES
+from regablate.models.resolve import load_backbone
+from regablate.report.paper import PANELS, PAPER, TTR_SERIES
 
 IMAGE_SEED = 0  # the fixed synthetic scenes every register count is shown on
 
@@ -56,8 +56,6 @@ def draw_figure8(
     path: Path, title: str, table: dict[str, dict[int, dict[str, list[float]]]], attention: dict[str, Any], paper: bool
 ) -> None:
     """Save the figure: attention rows (one per image) over the four metric panels."""
-    from regablate.sweep.report import PANELS, PAPER
-
     maps: dict[int, Tensor] = attention["maps"]
     images: Tensor | None = attention["images"]
     counts = sorted({registers for series in table.values() for registers in series})

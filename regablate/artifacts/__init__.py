@@ -1,0 +1,2 @@
+"""Artifacts of a ViT: outlier-token statistics, the hooked scan that measures them, pictures of them,
+test-time registers, and the ``regablate inspect`` command (``regablate.artifacts.inspect``)."""

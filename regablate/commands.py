@@ -1,0 +1,103 @@
+"""One command-line style for every regablate tool (``probe``, ``inspect``, ``sweep``, ``report``).
+
+Each tool's parser is built by jsonargparse from the typed signature of the function that does
+the work (and from dataclasses such as ``BackboneSource``), so flags, types, defaults and help
+come from one place and read like LightningCLI's: underscores, ``--flag true|false`` for
+booleans, constrained numbers (``PositiveInt``, ...) refused at parse time with the constraint
+shown in ``--help``. The same thing has the same flag everywhere: ``--output``, ``--checkpoint``,
+``--model``, ``--pretrained``.
+
+Spellings of regablate 0.1 (``--dry-run``, ``--out``, ``--no_cache``, ...) still work for one
+release: they are rewritten before parsing, with a one-line notice on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+from jsonargparse import ArgumentParser, Namespace
+
+from regablate.hparams import plain
+from regablate.models.resolve import BackboneSource
+
+DEPRECATED_UNTIL = "0.3"
+
+
+@dataclass(frozen=True)
+class Renamed:
+    """A flag of regablate 0.1: ``old`` is now ``new`` (followed by ``value`` when the old flag took none)."""
+
+    old: str
+    new: str
+    value: str | None = None
+
+    @property
+    def spelling(self) -> str:
+        """How to write it now."""
+        return f"{self.new} {self.value}" if self.value is not None else self.new
+
+
+def tool_parser(prog: str, description: str) -> ArgumentParser:
+    """An empty parser in regablate's style (errors are raised, not printed, so the CLI reports them in one line)."""
+    return ArgumentParser(prog=f"regablate {prog}", description=description, exit_on_error=False)
+
+
+def modernise(argv: Sequence[str], prog: str, renamed: Sequence[Renamed] = (), repeatable: Sequence[str] = ()) -> list[str]:
+    """``argv`` with old spellings rewritten (each noticed once on stderr) and repeatable list flags appended.
+
+    A boolean flag that 0.1 took bare (``--paper``) and that now takes a value is rewritten only
+    where no value follows it. ``repeatable`` flags take one value per use (``--only a=1 --only b=2``);
+    they become jsonargparse's append form (``--only+ a=1``) so every use adds to the list.
+    """
+    out: list[str] = []
+    noticed: set[str] = set()
+    for index, arg in enumerate(argv):
+        flag, sep, value = arg.partition("=")
+        rename = next((r for r in renamed if r.old == flag), None)
+        if rename is not None and rename.old == rename.new:
+            following = argv[index + 1] if index + 1 < len(argv) else ""
+            if sep or following.lower() in ("true", "false"):
+                rename = None  # already the new form
+        if rename is not None:
+            if rename.old not in noticed:
+                noticed.add(rename.old)
+                print(
+                    f"regablate {prog}: {rename.old} is deprecated, use {rename.spelling} "
+                    f"(the old spelling goes in regablate {DEPRECATED_UNTIL})",
+                    file=sys.stderr,
+                )
+            out.append(rename.new)
+            if rename.value is not None:
+                out.append(rename.value)
+            elif sep:
+                out.append(value)
+            continue
+        if flag in repeatable:
+            out.append(f"{flag}+")
+            if sep:
+                out.append(value)
+            continue
+        out.append(arg)
+    return out
+
+
+BACKBONE_ARGUMENTS = ("run", *(f.name for f in fields(BackboneSource)))
+
+
+def add_backbone_arguments(parser: ArgumentParser) -> None:
+    """The model arguments of ``probe`` and ``inspect``: an optional run folder, then ``BackboneSource``'s flags."""
+    parser.add_argument("run", type=Optional[str], nargs="?", default=None, help="a run folder (or use --checkpoint)")
+    parser.add_class_arguments(BackboneSource)
+
+
+def backbone_source(cfg: Namespace) -> BackboneSource:
+    """The :class:`BackboneSource` a parsed command line names."""
+    return BackboneSource(**{f.name: plain(cfg[f.name]) for f in fields(BackboneSource)})
+
+
+def function_arguments(cfg: Namespace, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """A parsed command line as plain keyword arguments of the tool's function, without ``skip``."""
+    return {key: plain(value) for key, value in cfg.as_dict().items() if key not in skip}

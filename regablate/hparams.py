@@ -1,0 +1,35 @@
+"""Hyper-parameters as plain Python values.
+
+jsonargparse checks a constrained number (``PositiveInt``, ``ClosedUnitInterval``, ...) by
+giving it a subclass of ``int`` or ``float``. Such values must not travel further: Lightning
+pickles hyper-parameters into every checkpoint (and ``torch.load(weights_only=True)`` refuses
+unknown classes), and numpy treats an ``int`` subclass as a 64-bit array, not a weak Python
+scalar, so ``float32_array / size`` silently becomes float64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.core.mixins import HyperparametersMixin
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every bool/int/float/str subclass (recursively in lists, tuples and dicts) made its base type."""
+    for base in (bool, int, float, str):
+        if isinstance(value, base):
+            return base(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value) if type(value) in (list, tuple) else [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {key: plain(v) for key, v in value.items()}
+    return value
+
+
+def make_hyperparameters_plain(module: HyperparametersMixin) -> None:
+    """Replace a module's saved hyper-parameters (and their initial copy) with plain values, in place."""
+    for attribute in ("_hparams", "_hparams_initial"):
+        hparams = getattr(module, attribute, None)
+        if hparams is not None:
+            for key, value in list(hparams.items()):
+                hparams[key] = plain(value)

@@ -1,0 +1,92 @@
+"""``regablate fit|validate|test|predict``: LightningCLI around regablate's tasks, with run-folder conventions.
+
+A run writes ``runs/<experiment>/<run>/``: the resolved ``config.yaml``, ``checkpoints/``
+(``last.ckpt`` and the best by ``checkpoint.monitor``), TensorBoard event files and
+``summary.json``. The experiment is the logger's ``name``; the run is its ``version``, which
+defaults to ``r<num_registers>_s<seed>`` so that re-running a config lands in the same folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from jsonargparse import Namespace
+from lightning import Callback, LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from regablate.callbacks import RunConfig, RunSummary
+from regablate.errors import RegablateError
+from regablate.runs import find_checkpoint
+
+DESCRIPTION = "Fine-tune and ablate register tokens in Vision Transformers."
+TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
+DEFAULT_LOGGER = {
+    "class_path": TENSORBOARD,
+    "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
+}
+
+
+class RegablateCLI(LightningCLI):
+    """LightningCLI with regablate's run-folder conventions."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "best-{epoch}-{step}"})
+        parser.add_lightning_class_args(RunSummary, "summary")
+        parser.link_arguments("data.init_args.img_size", "model.init_args.img_size")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.trainer.logger
+        run_dir = None
+        if isinstance(logger, Namespace) and logger.class_path == TENSORBOARD:
+            if logger.init_args.version is None:
+                registers = config.model.init_args.get("num_registers")
+                run = f"r{registers}" if registers is not None else "run"
+                logger.init_args.version = f"{run}_s{config.seed_everything}"
+            run_dir = Path(logger.init_args.save_dir) / logger.init_args.name / str(logger.init_args.version)
+        if config.trainer.fast_dev_run:
+            # A smoke test has no run folder; Lightning would still write last.ckpt into the cwd.
+            config.checkpoint.save_last = False
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is None:
+            return
+        if ckpt_path in ("best", "last") and self.subcommand != "fit" and run_dir is not None:
+            # Lightning knows "best" only inside the process that trained; the run folder knows it always.
+            config.ckpt_path = str(find_checkpoint(run_dir, ckpt_path))
+        elif ckpt_path not in ("best", "last", "hpc", "registry") and not Path(ckpt_path).is_file():
+            raise RegablateError(f"ckpt_path not found: {ckpt_path} (give a .ckpt file, or best/last of the run folder)")
+
+
+def build_cli(
+    args: list[str] | None = None,
+    *,
+    run: bool = True,
+    extra_callbacks: Sequence[Callback] = (),
+    cli_class: type[RegablateCLI] = RegablateCLI,
+    epilog: str = "",
+) -> RegablateCLI:
+    """Parse ``args`` (default: ``sys.argv``), instantiate, and run the subcommand when ``run``.
+
+    ``run=False`` parses a config without a subcommand and only instantiates (tests, tools);
+    ``extra_callbacks`` are added to the trainer next to the configured ones (benchmarks);
+    ``cli_class`` is a RegablateCLI subclass (the sweep's parse-only resolver); ``epilog`` ends ``--help``.
+    """
+    trainer_defaults: dict[str, Any] = {"logger": DEFAULT_LOGGER}
+    if extra_callbacks:
+        trainer_defaults["callbacks"] = list(extra_callbacks)
+    return cli_class(
+        model_class=LightningModule,
+        subclass_mode_model=True,
+        datamodule_class=LightningDataModule,
+        subclass_mode_data=True,
+        save_config_callback=RunConfig,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults=trainer_defaults,
+        auto_configure_optimizers=False,
+        parser_kwargs={"exit_on_error": False, "prog": "regablate", "description": DESCRIPTION, "epilog": epilog},
+        run=run,
+        args=args,
+    )

@@ -1,0 +1,164 @@
+"""Checkpoint conversion between register counts and position-embedding layouts.
+
+A checkpoint trained with any register count and either position-embedding layout is converted
+into the DINOv2 layout regablate builds (``[CLS, REG_1 .. REG_R, PATCHES]``, only the patches
+carry a position embedding):
+
+* an embedding row that belonged to CLS (or to a register) is folded into that token, which
+  is exact because the row was only ever added to it;
+* registers present on both sides are copied; new ones start as a small random normal, since
+  registers that start identical and have no position embedding never separate;
+* the patch rows are resampled by timm when the patch grid differs.
+
+So a model without registers converted to ``num_registers=0`` computes exactly what it
+computed before. Weights are read with safetensors or ``torch.load(weights_only=True)``:
+nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+from regablate.errors import RegablateError
+from regablate.runs import first_line
+
+# Prefixes under which a backbone's weights are found in training checkpoints, most specific first.
+_PREFERRED_PREFIXES = ("backbone.", "student.backbone.", "model.backbone.", "model.", "module.", "")
+# Source keys that a headless backbone may ignore (a test-time register is added after loading).
+_IGNORED_SOURCE_KEYS = ("head.", "head_drop.", "fc_norm.", "attn_pool.", "test_time_register.")
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read tensors from a safetensors, PyTorch or Lightning checkpoint without unpickling code.
+
+    Returns the flat ``{name: tensor}`` mapping, unwrapped from the ``state_dict`` / ``model`` /
+    ``module`` keys that training checkpoints use.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise RegablateError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            state: Any = load_safetensors(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise RegablateError(
+            f"cannot read checkpoint {path}: it is corrupt or holds objects other than tensors "
+            f"({first_line(err)}); save weights with safetensors or torch.save(state_dict)"
+        ) from None
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise RegablateError(f"cannot read checkpoint {path}: corrupt or not a checkpoint ({first_line(err)})") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not any(isinstance(v, Tensor) for v in state.values()):
+        raise RegablateError(f"checkpoint {path} holds no tensors")
+    return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def convert_state_dict(
+    source: dict[str, Tensor], model: VisionTransformer, *, register_init_std: float = 0.02
+) -> dict[str, Tensor]:
+    """Convert a ViT state dict (any register count and layout) into one that fits ``model``."""
+    src = _strip_prefix(source)
+    target = model.state_dict()
+    if "cls_token" not in src or "pos_embed" not in src:
+        raise RegablateError("checkpoint has no cls_token/pos_embed: it is not a ViT with a class token")
+    dim = src["cls_token"].shape[-1]
+    src_regs = src.get("reg_token", torch.zeros(1, 0, dim))
+    num_src_prefix = 1 + src_regs.shape[1]
+    target_grid = tuple(model.patch_embed.grid_size)
+
+    pos = src["pos_embed"]
+    patch_pos, prefix_pos = _split_pos_embed(pos, num_src_prefix, target_grid)
+    cls = src["cls_token"].clone()
+    regs = src_regs.clone()
+    if prefix_pos is not None:
+        cls = cls + prefix_pos[:, :1]
+        regs = regs + prefix_pos[:, 1:]
+    src_grid = _grid_of(patch_pos.shape[1], target_grid)
+    if src_grid != target_grid:
+        patch_pos = resample_abs_pos_embed(patch_pos, new_size=list(target_grid), old_size=list(src_grid), num_prefix_tokens=0)
+
+    out: dict[str, Tensor] = {}
+    for key, value in src.items():
+        if key in ("cls_token", "pos_embed", "reg_token"):
+            continue
+        if key not in target:
+            if key.startswith(_IGNORED_SOURCE_KEYS):
+                continue
+            raise RegablateError(
+                f"checkpoint tensor {key} {tuple(value.shape)} has no place in the model: "
+                "the checkpoint was trained with another architecture (depth, blocks or options)"
+            )
+        out[key] = value
+    out["cls_token"] = cls
+    out["pos_embed"] = patch_pos
+    num_registers = model.num_reg_tokens
+    if num_registers:
+        new = torch.randn(1, num_registers, dim, dtype=cls.dtype) * register_init_std
+        keep = min(num_registers, regs.shape[1])
+        new[:, :keep] = regs[:, :keep]
+        out["reg_token"] = new
+
+    missing = [k for k in target if k not in out]
+    if missing:
+        raise RegablateError(
+            f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {', '.join(missing[:3])}: "
+            "it was trained with another architecture"
+        )
+    for key, value in out.items():
+        if value.shape != target[key].shape:
+            raise RegablateError(
+                f"checkpoint tensor {key} has shape {tuple(value.shape)} but the model expects "
+                f"{tuple(target[key].shape)}; build the model with the checkpoint's sizes"
+            )
+    return out
+
+
+def _strip_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Keep the backbone's tensors of a training checkpoint, without their module prefix."""
+    prefixes = {k[: -len("patch_embed.proj.weight")] for k in state if k.endswith("patch_embed.proj.weight")}
+    if not prefixes:
+        raise RegablateError("checkpoint has no patch_embed.proj.weight: it does not hold a ViT backbone")
+    prefix = next((p for p in _PREFERRED_PREFIXES if p in prefixes), min(prefixes, key=len))
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _split_pos_embed(pos: Tensor, num_prefix: int, target_grid: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
+    """Split a position embedding into (patch rows, prefix rows or None) for either layout."""
+    length = pos.shape[1]
+    num_target = target_grid[0] * target_grid[1]
+    if length == num_target:
+        return pos, None
+    if length == num_target + num_prefix:
+        return pos[:, num_prefix:], pos[:, :num_prefix]
+    # Another resolution: the layout is the one that leaves a square patch grid.
+    if length > num_prefix and math.isqrt(length - num_prefix) ** 2 == length - num_prefix:
+        return pos[:, num_prefix:], pos[:, :num_prefix]
+    if math.isqrt(length) ** 2 == length:
+        return pos, None
+    raise RegablateError(
+        f"checkpoint pos_embed has {length} rows, which fits neither the model's {target_grid[0]}x{target_grid[1]} "
+        f"patch grid nor a square grid; build the model with the checkpoint's img_size and patch_size"
+    )
+
+
+def _grid_of(num_patches: int, target_grid: tuple[int, int]) -> tuple[int, int]:
+    if num_patches == target_grid[0] * target_grid[1]:
+        return target_grid
+    side = math.isqrt(num_patches)
+    return (side, side)

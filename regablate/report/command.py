@@ -1,0 +1,86 @@
+"""``regablate report runs/<experiment>``: a grid's results as a table, a Figure 8 and a TensorBoard HPARAMS view.
+
+    regablate report runs/fig8_cpu                    # any grid, complete or partial
+    regablate report runs/fig8_paper --paper true     # overlay the paper's Figure 8 numbers
+
+Writes into the experiment folder (each file atomically):
+
+* ``results.csv``: one row per run folder holding a ``summary.json``, every summary key;
+* ``results.md``: mean ± std over seeds per register count (and per value of any other axis),
+  the best mean of each column in bold;
+* ``figure8.png``: top, the last block's CLS attention on the same images for each register
+  count (from each count's lowest-seed run, via ``regablate.artifacts.scan``); bottom, classification
+  top-1, segmentation mIoU, depth RMSE and outlier fraction against the register count, with
+  error bars over seeds;
+* ``hparams/<run>/``: each run's hyper-parameters with its final metrics for TensorBoard's HPARAMS tab.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from jsonargparse import ArgumentParser
+from jsonargparse.typing import PositiveInt
+
+from regablate.commands import Renamed, function_arguments, modernise, tool_parser
+from regablate.report.figure import attention_rows, draw_figure8
+from regablate.report.tables import aggregate, collect_rows, results_csv, results_markdown, write_hparams
+from regablate.runs import atomic_path, write_text_atomic
+
+if TYPE_CHECKING:
+    from regablate.sweep.grid import Grid
+
+
+RENAMED = (Renamed("--paper", "--paper", "true"),)
+
+
+def report(experiment: str, images: str | None = None, num_images: PositiveInt = 2, paper: bool = False) -> list[Path]:
+    """results.csv, results.md, figure8.png and a TensorBoard HPARAMS view of a grid's folder.
+
+    Args:
+        experiment: the grid's folder, e.g. runs/fig8_cpu.
+        images: image folder for the attention maps (default: fixed synthetic scenes).
+        num_images: images in the attention-map rows.
+        paper: overlay the paper's Figure 8 values.
+    """
+    paths = write_report(Path(experiment), images=images, num_images=num_images, paper=paper)
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return paths
+
+
+def build_parser() -> ArgumentParser:
+    parser = tool_parser("report", "results.csv, results.md, figure8.png and a TensorBoard HPARAMS view of a grid.")
+    parser.add_function_arguments(report, as_positional=True)
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of ``regablate report``."""
+    cfg = build_parser().parse_args(modernise(argv, "report", RENAMED))
+    report(**function_arguments(cfg))
+
+
+def write_report(
+    experiment: Path, *, grid: Grid | None = None, images: str | None = None, num_images: int | None = None, paper: bool | None = None
+) -> list[Path]:
+    """Write every report file of ``experiment``; a grid's ``report:`` settings fill what is not given."""
+    settings = grid.report if grid is not None else {}
+    if images is None and settings.get("images"):
+        images = str((grid.path.parent / settings["images"]).resolve())
+    num_images = num_images or settings.get("num_images", 2)
+    paper = paper if paper is not None else settings.get("paper", False)
+    rows = collect_rows(experiment)
+    written = [
+        experiment / "results.csv",
+        experiment / "results.md",
+        experiment / "figure8.png",
+        experiment / "hparams",
+    ]
+    write_text_atomic(written[0], results_csv(rows))
+    write_text_atomic(written[1], results_markdown(experiment.name, rows))
+    maps = attention_rows(experiment, rows, images, num_images)
+    with atomic_path(written[2]) as tmp:
+        draw_figure8(tmp, experiment.name, aggregate(rows), maps, paper)
+    write_hparams(written[3], rows)
+    return written

@@ -1,0 +1,89 @@
+"""``BackboneTask``: what every regablate task shares, in the way of torchgeo's ``BaseTask``.
+
+A task is a LightningModule around a timm ViT with R registers. The base takes the backbone
+arguments (which ViT, how many registers, which weights) and the optimiser arguments (AdamW,
+linear warmup then cosine decay), saves them all as hyper-parameters, and calls
+``configure_models`` and ``configure_metrics`` (the subclass builds its modules there, from
+``self.hparams``). ``configure_optimizers`` is written once: AdamW over every parameter that
+trains, no weight decay on tokens, position embedding, biases and norms.
+
+A subclass declares only its own arguments and passes the rest on with ``**kwargs``;
+jsonargparse (and so LightningCLI, ``--print_config`` and ``--help``) follows the ``**kwargs``
+into this signature, so every argument stays a plain ``model.init_args.*`` key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
+from lightning import LightningModule
+from timm.models.vision_transformer import VisionTransformer
+
+from regablate.hparams import make_hyperparameters_plain
+from regablate.models.backbone import build_backbone
+from regablate.tasks.optim import adamw_warmup_cosine
+
+
+class BackboneTask(LightningModule):
+    """The base of the tasks: a register ViT backbone and its optimiser."""
+
+    def __init__(
+        self,
+        model_name: str = "vit_small_patch16_224",
+        num_registers: int = 4,
+        img_size: PositiveInt = 224,
+        model_kwargs: dict[str, Any] | None = None,
+        checkpoint: str | None = None,
+        pretrained: bool = False,
+        lr: PositiveFloat = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_steps: NonNegativeInt = 100,
+        min_lr_ratio: float = 0.01,
+    ) -> None:
+        """
+        Args:
+            model_name: timm ViT name; sizes in ``model_kwargs`` override its defaults.
+            num_registers: register tokens R (0/1/2/4/8/16 in the paper).
+            img_size: input side in pixels; linked from ``data.img_size`` by the CLI.
+            model_kwargs: extra timm arguments (patch_size, embed_dim, depth, num_heads, drop_path_rate...).
+            checkpoint: local weights to start from (.safetensors/.pt/.pth/.ckpt, any register count).
+            pretrained: start from timm's pretrained weights (needs the hub or a filled cache).
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay (none on tokens, position embedding, biases, norms).
+            warmup_steps: linear warmup steps before the cosine decay.
+            min_lr_ratio: final learning rate as a fraction of ``lr``.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        make_hyperparameters_plain(self)
+        self.configure_models()
+        self.configure_metrics()
+
+    def configure_models(self) -> None:
+        """Build the task's modules from ``self.hparams``; ``self.backbone`` is the model the run produces."""
+        raise NotImplementedError
+
+    def configure_metrics(self) -> None:
+        """Build the task's torchmetrics (none by default)."""
+
+    def make_backbone(self, num_registers: int | None = None, *, weights: bool = True, **extra: Any) -> VisionTransformer:
+        """A backbone as the hyper-parameters describe it: ``num_registers`` (default the task's),
+        the configured weights unless ``weights=False`` (random), ``extra`` timm arguments on top."""
+        hp = self.hparams
+        source = {"checkpoint": hp.checkpoint, "pretrained": hp.pretrained} if weights else {}
+        registers = hp.num_registers if num_registers is None else num_registers
+        sizes = {"img_size": hp.img_size, **(hp.model_kwargs or {}), **extra}
+        return build_backbone(hp.model_name, registers, **source, **sizes)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the parameters that train (frozen ones are left out), warmup then cosine per step."""
+        hp = self.hparams
+        return adamw_warmup_cosine(
+            self,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            warmup_steps=hp.warmup_steps,
+            total_steps=self.trainer.estimated_stepping_batches,
+            min_lr_ratio=hp.min_lr_ratio,
+        )
