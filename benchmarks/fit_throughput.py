@@ -21,8 +21,8 @@ import torch
 import yaml
 from lightning import Callback
 
-from regablate.lightning_cli import build_cli
 from regablate.data import SyntheticScenes
+from regablate.lightning_cli import build_cli
 from regablate.tasks import Classification
 from regablate.tasks.optim import adamw_warmup_cosine
 
@@ -59,8 +59,12 @@ def plain_loop(config: dict, steps: int, warmup: int) -> float:
     data.setup("fit")
     hp = model.hparams
     opt = adamw_warmup_cosine(
-        model, lr=hp.lr, weight_decay=hp.weight_decay, warmup_steps=hp.warmup_steps,
-        total_steps=steps, min_lr_ratio=hp.min_lr_ratio,
+        model,
+        lr=hp.lr,
+        weight_decay=hp.weight_decay,
+        warmup_steps=hp.warmup_steps,
+        total_steps=steps,
+        min_lr_ratio=hp.min_lr_ratio,
     )
     optimizer, schedule = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
     model.train()
@@ -84,11 +88,17 @@ def timed_fit(config_path: Path, steps: int, warmup: int, extra_callbacks: list[
     with tempfile.TemporaryDirectory() as runs:
         build_cli(
             [
-                "fit", "--config", str(config_path),
-                "--trainer.max_steps", str(steps),
-                "--trainer.limit_val_batches", "0",
-                "--trainer.enable_progress_bar", "false",
-                "--trainer.logger.init_args.save_dir", runs,
+                "fit",
+                "--config",
+                str(config_path),
+                "--trainer.max_steps",
+                str(steps),
+                "--trainer.limit_val_batches",
+                "0",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.logger.init_args.save_dir",
+                runs,
             ],
             extra_callbacks=[timer, *extra_callbacks],
         )
@@ -128,7 +138,10 @@ def main() -> None:
         fit.append(lightning_fit(args.config, args.steps, args.warmup, batch_size))
         data.append(data_rate(config, 50))
     p, f, d = statistics.median(plain), statistics.median(fit), statistics.median(data)
-    print(f"threads: {torch.get_num_threads()}  steps: {args.steps} (first {args.warmup} untimed)  repeats: {args.repeats}")
+    print(
+        f"threads: {torch.get_num_threads()}  steps: {args.steps} (first {args.warmup} untimed)  "
+        f"repeats: {args.repeats}"
+    )
     print(f"plain PyTorch loop : {p:8.1f} img/s  (runs: {', '.join(f'{x:.0f}' for x in plain)})")
     print(f"regablate fit      : {f:8.1f} img/s  (runs: {', '.join(f'{x:.0f}' for x in fit)})")
     print(f"synthetic data     : {d:8.1f} img/s  (runs: {', '.join(f'{x:.0f}' for x in data)})")

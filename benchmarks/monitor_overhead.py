@@ -89,7 +89,10 @@ def main() -> None:
         "training batch": {"every_n_steps": None, "train_batch_every_n_steps": 2},
     }
     batch_size = load_config(args.config)["data"]["init_args"]["batch_size"]
-    print(f"{args.config}: {args.steps} steps of {batch_size} images (first {args.warmup} untimed), every second step measured")
+    print(
+        f"{args.config}: {args.steps} steps of {batch_size} images (first {args.warmup} untimed), "
+        "every second step measured"
+    )
     for name, monitor_args in modes.items():
         with_, without = paired_step_times(args.config, args.steps, args.warmup, **monitor_args)
         extra = with_ - without

@@ -32,8 +32,8 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from regablate.models import build_backbone
 from regablate.data import SyntheticScenes
+from regablate.models import build_backbone
 from regablate.probe.features import ViTExtractor, extract_split
 from regablate.probe.protocol import LinearProbe
 from regablate.probe.run import frozen_dataset, load_features, run_probe
@@ -71,7 +71,9 @@ def main() -> None:
         extract.append(timed(lambda: load_features(extractor, data, None)))
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            report = run_probe(extractor, data, probe, output_dir=out, patch_size=patch_size, data_config={}, use_cache=False)
+            report = run_probe(
+                extractor, data, probe, output_dir=out, patch_size=patch_size, data_config={}, use_cache=False
+            )
             whole.append(time.perf_counter() - start)
         train_pass.append(timed(lambda: extract_split(extractor, train_loader, keep_keys=False)))
     e, p, t = statistics.median(extract), statistics.median(whole), statistics.median(train_pass)
@@ -81,7 +83,11 @@ def main() -> None:
         for head, steps in (("cls", probe.cls_steps), ("seg", probe.seg_steps), ("depth", probe.depth_steps))
     }
     naive = heads + sum(epochs.values()) * t + (e - t)  # + val/test extraction once
-    scores = {k: round(v, 4) for k, v in report.metrics.items() if k in ("probe/cls_top1", "probe/seg_miou", "probe/depth_rmse", "probe/lost_corloc")}
+    scores = {
+        k: round(v, 4)
+        for k, v in report.metrics.items()
+        if k in ("probe/cls_top1", "probe/seg_miou", "probe/depth_rmse", "probe/lost_corloc")
+    }
     print(f"{args.model} {args.model_kwargs} at {args.img_size} px, random weights; threads: {torch.get_num_threads()}")
     print(f"splits: {args.train}/{args.val}/{args.test}  repeats: {args.repeats}  protocol: {probe}")
     print(f"extraction pass (all splits): {e:6.2f} s   (runs: {', '.join(f'{x:.2f}' for x in extract)})")

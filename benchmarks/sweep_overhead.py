@@ -34,8 +34,11 @@ def main() -> None:
         grid.write_text(
             f"""grid:
   name: bench
-  base: {REPO / 'configs' / 'quickstart.yaml'}
-  overrides: {{trainer.max_steps: {args.steps}, trainer.val_check_interval: {args.steps}, trainer.enable_progress_bar: false}}
+  base: {REPO / "configs" / "quickstart.yaml"}
+  overrides:
+    trainer.max_steps: {args.steps}
+    trainer.val_check_interval: {args.steps}
+    trainer.enable_progress_bar: false
   axes:
     model.init_args.num_registers: {list(REGISTERS[: args.runs])}
   stages: [{{command: fit}}]
@@ -53,13 +56,20 @@ def main() -> None:
             if key.startswith("stages/") and key.endswith("/seconds")
         )
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "regablate", "report", str(experiment)], check=True, cwd=folder, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "regablate", "report", str(experiment)],
+            check=True,
+            cwd=folder,
+            stdout=subprocess.DEVNULL,
+        )
         report_seconds = time.perf_counter() - started
     print(f"{args.runs} runs x {args.steps} steps (fit only)")
     print(f"sum of stage processes' wall time: {stage_seconds:8.1f} s")
     print(f"sweep wall time:                   {sweep_seconds:8.1f} s")
     print(f"overhead ratio (sweep / stages):   {sweep_seconds / stage_seconds:8.3f}  (target <= 1.05)")
-    print(f"overhead in seconds (mostly the sweep's own start-up, fixed per sweep): {sweep_seconds - stage_seconds:.1f} s")
+    print(
+        f"overhead in seconds (mostly the sweep's own start-up, fixed per sweep): {sweep_seconds - stage_seconds:.1f} s"
+    )
     print(f"report (regablate report) alone:   {report_seconds:8.1f} s")
 
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fit_throughput import StepTimer  # noqa: E402
 
-from regablate.models import build_backbone  # noqa: E402
 from regablate.data import SyntheticScenes  # noqa: E402
+from regablate.models import build_backbone  # noqa: E402
 from regablate.tasks import DINO, Classification, Distillation  # noqa: E402
 from regablate.tasks.dino import ema_update  # noqa: E402
 
@@ -56,8 +56,10 @@ def plain_loop(name: str, source: Path, steps: int, warmup: int) -> float:
     dm = data()
     dm.setup("fit")
     task.train()
-    trainable = task.backbone if name == "distillation" else torch.nn.ModuleDict(
-        {"student": task.student, "head": task.student_head}
+    trainable = (
+        task.backbone
+        if name == "distillation"
+        else torch.nn.ModuleDict({"student": task.student, "head": task.student_head})
     )
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -88,8 +90,13 @@ def lightning_fit(name: str, source: Path, steps: int, warmup: int) -> float:
     torch.manual_seed(0)
     timer = StepTimer(warmup)
     trainer = Trainer(
-        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[timer],
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
     )
     trainer.fit(make_task(name, source), data())
     return (steps - warmup) * BATCH / (timer.end - timer.start)
@@ -106,7 +113,10 @@ def register_cost(repeats: int, steps: int) -> None:
     images = torch.randn(BATCH, 3, 32, 32)
     labels = torch.randint(0, 10, (BATCH,))
     counts = (0, 1, 2, 4, 8, 16)
-    models = {r: Classification(model_name="vit_tiny_patch16_224", num_registers=r, img_size=32, model_kwargs=SIZES) for r in counts}
+    models = {
+        r: Classification(model_name="vit_tiny_patch16_224", num_registers=r, img_size=32, model_kwargs=SIZES)
+        for r in counts
+    }
     times: dict[int, list[float]] = {r: [] for r in counts}
     for _ in range(repeats):
         for r in counts:  # interleaved, so noise hits every R alike

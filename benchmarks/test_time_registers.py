@@ -9,7 +9,8 @@ The register neurons are ``--units`` per block in the first ``--hooked`` blocks 
 have no outliers to find them by, and the cost depends only on how many there are).
 
     python benchmarks/test_time_registers.py [--model vit_tiny_patch16_224] [--img_size 224] [--batch 16]
-    python benchmarks/test_time_registers.py --model vit_tiny_patch16_224 --img_size 32 --model_kwargs '{"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}' --batch 64
+    python benchmarks/test_time_registers.py --model vit_tiny_patch16_224 --img_size 32 --batch 64 \\
+        --model_kwargs '{"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}'
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ import time
 
 import torch
 
+from regablate.artifacts.register_neurons import (
+    NeuronSearch,
+    RegisterNeurons,
+    add_test_time_register,
+    blocks_fingerprint,
+)
 from regablate.models import build_backbone
-from regablate.artifacts.register_neurons import NeuronSearch, RegisterNeurons, add_test_time_register, blocks_fingerprint
 
 
 def forward_seconds(model: torch.nn.Module, images: torch.Tensor) -> float:
@@ -56,7 +62,9 @@ def main() -> None:
     plain = build_backbone(args.model, args.registers, img_size=args.img_size, **args.model_kwargs).eval()
     hidden = plain.blocks[0].mlp.fc2.in_features
     units = tuple((block, (97 * block + 31 * i) % hidden) for block in range(args.hooked) for i in range(args.units))
-    neurons = RegisterNeurons(units, (1.0,) * len(units), blocks_fingerprint(plain), NeuronSearch(top_k=len(units)), 0.0)
+    neurons = RegisterNeurons(
+        units, (1.0,) * len(units), blocks_fingerprint(plain), NeuronSearch(top_k=len(units)), 0.0
+    )
     with_register = add_test_time_register(copy.deepcopy(plain), neurons)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size)
 
@@ -75,14 +83,21 @@ def main() -> None:
     tokens = plain.num_prefix_tokens + plain.patch_embed.num_patches
     predicted = flops_per_image(plain, tokens) / flops_per_image(plain, tokens + 1)
     median = {name: statistics.median(values) for name, values in rates.items()}
-    print(f"{args.model} img {args.img_size}, {tokens} tokens, batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"{len(units)} register neurons in {args.hooked} blocks")
+    print(
+        f"{args.model} img {args.img_size}, {tokens} tokens, batch {args.batch}, {torch.get_num_threads()} threads, "
+        f"{len(units)} register neurons in {args.hooked} blocks"
+    )
     for name, values in rates.items():
-        print(f"  {name:>7} test-time register: {median[name]:8.1f} img/s (repeats: {', '.join(f'{v:.1f}' for v in values)})")
+        print(
+            f"  {name:>7} test-time register: {median[name]:8.1f} img/s "
+            f"(repeats: {', '.join(f'{v:.1f}' for v in values)})"
+        )
     # Each repeat times both back to back, so the median of the per-repeat ratios resists a shared machine's drift.
     paired = statistics.median(w / wo for w, wo in zip(rates["with"], rates["without"]))
-    print(f"  ratio with/without: {paired:.3f} median of repeats, {median['with'] / median['without']:.3f} of medians "
-          f"(target >= 0.97; the extra token's FLOPs predict {predicted:.3f})")
+    print(
+        f"  ratio with/without: {paired:.3f} median of repeats, {median['with'] / median['without']:.3f} of medians "
+        f"(target >= 0.97; the extra token's FLOPs predict {predicted:.3f})"
+    )
 
 
 if __name__ == "__main__":

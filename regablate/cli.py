@@ -71,7 +71,8 @@ def _find_user_error(err: BaseException | None) -> RegablateError | None:
 
 
 _RESTRICTION = re.compile(
-    r"Parser key \"([\w.]+)\":.*?Not of type (\w+): does not conform to restriction ([^-]+?)\s*(?:- |Given).*?Given value: (\S+)"
+    r"Parser key \"([\w.]+)\":.*?Not of type (\w+): does not conform to restriction ([^-]+?)\s*(?:- |Given)"
+    r".*?Given value: (\S+)"
 )
 _SUBCLASS = re.compile(
     r"Parser key \"(\w+)\".*?Problem with given class_path '([^']+)': (.*?)(?: - Expected a <class 'NoneType'>|$)"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
 
@@ -45,7 +45,9 @@ def tool_parser(prog: str, description: str) -> ArgumentParser:
     return ArgumentParser(prog=f"regablate {prog}", description=description, exit_on_error=False)
 
 
-def modernise(argv: Sequence[str], prog: str, renamed: Sequence[Renamed] = (), repeatable: Sequence[str] = ()) -> list[str]:
+def modernise(
+    argv: Sequence[str], prog: str, renamed: Sequence[Renamed] = (), repeatable: Sequence[str] = ()
+) -> list[str]:
     """``argv`` with old spellings rewritten (each noticed once on stderr) and repeatable list flags appended.
 
     A boolean flag that 0.1 took bare (``--paper``) and that now takes a value is rewritten only
@@ -89,7 +91,7 @@ BACKBONE_ARGUMENTS = ("run", *(f.name for f in fields(BackboneSource)))
 
 def add_backbone_arguments(parser: ArgumentParser) -> None:
     """The model arguments of ``probe`` and ``inspect``: an optional run folder, then ``BackboneSource``'s flags."""
-    parser.add_argument("run", type=Optional[str], nargs="?", default=None, help="a run folder (or use --checkpoint)")
+    parser.add_argument("run", type=str | None, nargs="?", default=None, help="a run folder (or use --checkpoint)")
     parser.add_class_arguments(BackboneSource)
 
 

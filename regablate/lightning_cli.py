@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
 from jsonargparse import Namespace
 from lightning import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -57,7 +58,9 @@ class RegablateCLI(LightningCLI):
             # Lightning knows "best" only inside the process that trained; the run folder knows it always.
             config.ckpt_path = str(find_checkpoint(run_dir, ckpt_path))
         elif ckpt_path not in ("best", "last", "hpc", "registry") and not Path(ckpt_path).is_file():
-            raise RegablateError(f"ckpt_path not found: {ckpt_path} (give a .ckpt file, or best/last of the run folder)")
+            raise RegablateError(
+                f"ckpt_path not found: {ckpt_path} (give a .ckpt file, or best/last of the run folder)"
+            )
 
 
 def build_cli(

@@ -6,7 +6,7 @@
 # again: finished runs are skipped, interrupted ones resume from checkpoints/last.ckpt.
 #
 #   scripts/fig8_node.sh                                     # 8 GPUs per run, one run at a time
-#   DEVICES_PER_RUN=2 scripts/fig8_node.sh --max-parallel 4  # 4 runs of 2 GPUs on an 8-GPU node
+#   DEVICES_PER_RUN=2 scripts/fig8_node.sh --max_parallel 4  # 4 runs of 2 GPUs on an 8-GPU node
 #   scripts/fig8_node.sh --only seed_everything=0            # one seed first
 #   GRID=configs/fig8/cpu.yaml DEVICES_PER_RUN=1 scripts/fig8_node.sh   # the CPU grid, for a smoke test
 #
@@ -14,4 +14,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GRID="${GRID:-configs/fig8/paper.yaml}"
-exec regablate sweep "$GRID" --devices-per-run "${DEVICES_PER_RUN:-8}" "$@"
+exec regablate sweep "$GRID" --devices_per_run "${DEVICES_PER_RUN:-8}" "$@"

@@ -8,8 +8,8 @@
 #
 #   scripts/fig8_slurm.sh                                  # the whole grid
 #   scripts/fig8_slurm.sh --only num_registers=4           # one register count
-#   scripts/fig8_slurm.sh --max-parallel 6                 # at most 6 jobs running at once
-#   GRID=my_grid.yaml scripts/fig8_slurm.sh --dry-run      # see the plan first
+#   scripts/fig8_slurm.sh --max_parallel 6                 # at most 6 jobs running at once
+#   GRID=my_grid.yaml scripts/fig8_slurm.sh --dry_run true # see the plan first
 #
 # The partition, time limit, CPUs and memory of each job are the grid's launcher.slurm settings
 # (submitit AutoExecutor parameters: slurm_partition, timeout_min, cpus_per_task, mem_gb, ...).
@@ -17,4 +17,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GRID="${GRID:-configs/fig8/paper.yaml}"
-exec regablate sweep "$GRID" --launcher slurm --devices-per-run "${DEVICES_PER_RUN:-8}" "$@"
+exec regablate sweep "$GRID" --launcher slurm --devices_per_run "${DEVICES_PER_RUN:-8}" "$@"

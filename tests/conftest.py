@@ -1,8 +1,14 @@
-"""Shared fixtures: tiny ViT sizes, offline Hugging Face, and a CLI runner."""
+"""Shared fixtures: tiny ViT sizes, offline Hugging Face, a quiet Trainer and a ``regablate`` subprocess runner.
+
+Tiers: tests marked ``slow`` start real processes (``python -m regablate``: sweeps, DDP, Slurm);
+``python -m pytest -q -m "not slow"`` runs the rest, the fast tier.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +26,49 @@ TINY_MODEL = "vit_tiny_patch16_224"
 @pytest.fixture
 def tiny_kwargs() -> dict:
     return dict(TINY)
+
+
+@pytest.fixture
+def offline_hf(tmp_path, monkeypatch):
+    """No network, and every Hugging Face cache under tmp_path (``datasets`` reads its config at import)."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def quiet_trainer(steps: int, **overrides):
+    """A Lightning Trainer for ``steps`` steps that writes nothing and prints nothing."""
+    from lightning import Trainer
+
+    settings = {
+        "max_steps": steps,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+        **overrides,
+    }
+    return Trainer(**settings)
+
+
+def run_regablate(
+    *args: str, cwd: Path = REPO, timeout: float = 400, check: bool = True
+) -> subprocess.CompletedProcess:  # noqa: E501
+    """``python -m regablate ARGS`` as a user runs it, one thread per process (DDP ranks share the cores)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "regablate", *args]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
 
 
 def tiny_fit_args(tmp_path: Path, *extra: str, registers: int = 2) -> list[str]:
@@ -46,3 +95,18 @@ def write_source_checkpoint(path: Path, model_name: str, img_size: int, model_kw
     model = build_backbone(model_name, registers, img_size=img_size, **model_kwargs)
     save_file(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A one-node Slurm cluster on this machine (Debian's slurm-wlm + munge), or a skip that says why not."""
+    from tests import slurm_cluster
+
+    try:
+        cluster = slurm_cluster.start()
+    except slurm_cluster.Unavailable as why:
+        pytest.skip(f"no local Slurm: {why}")
+    except (OSError, subprocess.SubprocessError) as err:
+        pytest.skip(f"no local Slurm: {err}")
+    yield cluster
+    cluster.stop()

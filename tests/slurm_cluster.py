@@ -7,6 +7,7 @@ already answering ``sinfo`` is used as it is and left running.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -17,7 +18,11 @@ from pathlib import Path
 
 CONF = Path("/etc/slurm/slurm.conf")
 MARK = "# written by regablate's tests (tests/slurm_cluster.py)"
-PID_FILES = {"slurmd": Path("/run/slurmd.pid"), "slurmctld": Path("/run/slurmctld.pid"), "munged": Path("/run/munge/munged.pid")}
+PID_FILES = {
+    "slurmd": Path("/run/slurmd.pid"),
+    "slurmctld": Path("/run/slurmctld.pid"),
+    "munged": Path("/run/munge/munged.pid"),
+}
 
 
 class Unavailable(Exception):
@@ -33,10 +38,8 @@ class LocalSlurm:
         for daemon in reversed(self.started):
             path = PID_FILES[daemon]
             if path.is_file():
-                try:
+                with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(path.read_text().split()[0]), 15)
-                except (ProcessLookupError, ValueError):
-                    pass
 
 
 def _run(*command: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -80,8 +83,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
-SlurmctldPidFile={PID_FILES['slurmctld']}
-SlurmdPidFile={PID_FILES['slurmd']}
+SlurmctldPidFile={PID_FILES["slurmctld"]}
+SlurmdPidFile={PID_FILES["slurmd"]}
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldLogFile=/var/log/slurm/slurmctld.log

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -13,7 +12,7 @@ from regablate.cli import main
 from regablate.data import SyntheticScenes
 from regablate.runs import read_summary
 from regablate.tasks import Classification
-from tests.conftest import REPO, tiny_fit_args
+from tests.conftest import REPO, quiet_trainer, tiny_fit_args
 from tests.planted import MODEL, SIZES, plant_artifacts
 
 MONITOR = str(REPO / "configs" / "monitor.yaml")
@@ -37,7 +36,11 @@ def test_fit_with_both_callbacks_logs_the_tags_and_the_summary(fitted):
     scalars = set(tags["scalars"])
     for name in ("outlier_frac", "norm_max_over_median", "register_norm_mean", "patch_norm_median"):
         assert {f"artifacts/{name}", f"artifacts/{name}/block_00", f"artifacts/{name}/block_01"} <= scalars, name
-    assert {"artifacts/patch_neighbour_cosine", "artifacts/cls_register_attention", "artifacts/patch_background_share"} <= scalars
+    assert {
+        "artifacts/patch_neighbour_cosine",
+        "artifacts/cls_register_attention",
+        "artifacts/patch_background_share",
+    } <= scalars
     assert {"artifacts/patch_norms/block_00", "artifacts/patch_norms/block_01"} <= set(tags["histograms"])
     assert {"attention/cls", "artifacts/outlier_positions"} <= set(tags["images"])
     # Train start, the validations at steps 2 and 4 (fit end measures nothing new).
@@ -47,10 +50,17 @@ def test_fit_with_both_callbacks_logs_the_tags_and_the_summary(fitted):
     assert (attention.width, attention.height) == (4 * 34 + 2, 8 * 34 + 2)  # image, CLS, 2 registers; 8 rows
     summary = read_summary(fitted)
     assert summary["status"] == "complete" and summary["artifacts/step"] == 4
-    for key in ("artifacts/outlier_frac", "artifacts/outlier_frac/block_00", "artifacts/outlier_frac/block_01",
-                "artifacts/norm_max_over_median", "artifacts/register_norm_mean"):
+    for key in (
+        "artifacts/outlier_frac",
+        "artifacts/outlier_frac/block_00",
+        "artifacts/outlier_frac/block_01",
+        "artifacts/norm_max_over_median",
+        "artifacts/register_norm_mean",
+    ):
         assert isinstance(summary[key], float), key
-    assert "artifacts/patch_norm_median/block_00" not in summary, "per-block values other than outlier_frac stay in TensorBoard"
+    assert "artifacts/patch_norm_median/block_00" not in summary, (
+        "per-block values other than outlier_frac stay in TensorBoard"
+    )
 
 
 def test_inspect_on_a_run_folder_writes_the_monitors_keys(fitted, tmp_path, capsys):
@@ -76,13 +86,8 @@ def test_monitor_and_attention_maps_find_planted_artifacts(tmp_path):
     model = Classification(model_name=MODEL, num_registers=2, num_classes=4, img_size=32, model_kwargs=kwargs)
     plant_artifacts(model.backbone, onset=1)
     monitor, maps = OutlierNormMonitor(num_images=8), AttentionMaps(num_images=4)
-    trainer = Trainer(
-        logger=TensorBoardLogger(tmp_path, name="planted", version="v"),
-        callbacks=[monitor, maps],
-        limit_val_batches=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    logger = TensorBoardLogger(tmp_path, name="planted", version="v")
+    trainer = quiet_trainer(1, logger=logger, callbacks=[monitor, maps], limit_val_batches=1)
     data = SyntheticScenes(img_size=32, num_classes=4, val_size=16, batch_size=16)
     trainer.validate(model, datamodule=data, verbose=False)
     stats = monitor.latest
@@ -102,16 +107,10 @@ def test_training_batch_readings_find_planted_artifacts_at_every_step(tmp_path):
     model = Classification(model_name=MODEL, num_registers=2, num_classes=4, img_size=32, model_kwargs=kwargs, lr=1e-9)
     plant_artifacts(model.backbone, onset=1)
     monitor = OutlierNormMonitor(every_n_steps=None, train_batch_every_n_steps=1, histograms=False)
-    trainer = Trainer(
-        logger=TensorBoardLogger(tmp_path, name="planted", version="v"),
-        callbacks=[monitor],
-        max_steps=3,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
+    trainer = quiet_trainer(3, logger=TensorBoardLogger(tmp_path, name="planted", version="v"), callbacks=[monitor])
+    trainer.fit(
+        model, datamodule=SyntheticScenes(img_size=32, num_classes=4, train_size=64, val_size=16, batch_size=16)
     )
-    trainer.fit(model, datamodule=SyntheticScenes(img_size=32, num_classes=4, train_size=64, val_size=16, batch_size=16))
     accumulator = events(tmp_path / "planted" / "v")
     prefix = "artifacts/train_batch"
     assert [e.step for e in accumulator.Scalars(f"{prefix}/outlier_frac")] == [0, 1, 2]  # the weights of each step
@@ -132,9 +131,12 @@ def test_training_batch_readings_find_planted_artifacts_at_every_step(tmp_path):
 )
 def test_bad_monitor_settings_fail_in_one_line_and_leave_no_run_folder(tmp_path, capsys, option, value, message):
     args = [
-        "fit", *tiny_fit_args(tmp_path),
-        "--trainer.callbacks+", "regablate.callbacks.OutlierNormMonitor",
-        f"--trainer.callbacks.{option}", value,
+        "fit",
+        *tiny_fit_args(tmp_path),
+        "--trainer.callbacks+",
+        "regablate.callbacks.OutlierNormMonitor",
+        f"--trainer.callbacks.{option}",
+        value,
     ]
     with pytest.raises(SystemExit) as exit_info:
         main(args)

@@ -1,4 +1,4 @@
-"""regablate.artifacts on hand-made tensors, and artifact_scan on a ViT with planted artifacts."""
+"""regablate.artifacts.stats on hand-made tensors, and the scan on a ViT with planted artifacts."""
 
 import pytest
 import torch
@@ -57,15 +57,22 @@ def test_norm_statistics_of_one_block_and_token_norms():
     norms = torch.tensor([[[9.0, 3.0, 5.0, 1.0, 2.0, 2.0, 20.0]], [[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]]])
     stats, mask = artifacts.norm_statistics(norms, num_prefix=3, threshold=Threshold("relative", 4.0))
     assert stats[0] == pytest.approx(
-        {"outlier_frac": 0.25, "norm_max_over_median": 10.0, "patch_norm_median": 2.0,
-         "register_norm_mean": 4.0, "register_norm_max": 5.0}
+        {
+            "outlier_frac": 0.25,
+            "norm_max_over_median": 10.0,
+            "patch_norm_median": 2.0,
+            "register_norm_mean": 4.0,
+            "register_norm_max": 5.0,
+        }
     )
     assert stats[1]["outlier_frac"] == 0.0 and stats[1]["norm_max_over_median"] == 1.0
     assert mask.tolist() == [[[False, False, False, True]], [[False] * 4]]
     # Each block gets its own cutoff, as if measured alone.
     for mode in ("relative", "absolute", "percentile"):
         threshold = Threshold(mode, 50.0 if mode == "percentile" else 1.5)
-        assert torch.equal(threshold.cutoffs(norms[..., 3:]), torch.stack([threshold.cutoff(n[..., 3:]) for n in norms]))
+        assert torch.equal(
+            threshold.cutoffs(norms[..., 3:]), torch.stack([threshold.cutoff(n[..., 3:]) for n in norms])
+        )
     no_registers, _ = artifacts.norm_statistics(norms[:, :, 2:], num_prefix=1, threshold=Threshold())
     assert "register_norm_mean" not in no_registers[0]
     tokens = torch.tensor([[[3.0, 4.0], [0.0, 1.0]]])
@@ -82,7 +89,11 @@ def test_neighbour_cosine_counts_only_existing_neighbours():
     odd = same.clone()
     odd[0, 0] = -1.0
     cosine = artifacts.neighbour_cosine(odd, (3, 3)).view(3, 3)
-    assert cosine[0, 0] == pytest.approx(-1.0) and cosine[0, 1] == pytest.approx(1 / 3) and cosine[2, 2] == pytest.approx(1.0)
+    assert (
+        cosine[0, 0] == pytest.approx(-1.0)
+        and cosine[0, 1] == pytest.approx(1 / 3)
+        and cosine[2, 2] == pytest.approx(1.0)
+    )
 
 
 def test_channel_concentration_background_positions_and_onset():
@@ -134,7 +145,12 @@ def test_scan_finds_planted_artifacts_in_the_right_blocks_and_positions(scenes):
     assert stats["artifacts/outlier_channel_concentration"] > 0.95 > stats["artifacts/patch_channel_concentration"]
     expected_background = artifacts.background_patches(segmentation, GRID)[:, list(CORNERS)].float().mean().item()
     assert stats["artifacts/outlier_background_share"] == pytest.approx(expected_background)
-    assert -1.0 <= stats["artifacts/outlier_neighbour_cosine"] <= 1.0
+    # Input redundancy: the planted corners' patch embeddings against their neighbours, computed by hand.
+    with torch.no_grad():
+        cosine = artifacts.neighbour_cosine(model.patch_embed(images), GRID)
+    corners = cosine[:, list(CORNERS)].mean().item()
+    assert stats["artifacts/outlier_neighbour_cosine"] == pytest.approx(corners, rel=1e-5)
+    assert stats["artifacts/patch_neighbour_cosine"] == pytest.approx(cosine.mean().item(), rel=1e-5)
     assert stats["artifacts/outlier_attention_share"] > 0.5 and stats["artifacts/outlier_attention_lift"] > 5
     # The attention maps: every image's CLS looks hardest at a planted corner.
     brightest = result.attention_maps[:, 0].flatten(1).argmax(dim=1)

@@ -9,8 +9,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from regablate.models import build_backbone, convert_state_dict, extract_features, load_state_dict_file
 from regablate.errors import RegablateError
+from regablate.models import build_backbone, convert_state_dict, extract_features, load_state_dict_file
 from tests.conftest import TINY, TINY_MODEL
 
 REGISTER_COUNTS = [0, 1, 2, 4, 8, 16]
@@ -179,7 +179,9 @@ def test_missing_checkpoint(tmp_path):
 def test_checkpoint_with_wrong_shapes_names_the_tensor(tmp_path):
     path = tmp_path / "wide.safetensors"
     save_file(source_model(embed_class=False, embed_dim=48, num_heads=2).state_dict(), path)
-    with pytest.raises(RegablateError, match=r"checkpoint tensor \S+ has shape \(.*48.*\) but the model expects \(.*32.*\)"):
+    with pytest.raises(
+        RegablateError, match=r"checkpoint tensor \S+ has shape \(.*48.*\) but the model expects \(.*32.*\)"
+    ):
         build_backbone(TINY_MODEL, 0, checkpoint=path, **TINY)
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,9 @@ from safetensors.torch import save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from regablate.cli import main
-from tests.conftest import REPO, TINY, TINY_MODEL, tiny_fit_args
+from regablate.lightning_cli import build_cli
+from regablate.tasks import Classification
+from tests.conftest import TINY, TINY_MODEL, run_regablate, tiny_fit_args
 
 
 def run_dir(tmp_path: Path, registers: int = 2) -> Path:
@@ -24,10 +25,18 @@ def run_dir(tmp_path: Path, registers: int = 2) -> Path:
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> Path:
-    """One finished tiny fit, shared by the tests that read its run folder."""
+    """One finished tiny fit, shared by the tests that only read its run folder (see ``own_run``)."""
     tmp_path = tmp_path_factory.mktemp("fit")
     main(["fit", *tiny_fit_args(tmp_path)])
     return run_dir(tmp_path)
+
+
+@pytest.fixture
+def own_run(fitted, tmp_path) -> tuple[Path, list[str]]:
+    """A copy of the finished fit for a test that writes into its run folder, and the arguments that point there."""
+    copy = run_dir(tmp_path)
+    shutil.copytree(fitted, copy)
+    return copy, ["--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
 
 
 def test_fit_writes_a_complete_run_folder(fitted):
@@ -45,32 +54,48 @@ def test_fit_writes_a_complete_run_folder(fitted):
     assert {"train/loss", "val/top1", "val/loss"} <= set(events.Tags()["scalars"])
 
 
-def test_saved_config_reproduces_the_run(fitted, tmp_path):
-    config = yaml.safe_load((fitted / "config.yaml").read_text())
+def test_saved_config_reproduces_the_run(own_run):
+    run, into_copy = own_run
+    config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["init_args"]["num_registers"] == 2
     assert config["trainer"]["logger"]["init_args"]["version"] == "r2_s0"
-    first = json.loads((fitted / "summary.json").read_text())
+    first = json.loads((run / "summary.json").read_text())
     # Re-running the saved config into the same folder must work and give the same numbers.
-    main(["fit", "--config", str(fitted / "config.yaml")])
-    again = json.loads((fitted / "summary.json").read_text())
+    main(["fit", "--config", str(run / "config.yaml"), *into_copy])
+    again = json.loads((run / "summary.json").read_text())
     assert again["val/top1"] == first["val/top1"]
     assert again["train/loss"] == pytest.approx(first["train/loss"], rel=1e-5)
 
 
-def test_test_subcommand_adds_to_the_summary(fitted):
-    before = (fitted / "config.yaml").read_text()
+def test_test_subcommand_adds_to_the_summary(own_run):
+    run, into_copy = own_run
+    before = (run / "config.yaml").read_text()
     # "best" resolves through the run folder, in a process that did not train.
-    main(["test", "--config", str(fitted / "config.yaml"), "--ckpt_path", "best"])
-    summary = json.loads((fitted / "summary.json").read_text())
+    main(["test", "--config", str(run / "config.yaml"), *into_copy, "--ckpt_path", "best"])
+    summary = json.loads((run / "summary.json").read_text())
     assert "test/top1" in summary and "val/top1" in summary
-    assert (fitted / "test_config.yaml").is_file()
-    assert (fitted / "config.yaml").read_text() == before, "test must not replace the fit config"
+    assert (run / "test_config.yaml").is_file()
+    assert (run / "config.yaml").read_text() == before, "test must not replace the fit config"
 
 
-def test_validate_and_predict_run(fitted):
-    main(["validate", "--config", str(fitted / "config.yaml"), "--ckpt_path", str(fitted / "checkpoints" / "last.ckpt")])
-    main(["predict", "--config", str(fitted / "config.yaml"), "--ckpt_path", "last"])
-    assert (fitted / "predict_config.yaml").is_file()
+def test_validate_and_predict_run(own_run):
+    run, into_copy = own_run
+    config = ["--config", str(run / "config.yaml"), *into_copy]
+    main(["validate", *config, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert (run / "validate_config.yaml").is_file()
+    cli = build_cli(["predict", *config, "--ckpt_path", "last"])
+    assert (run / "predict_config.yaml").is_file()
+    # The predictions are the last checkpoint's model on the test split, batch by batch.
+    model = Classification.load_from_checkpoint(run / "checkpoints" / "last.ckpt").eval()
+    batches = list(cli.datamodule.predict_dataloader())
+    predictions = cli.trainer.predict_loop.predictions
+    assert len(predictions) == len(batches) > 0
+    for predicted, batch in zip(predictions, batches):
+        with torch.no_grad():
+            expected = model(batch["image"]).softmax(dim=-1)
+        torch.testing.assert_close(predicted["probs"], expected)
+        assert torch.equal(predicted["pred"], expected.argmax(dim=-1))
+        assert predicted["probs"].sum(dim=-1).allclose(torch.ones(len(batch["image"])))
 
 
 def test_fast_dev_run_leaves_no_run_folder(tmp_path, monkeypatch):
@@ -91,16 +116,27 @@ def test_several_configs_and_dotted_overrides(tmp_path, capsys):
     extra = tmp_path / "extra.yaml"
     extra.write_text("model:\n  init_args:\n    lr: 0.5\ntrainer:\n  max_steps: 7\n")
     with pytest.raises(SystemExit):
-        main(["fit", *tiny_fit_args(tmp_path), "--config", str(extra), "--model.init_args.pool", "mean", "--print_config"])
+        main(
+            [
+                "fit",
+                *tiny_fit_args(tmp_path),
+                "--config",
+                str(extra),
+                "--model.init_args.pool",
+                "mean",
+                "--print_config",
+            ]
+        )
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["init_args"]["lr"] == 0.5
     assert config["model"]["init_args"]["pool"] == "mean"
     assert config["trainer"]["max_steps"] == 7
 
 
-def test_resume_from_last_checkpoint(fitted, tmp_path):
-    main(["fit", "--config", str(fitted / "config.yaml"), "--trainer.max_steps", "6", "--ckpt_path", "last"])
-    summary = json.loads((fitted / "summary.json").read_text())
+def test_resume_from_last_checkpoint(own_run):
+    run, into_copy = own_run
+    main(["fit", "--config", str(run / "config.yaml"), *into_copy, "--trainer.max_steps", "6", "--ckpt_path", "last"])
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["global_step"] == 6
 
 
@@ -128,7 +164,7 @@ def unknown_key_config(tmp_path: Path) -> Path:
 
 BAD_INPUTS = {
     "negative registers": (lambda p: ["--model.num_registers", "-1"], "num_registers must be an integer >= 0"),
-    "non-integer registers": (lambda p: ["--model.num_registers", "2.5"], 'num_registers": Expected a <class \'int\'>'),
+    "non-integer registers": (lambda p: ["--model.num_registers", "2.5"], "num_registers\": Expected a <class 'int'>"),
     "unknown model": (lambda p: ["--model.model_name", "vit_tiny_patch16_2244"], "did you mean vit_tiny_patch16_224"),
     "not a ViT": (lambda p: ["--model.model_name", "resnet18"], "resnet18 is not a Vision Transformer"),
     "img_size vs patch": (lambda p: ["--data.init_args.img_size", "36"], "not divisible by its patch size"),
@@ -158,14 +194,9 @@ def test_bad_input_gives_one_line_and_no_run_folder(tmp_path, capsys, case):
     assert not run_dir(tmp_path).exists(), "a failed start must not leave a run folder"
 
 
+@pytest.mark.slow
 def test_console_entry_exits_non_zero_without_traceback(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "regablate", "fit", *tiny_fit_args(tmp_path), "--model.num_registers", "-3"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    result = run_regablate("fit", *tiny_fit_args(tmp_path), "--model.num_registers", "-3", timeout=120, check=False)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (

@@ -43,7 +43,10 @@ def source_override(config: dict, tmp_path: Path) -> list[str]:
         return []
     img_size = config["data"]["init_args"]["img_size"]
     path = write_source_checkpoint(
-        tmp_path / "source.safetensors", model["model_name"], img_size, model.get("model_kwargs") or {},
+        tmp_path / "source.safetensors",
+        model["model_name"],
+        img_size,
+        model.get("model_kwargs") or {},
         registers=model.get("teacher_registers", 0),
     )
     return ["--model.init_args.checkpoint", str(path)]

@@ -1,7 +1,6 @@
 """HFDataModule on local data: image folders and saved datasets, offline, caches in tmp_path."""
 
 import datasets
-import huggingface_hub
 import pytest
 import torch
 from PIL import Image
@@ -13,16 +12,8 @@ from regablate.errors import RegablateError
 COLOURS = {"cat": (255, 0, 0), "dog": (0, 255, 0), "fox": (0, 0, 255)}
 
 
-@pytest.fixture(autouse=True)
-def offline_hf(tmp_path, monkeypatch):
-    """No network, and every cache under tmp_path (datasets reads its config at import)."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+# Every test here reads local data with the network off and caches in tmp_path.
+pytestmark = pytest.mark.usefixtures("offline_hf")
 
 
 MODES = ("RGB", "RGBA", "L")

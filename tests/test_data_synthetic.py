@@ -32,9 +32,7 @@ def test_same_seed_split_index_gives_identical_samples_across_instances():
         assert all(torch.equal(x[k], y[k]) for k in x)
 
 
-@pytest.mark.parametrize(
-    "other", [(0, "val", 3), (0, "train", 4), (1, "train", 3)], ids=["split", "index", "seed"]
-)
+@pytest.mark.parametrize("other", [(0, "val", 3), (0, "train", 4), (1, "train", 3)], ids=["split", "index", "seed"])
 def test_different_split_index_or_seed_gives_a_different_image(other):
     assert not torch.equal(render_scene(0, "train", 3)["image"], render_scene(*other)["image"])
 
@@ -47,9 +45,14 @@ def test_label_mask_depth_box_describe_the_visible_scene(img_size):
         image, label, mask, depth, box = s["image"], s["label"], s["mask"], s["depth"], s["box"]
         assert image.shape == (3, img_size, img_size) and image.dtype == torch.float32
         assert mask.shape == depth.shape == (img_size, img_size)
-        assert (mask.dtype, depth.dtype, label.dtype, box.dtype) == (torch.int64, torch.float32, torch.int64, torch.float32)
-        assert 0.0 <= image.min() and image.max() <= 1.0
-        assert 0 <= mask.min() and mask.max() <= K and 0 <= label < K
+        assert (mask.dtype, depth.dtype, label.dtype, box.dtype) == (
+            torch.int64,
+            torch.float32,
+            torch.int64,
+            torch.float32,
+        )
+        assert image.min() >= 0.0 and image.max() <= 1.0
+        assert mask.min() >= 0 and mask.max() <= K and 0 <= label < K
 
         areas = torch.bincount(mask.flatten(), minlength=K + 1)[1:]
         assert 1 <= (areas > 0).sum() <= 3

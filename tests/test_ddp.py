@@ -6,15 +6,14 @@ DDP re-executes the command line, so each run is a real `python -m regablate` su
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import REPO, TINY_MODEL, write_source_checkpoint
+from tests.conftest import REPO, TINY_MODEL, run_regablate, write_source_checkpoint
+
+pytestmark = pytest.mark.slow
 
 SIZES = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -22,16 +21,26 @@ SIZES = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 def fit(config: str, save_dir: Path, name: str, devices: int, *extra: str) -> dict:
     batch = str(16 // devices)
     args = [
-        sys.executable, "-m", "regablate", "fit", "--config", str(REPO / "tests" / "configs" / config),
-        "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.name", name,
-        "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
-        "--data.init_args.batch_size", batch, "--trainer.max_steps", "3", *extra,
+        "fit",
+        "--config",
+        str(REPO / "tests" / "configs" / config),
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
+        "--trainer.logger.init_args.name",
+        name,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        str(devices),
+        "--data.init_args.batch_size",
+        batch,
+        "--trainer.max_steps",
+        "3",
+        *extra,
     ]
     if devices > 1:
         args += ["--trainer.strategy", "ddp"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_regablate(*args, timeout=300)
     return json.loads((save_dir / name / "r2_s0" / "summary.json").read_text())
 
 
@@ -68,7 +77,14 @@ def test_monitor_under_ddp_writes_its_summary(tmp_path):
         "      init_args: {every_n_steps: null, train_batch_every_n_steps: 1}\n"
     )
     summary = fit(
-        "tiny.yaml", tmp_path, "monitored", 2, "--config", str(REPO / "configs" / "monitor.yaml"), "--config", str(every_step)
+        "tiny.yaml",
+        tmp_path,
+        "monitored",
+        2,
+        "--config",
+        str(REPO / "configs" / "monitor.yaml"),
+        "--config",
+        str(every_step),
     )
     assert summary["status"] == "complete"
     assert "artifacts/outlier_frac" in summary and "artifacts/outlier_frac/block_01" in summary

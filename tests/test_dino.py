@@ -7,26 +7,29 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning import Trainer
 
 from regablate.data import SyntheticScenes
 from regablate.errors import RegablateError
 from regablate.tasks import DINO
 from regablate.tasks.dino import cosine_schedule, ema_update, random_crops
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, quiet_trainer
 
 SIZES = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
 def task(**overrides) -> DINO:
-    args = dict(model_name=TINY_MODEL, num_registers=2, img_size=32, model_kwargs=SIZES, out_dim=64,
-                hidden_dim=64, bottleneck_dim=16, num_local_crops=2, local_crop_size=16)
+    args = {
+        "model_name": TINY_MODEL,
+        "num_registers": 2,
+        "img_size": 32,
+        "model_kwargs": SIZES,
+        "out_dim": 64,
+        "hidden_dim": 64,
+        "bottleneck_dim": 16,
+        "num_local_crops": 2,
+        "local_crop_size": 16,
+    }
     return DINO(**{**args, **overrides})
-
-
-def quiet_trainer(steps: int) -> Trainer:
-    return Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, limit_val_batches=0)
 
 
 def test_ema_update_matches_its_formula():
@@ -38,11 +41,21 @@ def test_ema_update_matches_its_formula():
 
 
 def test_teacher_starts_as_the_student_and_follows_by_ema():
-    dino = task()
+    dino = task(teacher_momentum=0.9)
     for t, s in zip(dino.backbone.parameters(), dino.student.parameters()):
         assert torch.equal(t, s)
     assert not any(p.requires_grad for p in dino.backbone.parameters())
     assert not any(p.requires_grad for p in dino.teacher_head.parameters())
+    teacher_before = [p.detach().clone() for p in [*dino.backbone.parameters(), *dino.teacher_head.parameters()]]
+    data = SyntheticScenes(img_size=32, num_classes=4, train_size=64, val_size=16, batch_size=16)
+    quiet_trainer(1).fit(dino, data)
+    # One optimiser step: the student moved, and the teacher moved 1 - 0.9 of the way towards it
+    # (the momentum schedule starts at teacher_momentum at step 0).
+    teacher = [*dino.backbone.parameters(), *dino.teacher_head.parameters()]
+    student = [*dino.student.parameters(), *dino.student_head.parameters()]
+    assert not torch.equal(teacher[0], teacher_before[0])
+    for t, before, s in zip(teacher, teacher_before, student):
+        torch.testing.assert_close(t, 0.9 * before + 0.1 * s.detach())
 
 
 def test_schedules():
@@ -78,7 +91,9 @@ def test_ranks_get_the_crops_of_their_samples_in_the_global_batch():
     images = torch.randn(8, 3, 32, 32)
     whole = random_crops(images, 2, 16, (0.1, 0.4), torch.Generator().manual_seed(3))
     for rank in (0, 1):  # the distributed sampler deals samples rank::2
-        part = random_crops(images[rank::2], 2, 16, (0.1, 0.4), torch.Generator().manual_seed(3), rank=rank, world_size=2)
+        part = random_crops(
+            images[rank::2], 2, 16, (0.1, 0.4), torch.Generator().manual_seed(3), rank=rank, world_size=2
+        )
         for crop, full in zip(part, whole):
             torch.testing.assert_close(crop, full[rank::2])
 

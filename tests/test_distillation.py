@@ -6,15 +6,14 @@ import json
 
 import pytest
 import torch
-from lightning import Trainer
 
-from regablate.models import build_backbone, extract_features
 from regablate.cli import main
 from regablate.data import SyntheticScenes
 from regablate.errors import RegablateError
+from regablate.models import build_backbone, extract_features
 from regablate.tasks import Distillation
 from regablate.tasks.distillation import apply_view, undo_view, view_transforms
-from tests.conftest import REPO, TINY_MODEL, write_source_checkpoint
+from tests.conftest import REPO, TINY_MODEL, quiet_trainer, write_source_checkpoint
 
 SIZES = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -25,7 +24,13 @@ def source(tmp_path_factory):
 
 
 def task(source, **overrides) -> Distillation:
-    args = dict(model_name=TINY_MODEL, num_registers=2, img_size=32, model_kwargs=SIZES, checkpoint=str(source))
+    args = {
+        "model_name": TINY_MODEL,
+        "num_registers": 2,
+        "img_size": 32,
+        "model_kwargs": SIZES,
+        "checkpoint": str(source),
+    }
     return Distillation(**{**args, **overrides})
 
 
@@ -85,8 +90,7 @@ def test_frozen_parameters_stay_bit_identical(source):
     before = {n: p.detach().clone() for n, p in distill.backbone.named_parameters()}
     teacher_before = {n: p.detach().clone() for n, p in distill.teacher.named_parameters()}
     data = SyntheticScenes(img_size=32, num_classes=4, train_size=48, val_size=16, batch_size=16)
-    Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, limit_val_batches=0).fit(distill, data)
+    quiet_trainer(3).fit(distill, data)
     for name, param in distill.backbone.named_parameters():
         if param.requires_grad:
             continue
@@ -106,8 +110,7 @@ def test_student_learns_the_teacher_features(source):
     images = next(iter(data.val_dataloader()))["image"]
     with torch.no_grad():
         first = distill.eval()._losses(images)
-    Trainer(max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, limit_val_batches=0).fit(distill, data)
+    quiet_trainer(100).fit(distill, data)
     with torch.no_grad():
         last = distill.eval()._losses(images)
     assert last["loss"] < 0.5 * first["loss"], (first["loss"], last["loss"])
@@ -130,8 +133,17 @@ def test_pattern_matching_nothing(source):
 
 
 def test_fit_writes_a_checkpoint_that_build_backbone_loads(source, tmp_path):
-    main(["fit", "--config", str(REPO / "tests/configs/tiny_distill.yaml"), "--model.checkpoint", str(source),
-          "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "tests/configs/tiny_distill.yaml"),
+            "--model.checkpoint",
+            str(source),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ]
+    )
     run = tmp_path / "tiny_distill" / "r2_s0"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete" and "val/patch_cos" in summary

@@ -24,8 +24,23 @@ def weights(tmp_path: Path, planted: bool) -> Path:
 
 
 def inspect(tmp_path: Path, checkpoint: Path, *extra: str) -> None:
-    main(["inspect", "--model", MODEL, "--checkpoint", str(checkpoint), "--num_registers", "2",
-          *SIZE_ARGS, "--num_images", "8", "--output", str(tmp_path / "out"), *extra])
+    main(
+        [
+            "inspect",
+            "--model",
+            MODEL,
+            "--checkpoint",
+            str(checkpoint),
+            "--num_registers",
+            "2",
+            *SIZE_ARGS,
+            "--num_images",
+            "8",
+            "--output",
+            str(tmp_path / "out"),
+            *extra,
+        ]
+    )
 
 
 def test_inspect_finds_planted_artifacts_and_writes_every_output(tmp_path, capsys):
@@ -99,7 +114,17 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, capsys, case, 
         if case == "no-model":
             main(["inspect", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")])
         elif case == "missing-checkpoint":
-            main(["inspect", "--model", MODEL, "--checkpoint", str(tmp_path / "nothing.pt"), "--output", str(tmp_path / "out")])
+            main(
+                [
+                    "inspect",
+                    "--model",
+                    MODEL,
+                    "--checkpoint",
+                    str(tmp_path / "nothing.pt"),
+                    "--output",
+                    str(tmp_path / "out"),
+                ]
+            )
         else:
             inspect(tmp_path, checkpoint, *extra)
     assert exit_info.value.code == 2

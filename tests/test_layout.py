@@ -25,7 +25,9 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             # ``from regablate.x import y`` imports regablate.x.y when y is a module, else regablate.x.
             names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
         else:
@@ -49,7 +51,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for child in sorted(graph[node]):
             if state.get(child) == 1:
-                return path[path.index(child):] + [child]
+                return path[path.index(child) :] + [child]
             if child not in state and (cycle := visit(child)):
                 return cycle
         path.pop()
@@ -75,4 +77,4 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_no_package_module_looks_like_a_test():
-    assert not [p for p in PACKAGE.rglob("test_*.py")], "pytest would collect it"
+    assert not list(PACKAGE.rglob("test_*.py")), "pytest would collect it"

@@ -5,22 +5,30 @@ import logging
 import shutil
 
 import datasets
-import huggingface_hub
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
-from tests.conftest import tiny_fit_args
 from regablate.cli import main
-from regablate.data import HFDataModule, SyntheticScenes
+from regablate.data import HFDataModule, SyntheticScenes, SyntheticScenesDataset
 from regablate.probe import BatchFeatures, LinearProbe, run_probe
 from regablate.probe import run as probe_run
+from tests.conftest import tiny_fit_args
 
 SMALL_DATA = ["--data.train_size", "384", "--data.val_size", "128", "--data.test_size", "192"]
-FAST = ["--probe.batch_size", "64", "--probe.cls_steps", "300", "--probe.seg_steps", "300", "--probe.depth_steps", "300"]
-MODEL = '{patch_size: 4, embed_dim: 48, depth: 2, num_heads: 2}'
+FAST = [
+    "--probe.batch_size",
+    "64",
+    "--probe.cls_steps",
+    "300",
+    "--probe.seg_steps",
+    "300",
+    "--probe.depth_steps",
+    "300",
+]
+MODEL = "{patch_size: 4, embed_dim: 48, depth: 2, num_heads: 2}"
 
 
 def probe(*args):
@@ -35,11 +43,26 @@ def summary(folder):
 def trained_run(tmp_path_factory):
     """A tiny ViT (8x8 patches of 4 px) fitted for 120 steps on synthetic scenes, probed once."""
     tmp = tmp_path_factory.mktemp("trained")
-    main([
-        "fit", *tiny_fit_args(tmp), "--model.model_kwargs", MODEL, "--model.lr", "3e-3", "--model.warmup_steps", "10",
-        "--data.train_size", "4000", "--data.batch_size", "32", "--trainer.max_steps", "120",
-        "--trainer.val_check_interval", "120",
-    ])
+    main(
+        [
+            "fit",
+            *tiny_fit_args(tmp),
+            "--model.model_kwargs",
+            MODEL,
+            "--model.lr",
+            "3e-3",
+            "--model.warmup_steps",
+            "10",
+            "--data.train_size",
+            "4000",
+            "--data.batch_size",
+            "32",
+            "--trainer.max_steps",
+            "120",
+            "--trainer.val_check_interval",
+            "120",
+        ]
+    )
     run = next((tmp / "runs" / "tiny").iterdir())
     probe(str(run))
     return run
@@ -48,19 +71,50 @@ def trained_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def random_probe(tmp_path_factory):
     out = tmp_path_factory.mktemp("random") / "probe"
-    probe("--model", "vit_tiny_patch16_224", "--pretrained", "false", "--num_registers", "2", "--model_kwargs", MODEL, "--output", str(out))
+    probe(
+        "--model",
+        "vit_tiny_patch16_224",
+        "--pretrained",
+        "false",
+        "--num_registers",
+        "2",
+        "--model_kwargs",
+        MODEL,
+        "--output",
+        str(out),
+    )
     return out
 
 
 def test_trained_backbone_beats_a_random_one(trained_run, random_probe):
     trained, random = summary(trained_run), summary(random_probe)
-    print({k: (trained[k], random[k]) for k in ("probe/cls_top1", "probe/seg_miou", "probe/depth_rmse", "probe/lost_corloc")})
+    print(
+        {
+            k: (trained[k], random[k])
+            for k in ("probe/cls_top1", "probe/seg_miou", "probe/depth_rmse", "probe/lost_corloc")
+        }
+    )
     assert trained["probe/cls_top1"] > random["probe/cls_top1"] + 0.3
     assert trained["probe/seg_miou"] > random["probe/seg_miou"] + 0.05
     assert trained["probe/lost_corloc"] > random["probe/lost_corloc"] + 0.1
-    # Depth is reported, not compared: in the synthetic scenes an object's depth is random and
-    # invisible, so no features predict it (RMSE ~1.6-1.7 for any backbone seen here).
-    assert 0 < trained["probe/depth_rmse"] < 3
+    # Depth is visible in the scenes (a ground-plane background, nearer objects brighter), but a
+    # backbone trained to classify keeps no more of it than a random one does (RMSE ~1.8-2.0 for
+    # both, seen here), so trained and random are not compared: both must beat predicting the
+    # train split's mean depth everywhere. The oracle test below checks the probe itself.
+    mean_predictor = constant_depth_rmse(train_size=384, test_size=192)
+    assert 0 < trained["probe/depth_rmse"] < 0.9 * mean_predictor
+    assert 0 < random["probe/depth_rmse"] < 0.9 * mean_predictor
+
+
+def constant_depth_rmse(train_size: int, test_size: int) -> float:
+    """RMSE on the test scenes of a probe that predicts the mean train depth at every pixel."""
+    train = torch.stack(
+        [SyntheticScenesDataset(split="train", size=train_size, img_size=32)[i]["depth"] for i in range(train_size)]
+    )
+    test = torch.stack(
+        [SyntheticScenesDataset(split="test", size=test_size, img_size=32)[i]["depth"] for i in range(test_size)]
+    )
+    return float((test - train.mean()).square().mean().sqrt())
 
 
 def test_results_and_protocol_are_written(trained_run):
@@ -76,7 +130,9 @@ def test_results_and_protocol_are_written(trained_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(trained_run / "probe")).Reload()
-    assert {"probe/cls_top1", "probe/seg_miou", "probe/depth_rmse", "probe/lost_corloc"} <= set(events.Tags()["scalars"])
+    assert {"probe/cls_top1", "probe/seg_miou", "probe/depth_rmse", "probe/lost_corloc"} <= set(
+        events.Tags()["scalars"]
+    )
 
 
 def test_rerun_reads_the_cache_and_gives_the_same_result(trained_run, tmp_path, monkeypatch):
@@ -97,7 +153,7 @@ def test_a_cache_written_by_another_backbone_is_refused(trained_run, random_prob
     shutil.copytree(trained_run, run)
     ours = next((run / "probe_cache").iterdir())
     foreign = next((random_probe / "probe_cache").iterdir())
-    shutil.copy(foreign / "train.pt", ours / "train.pt")
+    shutil.copy(foreign / "train.safetensors", ours / "train.safetensors")
     with pytest.raises(SystemExit) as exit_info:
         probe(str(run))
     assert exit_info.value.code == 2
@@ -137,7 +193,8 @@ class _OracleDataset(torch.utils.data.Dataset):
 
 
 class OracleExtractor(nn.Module):
-    """One token per pixel: one-hot mask class, one-hot depth level and depth; CLS: one-hot label; keys: +-1 main object."""
+    """One token per pixel: one-hot mask class, one-hot depth level and depth; CLS: one-hot label;
+    keys: +-1 on the main object."""
 
     def __init__(self, num_classes):
         super().__init__()
@@ -148,7 +205,8 @@ class OracleExtractor(nn.Module):
         mask, depth, main = images[:, 0].long(), images[:, 1], images[:, 2]
         level = (depth[..., None] - self.levels).abs().argmin(dim=-1)
         patches = torch.cat(
-            [nn.functional.one_hot(mask, self.num_classes + 1), nn.functional.one_hot(level, 28), depth[..., None]], dim=-1
+            [nn.functional.one_hot(mask, self.num_classes + 1), nn.functional.one_hot(level, 28), depth[..., None]],
+            dim=-1,
         ).float()
         counts = nn.functional.one_hot(mask, self.num_classes + 1).sum(dim=(1, 2))[:, 1:]
         cls = nn.functional.one_hot(counts.argmax(dim=1), self.num_classes).float()
@@ -158,21 +216,18 @@ class OracleExtractor(nn.Module):
 def test_features_that_carry_the_answers_score_near_perfectly(tmp_path):
     data = OracleScenes(img_size=16, num_classes=4, train_size=128, val_size=32, test_size=64, batch_size=32)
     report = run_probe(
-        OracleExtractor(4), data, LinearProbe(batch_size=32, cls_steps=200, seg_steps=300, depth_steps=400),
-        output_dir=tmp_path, patch_size=(1, 1), data_config={"oracle": 1},
+        OracleExtractor(4),
+        data,
+        LinearProbe(batch_size=32, cls_steps=200, seg_steps=300, depth_steps=400),
+        output_dir=tmp_path,
+        patch_size=(1, 1),
+        data_config={"oracle": 1},
     )
     metrics = report.metrics
     assert metrics["probe/cls_top1"] == 1.0
     assert metrics["probe/seg_miou"] > 0.97
     assert metrics["probe/depth_rmse"] < 0.3  # depth spans 1..13
     assert metrics["probe/lost_corloc"] > 0.95
-
-
-@pytest.fixture
-def offline_hf(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def test_data_without_a_probes_columns_skip_it_with_a_warning(tmp_path, offline_hf, caplog):
@@ -187,11 +242,17 @@ def test_data_without_a_probes_columns_skip_it_with_a_warning(tmp_path, offline_
     ).save_to_disk(str(tmp_path / "saved"))
     data = HFDataModule(str(tmp_path / "saved"), mask_column="seg", img_size=16, batch_size=8)
     extractor = OracleExtractor(1)
-    extractor.forward = lambda images: BatchFeatures(images.mean(dim=(2, 3)), images.permute(0, 2, 3, 1), images.permute(0, 2, 3, 1))
+    extractor.forward = lambda images: BatchFeatures(
+        images.mean(dim=(2, 3)), images.permute(0, 2, 3, 1), images.permute(0, 2, 3, 1)
+    )
     with caplog.at_level(logging.WARNING):
         report = run_probe(
-            extractor, data, LinearProbe(batch_size=8, cls_steps=5, seg_steps=5, depth_steps=5),
-            output_dir=tmp_path / "out", patch_size=(1, 1), data_config={"hf": 1},
+            extractor,
+            data,
+            LinearProbe(batch_size=8, cls_steps=5, seg_steps=5, depth_steps=5),
+            output_dir=tmp_path / "out",
+            patch_size=(1, 1),
+            data_config={"hf": 1},
         )
     assert set(report.skipped) == {"depth", "lost"} and "'depth'" in report.skipped["depth"]
     assert "skipping the depth probe" in caplog.text and "skipping the lost probe" in caplog.text

@@ -59,7 +59,9 @@ def test_pixel_sampler_is_bilinear_upsampling_at_the_drawn_pixels(grid, size):
     assert torch.allclose(sampler(maps, ys, xs), full[torch.arange(3)[:, None], ys, xs], atol=1e-5)
     logits = torch.randn(3, *grid, 4)  # trailing channels, as the segmentation logits come
     full = F.interpolate(logits.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
-    assert torch.allclose(sampler(logits, ys, xs), full.permute(0, 2, 3, 1)[torch.arange(3)[:, None], ys, xs], atol=1e-5)
+    assert torch.allclose(
+        sampler(logits, ys, xs), full.permute(0, 2, 3, 1)[torch.arange(3)[:, None], ys, xs], atol=1e-5
+    )
 
 
 def test_miou_is_per_class_iou_over_the_dataset_ignoring_255():
@@ -85,7 +87,12 @@ def test_classifier_grid_trains_each_head_as_if_alone():
 
     def trained(lrs):
         grid = LinearClassifierGrid(2, 5, 3, lrs)
-        train_head(torch.optim.SGD(grid.parameters(), lr=1.0, momentum=0.9), lambda i: grid.loss(inputs[:, i], y[i]), 64, schedule)
+        train_head(
+            torch.optim.SGD(grid.parameters(), lr=1.0, momentum=0.9),
+            lambda i: grid.loss(inputs[:, i], y[i]),
+            64,
+            schedule,
+        )
         return grid
 
     both = trained([0.01, 0.5])

@@ -19,9 +19,10 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from regablate.errors import RegablateError
-from regablate.sweep.grid import load_grid
 from regablate.report.tables import aggregate, results_markdown
-from tests.conftest import REPO
+from regablate.sweep.grid import load_grid
+from regablate.sweep.resolve import resolve_config
+from tests.conftest import REPO, run_regablate
 
 MICRO = REPO / "tests" / "configs" / "grid_micro.yaml"
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
@@ -29,12 +30,7 @@ RESULT_KEYS = ("val/top1", "val/loss", "probe/cls_top1", "probe/seg_miou", "prob
 
 
 def sweep(cwd: Path, grid: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "regablate", "sweep", str(grid), "--output", str(cwd / "runs"), *args]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=400, env=env)
-    if check:
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
+    return run_regablate("sweep", str(grid), "--output", str(cwd / "runs"), *args, cwd=cwd, check=check)
 
 
 def micro_grid(tmp_path: Path, name: str, body: str) -> Path:
@@ -58,22 +54,43 @@ def swept(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 def test_grid_expands_as_specified(tmp_path):
     grid = load_grid(MICRO)
     assert [run.name for run in grid.runs] == ["r0_s0", "r2_s0"]
-    assert grid.runs[1].overrides == {"trainer.max_steps": 8, "trainer.val_check_interval": 4, "model.init_args.num_registers": 2, "seed_everything": 0}
+    assert grid.runs[1].overrides == {
+        "trainer.max_steps": 8,
+        "trainer.val_check_interval": 4,
+        "model.init_args.num_registers": 2,
+        "seed_everything": 0,
+    }
     assert [stage.command for stage in grid.stages] == ["fit", "probe"]
     # Any dotted key is an axis; a named axis sets a bundle of keys; the last axis varies fastest.
-    path = micro_grid(tmp_path, "axes", """  axes:
+    path = micro_grid(
+        tmp_path,
+        "axes",
+        """  axes:
     method:
       distill: {model.class_path: regablate.tasks.Distillation, model.init_args.num_views: 2}
       dino: {model.class_path: regablate.tasks.DINO}
-    model.init_args.test_time_registers: [0, 1]
+    model.init_args.lr: [0.001, 0.01]
     model.init_args.num_registers: [0, 4]
   stages: [{command: fit}]
-""")
+""",
+    )
     runs = load_grid(path).runs
     assert len(runs) == 8
-    assert runs[0].name == "distill_test_time_registers-0_r0"
-    assert runs[0].overrides == {"model.class_path": "regablate.tasks.Distillation", "model.init_args.num_views": 2, "model.init_args.test_time_registers": 0, "model.init_args.num_registers": 0}
-    assert [r.name for r in runs if r.matches({"num_registers": "4", "method": "dino"})] == ["dino_test_time_registers-0_r4", "dino_test_time_registers-1_r4"]
+    assert runs[0].name == "distill_lr-0.001_r0"
+    assert runs[0].overrides == {
+        "model.class_path": "regablate.tasks.Distillation",
+        "model.init_args.num_views": 2,
+        "model.init_args.lr": 0.001,
+        "model.init_args.num_registers": 0,
+    }
+    # Every axis is a key the tasks accept: each point's config resolves.
+    grid = load_grid(path)
+    for run in (runs[0], runs[-1]):
+        assert yaml.safe_load(resolve_config(grid.base, run.overrides))["model"]["init_args"]["lr"] in (0.001, 0.01)
+    assert [r.name for r in runs if r.matches({"num_registers": "4", "method": "dino"})] == [
+        "dino_lr-0.001_r4",
+        "dino_lr-0.01_r4",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -89,6 +106,7 @@ def test_bad_grid_files_get_one_clear_error(tmp_path, body, message):
         load_grid(micro_grid(tmp_path, "bad", body))
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     result = sweep(tmp_path, MICRO, "--dry_run", "true", "--only", "num_registers=2")
     assert "1 runs" in result.stdout and "r2_s0: new, fit -> probe" in result.stdout
@@ -96,6 +114,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_complete_sweep_writes_every_artifact(swept):
     experiment, result = swept
     assert "[2/2] r2_s0: complete" in result.stdout and "all 2 runs complete" in result.stdout
@@ -119,6 +138,7 @@ def test_complete_sweep_writes_every_artifact(swept):
     assert "probe/cls_top1" in events.Tags()["scalars"]
 
 
+@pytest.mark.slow
 def test_second_invocation_does_no_work(swept):
     experiment, _ = swept
     checkpoints = {p: p.stat().st_mtime_ns for p in experiment.glob("*/checkpoints/*.ckpt")}
@@ -129,11 +149,30 @@ def test_second_invocation_does_no_work(swept):
     assert summaries(experiment) == before
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_to_the_same_results(swept, tmp_path):
     """SIGKILL the stage process and the sweep after the first epoch's checkpoint; run it again."""
     reference = summaries(swept[0])["r0_s0"]
-    command = [sys.executable, "-m", "regablate", "sweep", str(MICRO), "--output", str(tmp_path / "runs"), "--only", "num_registers=0", "--report", "false"]
-    sweeper = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "regablate",
+        "sweep",
+        str(MICRO),
+        "--output",
+        str(tmp_path / "runs"),
+        "--only",
+        "num_registers=0",
+        "--report",
+        "false",
+    ]
+    sweeper = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     run = tmp_path / "runs" / "micro" / "r0_s0"
     deadline = time.monotonic() + 300
     while not (run / "checkpoints" / "last.ckpt").is_file():
@@ -155,11 +194,16 @@ def test_killed_sweep_resumes_to_the_same_results(swept, tmp_path):
         assert resumed[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_recorded_and_the_others_complete(tmp_path):
-    grid = micro_grid(tmp_path, "failing", """  axes:
+    grid = micro_grid(
+        tmp_path,
+        "failing",
+        """  axes:
     model.init_args.num_registers: [-1, 2]
   stages: [{command: fit}]
-""")
+""",
+    )
     result = sweep(tmp_path, grid, check=False)
     assert result.returncode == 2
     assert "regablate: error: 1 of 2 runs failed: r-1" in result.stderr
@@ -170,12 +214,17 @@ def test_a_failing_run_is_recorded_and_the_others_complete(tmp_path):
     assert "r-1" in (tmp_path / "runs" / "failing" / "results.md").read_text()  # the report covers the partial grid
 
 
+@pytest.mark.slow
 def test_ddp_grid_point(tmp_path):
-    grid = micro_grid(tmp_path, "ddp", """  overrides: {trainer.accelerator: cpu, trainer.strategy: ddp, data.init_args.batch_size: 8}
+    grid = micro_grid(
+        tmp_path,
+        "ddp",
+        """  overrides: {trainer.accelerator: cpu, trainer.strategy: ddp, data.init_args.batch_size: 8}
   axes:
     model.init_args.num_registers: [2]
   stages: [{command: fit}]
-""")
+""",
+    )
     sweep(tmp_path, grid, "--devices_per_run", "2", "--report", "false")
     run = tmp_path / "runs" / "ddp" / "r2"
     assert yaml.safe_load((run / "sweep_config.yaml").read_text())["trainer"]["devices"] == 2
@@ -184,26 +233,17 @@ def test_ddp_grid_point(tmp_path):
     assert "MEMBER: 2/2" in (run / "sweep.log").read_text()  # rank 1 ran
 
 
-@pytest.fixture(scope="module")
-def slurm():
-    from tests import slurm_cluster
-
-    try:
-        cluster = slurm_cluster.start()
-    except slurm_cluster.Unavailable as why:
-        pytest.skip(f"no local Slurm: {why}")
-    except (OSError, subprocess.SubprocessError) as err:
-        pytest.skip(f"no local Slurm: {err}")
-    yield cluster
-    cluster.stop()
-
-
+@pytest.mark.slow
 def test_slurm_launcher_runs_the_grid_as_jobs(slurm, tmp_path):
-    grid = micro_grid(tmp_path, "slurm", """  axes:
+    grid = micro_grid(
+        tmp_path,
+        "slurm",
+        """  axes:
     model.init_args.num_registers: [2]
   stages: [{command: fit}]
   launcher: {slurm: {timeout_min: 10, cpus_per_task: 1}}
-""")
+""",
+    )
     result = sweep(tmp_path, grid, "--launcher", "slurm", "--report", "false")
     assert "slurm job" in result.stdout
     summary = json.loads((tmp_path / "runs" / "slurm" / "r2" / "summary.json").read_text())
@@ -214,7 +254,14 @@ def test_slurm_launcher_runs_the_grid_as_jobs(slurm, tmp_path):
 def test_test_time_register_results_are_a_series_of_their_own():
     rows = [
         {"run": "r0_s0", "num_registers": 0, "seed": 0, "status": "complete", "probe/cls_top1": 0.5},
-        {"run": "r0_s0_ttr", "num_registers": 0, "seed": 0, "status": "complete", "test_time_registers": 1, "probe/cls_top1": 0.6},
+        {
+            "run": "r0_s0_ttr",
+            "num_registers": 0,
+            "seed": 0,
+            "status": "complete",
+            "test_time_registers": 1,
+            "probe/cls_top1": 0.6,
+        },
     ]
     table = aggregate(rows)
     assert table["trained registers"][0]["probe/cls_top1"] == [0.5]

@@ -15,7 +15,7 @@ from tests.conftest import TINY, TINY_MODEL
 
 def tiny_task(**overrides) -> Classification:
     sizes = {k: v for k, v in TINY.items() if k != "img_size"}
-    args = dict(model_name=TINY_MODEL, num_registers=4, num_classes=6, img_size=32, model_kwargs=sizes)
+    args = {"model_name": TINY_MODEL, "num_registers": 4, "num_classes": 6, "img_size": 32, "model_kwargs": sizes}
     return Classification(**{**args, **overrides})
 
 
@@ -51,7 +51,9 @@ def test_warmup_then_cosine_schedule():
 
 def test_schedule_needs_a_finite_length():
     with pytest.raises(RegablateError, match="max_steps or trainer.max_epochs"):
-        adamw_warmup_cosine(tiny_task(), lr=1.0, weight_decay=0.0, warmup_steps=1, total_steps=math.inf, min_lr_ratio=0.0)
+        adamw_warmup_cosine(
+            tiny_task(), lr=1.0, weight_decay=0.0, warmup_steps=1, total_steps=math.inf, min_lr_ratio=0.0
+        )
 
 
 @pytest.mark.parametrize("pool,width", [("cls", 32), ("mean", 32), ("cls+mean", 64)])

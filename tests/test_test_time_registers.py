@@ -1,7 +1,6 @@
 """Test-time registers on a tiny ViT with planted register neurons: found exactly, applied per image, plumbed."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,9 +8,9 @@ from safetensors.torch import save_file
 
 import regablate.artifacts.register_neurons as ttr
 from regablate.artifacts.scan import scan
-from regablate.models import build_backbone, extract_features
 from regablate.cli import main
 from regablate.errors import RegablateError
+from regablate.models import build_backbone, extract_features
 from tests.conftest import tiny_fit_args
 from tests.planted import CORNERS, MODEL, SIZES, plant_artifacts, tiny_vit
 
@@ -73,7 +72,9 @@ def test_a_batch_gives_what_one_image_at_a_time_gives(images, neurons):
         batched = extract_features(model, images, blocks=[1, 3])
         single = [extract_features(model, image[None], blocks=[1, 3]) for image in images]
     for name in ("cls", "registers", "patches"):
-        torch.testing.assert_close(getattr(batched, name), torch.cat([getattr(s, name) for s in single]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            getattr(batched, name), torch.cat([getattr(s, name) for s in single]), atol=1e-5, rtol=1e-5
+        )
     torch.testing.assert_close(batched.blocks[3], torch.cat([s.blocks[3] for s in single]), atol=1e-4, rtol=1e-5)
 
 
@@ -82,8 +83,12 @@ def test_a_json_found_on_the_same_weights_adds_it_after_loading(tmp_path, images
     save_file(planted_model().state_dict(), str(weights))
     path = neurons.save(tmp_path / ttr.NEURONS_FILE)
     # Found with 2 registers at 32 px: the blocks are the same with 0 registers at 64 px.
-    model = ttr.add_test_time_register(build_backbone(MODEL, 0, checkpoint=weights, **{**SIZES, "img_size": 64}), path).eval()
-    assert model.num_prefix_tokens == 2 and model.state_dict()["test_time_register.units"].tolist() == [list(u) for u in neurons.units]
+    model = ttr.add_test_time_register(
+        build_backbone(MODEL, 0, checkpoint=weights, **{**SIZES, "img_size": 64}), path
+    ).eval()
+    assert model.num_prefix_tokens == 2 and model.state_dict()["test_time_register.units"].tolist() == [
+        list(u) for u in neurons.units
+    ]
     big = torch.nn.functional.interpolate(images, scale_factor=2)
     assert scan(model, big).stats["artifacts/outlier_frac"] == 0.0
     # A checkpoint saved with the register converts like any other (the register is added after loading).
@@ -124,8 +129,29 @@ def test_bad_register_neurons_are_one_line_errors(tmp_path, neurons, case, messa
 def test_inspect_finds_writes_prints_and_applies_them(tmp_path, capsys):
     weights = tmp_path / "planted.safetensors"
     save_file(planted_model().state_dict(), str(weights))
-    common = ["inspect", "--model", MODEL, "--checkpoint", str(weights), "--num_registers", "2", *SIZE_ARGS, "--num_images", "8"]
-    main([*common, "--output", str(tmp_path / "found"), "--find_register_neurons", "true", "--register_neurons.top_k", "3"])
+    common = [
+        "inspect",
+        "--model",
+        MODEL,
+        "--checkpoint",
+        str(weights),
+        "--num_registers",
+        "2",
+        *SIZE_ARGS,
+        "--num_images",
+        "8",
+    ]
+    main(
+        [
+            *common,
+            "--output",
+            str(tmp_path / "found"),
+            "--find_register_neurons",
+            "true",
+            "--register_neurons.top_k",
+            "3",
+        ]
+    )
     printed = capsys.readouterr().out
     found = ttr.RegisterNeurons.load(tmp_path / "found" / ttr.NEURONS_FILE)
     assert set(found.units) == PLANTED and "register neurons : block:unit" in printed and "1:90" in printed
@@ -133,20 +159,50 @@ def test_inspect_finds_writes_prints_and_applies_them(tmp_path, capsys):
     stats = json.loads((tmp_path / "found" / "stats.json").read_text())
     assert stats["artifacts/outlier_frac"] > 0.05 and stats["test_time_registers/outlier_frac"] == 0.0
 
-    main([*common, "--output", str(tmp_path / "applied"), "--test_time_registers", str(tmp_path / "found" / ttr.NEURONS_FILE)])
+    main(
+        [
+            *common,
+            "--output",
+            str(tmp_path / "applied"),
+            "--test_time_registers",
+            str(tmp_path / "found" / ttr.NEURONS_FILE),
+        ]
+    )
     stats = json.loads((tmp_path / "applied" / "stats.json").read_text())
     assert stats["artifacts/outlier_frac"] == 0.0 and stats["test_time_registers"] == 1 and stats["num_registers"] == 2
     assert "verdict          : no artifacts" in capsys.readouterr().out
 
     with pytest.raises(SystemExit):
-        main([*common, "--output", str(tmp_path / "both"), "--find_register_neurons", "true", "--test_time_registers", "x.json"])
+        main(
+            [
+                *common,
+                "--output",
+                str(tmp_path / "both"),
+                "--find_register_neurons",
+                "true",
+                "--test_time_registers",
+                "x.json",
+            ]
+        )
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "not both" in error[0] and not (tmp_path / "both").exists()
 
 
 PROBE_FAST = [
-    "--data.img_size", "32", "--data.train_size", "64", "--data.val_size", "32", "--data.test_size", "32",
-    "--probe.probes", "[cls]", "--probe.lrs", "[0.1]", "--probe.cls_steps", "20",
+    "--data.img_size",
+    "32",
+    "--data.train_size",
+    "64",
+    "--data.val_size",
+    "32",
+    "--data.test_size",
+    "32",
+    "--probe.probes",
+    "[cls]",
+    "--probe.lrs",
+    "[0.1]",
+    "--probe.cls_steps",
+    "20",
 ]
 
 

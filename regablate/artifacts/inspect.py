@@ -1,7 +1,7 @@
 """``regablate inspect``: does a model have artifacts? Norm histograms, attention maps and a verdict.
 
     regablate inspect --model vit_large_patch14_dinov2 --images photos/ --output runs/inspect/dinov2_l
-    regablate inspect runs/quickstart/r4_s0                     # a run folder (or --checkpoint RUN or a regablate .ckpt)
+    regablate inspect runs/quickstart/r4_s0             # a run folder (or --checkpoint RUN or a regablate .ckpt)
     regablate inspect --model vit_tiny_patch16_224 --pretrained false --patch_size 4 --img_size 32
 
 The model arguments are those of ``regablate probe`` (``regablate.models.resolve``): a timm ViT name
@@ -94,7 +94,9 @@ def inspect(
     """
     rule = Threshold(threshold, threshold_value)
     if find_register_neurons and test_time_registers:
-        raise RegablateError("give --find_register_neurons or --test_time_registers, not both: find them on the model without one")
+        raise RegablateError(
+            "give --find_register_neurons or --test_time_registers, not both: find them on the model without one"
+        )
     resolved = resolve_backbone(source or BackboneSource(), run)
     model = resolved.model
     if test_time_registers is not None:
@@ -127,17 +129,23 @@ def inspect(
         add_test_time_register(model, neurons)
         moved = scan(model, batch, threshold=rule, blocks=blocks, segmentation=segmentation)
         stats["test_time_registers/outlier_frac"] = moved.stats["artifacts/outlier_frac"]
-    write_folder_atomic(out, lambda folder: write_outputs(folder, result, unnormalize(batch, mean, std), stats, neurons))
+    write_folder_atomic(
+        out, lambda folder: write_outputs(folder, result, unnormalize(batch, mean, std), stats, neurons)
+    )
     print("\n".join(verdict(result.stats, rule, len(model.blocks))))
     if neurons is not None:
         print("\n".join(neuron_lines(neurons, stats["test_time_registers/outlier_frac"])))
-    written = ", ".join(["stats.json", *([NEURONS_FILE] if neurons else []), "attention.png", "outlier_positions.png", "norms/"])
+    written = ", ".join(
+        ["stats.json", *([NEURONS_FILE] if neurons else []), "attention.png", "outlier_positions.png", "norms/"]
+    )
     print(f"wrote {out}/: {written}")
     return stats
 
 
 def build_parser() -> ArgumentParser:
-    parser = tool_parser("inspect", "Does a ViT have artifacts? Writes norm histograms, attention maps and stats.json, prints a verdict.")
+    parser = tool_parser(
+        "inspect", "Does a ViT have artifacts? Writes norm histograms, attention maps and stats.json, prints a verdict."
+    )
     add_backbone_arguments(parser)
     parser.add_function_arguments(inspect, skip={"run", "source", "register_neurons"})
     parser.add_class_arguments(NeuronSearch, "register_neurons", skip=SHARED_WITH_SEARCH)
@@ -178,7 +186,8 @@ def verdict(stats: dict[str, float], threshold: Threshold, depth: int) -> list[s
     onset = stats.get("artifacts/outlier_onset_block")
     lines = [
         f"outlier fraction : {frac:.2%} of the last block's patch tokens ({threshold.describe()})",
-        f"outliers start at: block {int(onset)} of 0-{depth - 1}" if onset is not None
+        f"outliers start at: block {int(onset)} of 0-{depth - 1}"
+        if onset is not None
         else f"outliers start at: no block (none has >= {ONSET_MIN_FRACTION:.1%} outliers through to the last)",
         f"max/median norm  : {stats['artifacts/norm_max_over_median']:.1f}x in the last block "
         "(~10x with artifacts, 2-3x without)",
@@ -190,7 +199,10 @@ def verdict(stats: dict[str, float], threshold: Threshold, depth: int) -> list[s
     if against:
         lines.append("verdict          : high-norm tokens, but not register-style artifacts: " + ", ".join(against))
     else:
-        lines.append("verdict          : register-style artifacts: high-norm tokens on redundant background patches that draw attention")
+        lines.append(
+            "verdict          : register-style artifacts: high-norm tokens on redundant background patches "
+            "that draw attention"
+        )
     return lines
 
 
@@ -199,11 +211,14 @@ def neuron_lines(neurons: RegisterNeurons, outlier_frac: float, shown: int = 10)
     search = neurons.search
     if not neurons.units:
         return [f"register neurons : none (no outlier tokens at block {search.outlier_block})"]
-    units = ", ".join(f"{block}:{unit} ({score:.3g})" for (block, unit), score in zip(neurons.units[:shown], neurons.scores))
+    units = ", ".join(
+        f"{block}:{unit} ({score:.3g})" for (block, unit), score in zip(neurons.units[:shown], neurons.scores)
+    )
     more = f" and {len(neurons.units) - shown} more" if len(neurons.units) > shown else ""
     return [
         f"register neurons : block:unit (mean |activation| at outliers) {units}{more}",
-        f"test-time reg.   : outlier fraction {outlier_frac:.2%} in the last block with one test-time register holding them",
+        f"test-time reg.   : outlier fraction {outlier_frac:.2%} in the last block "
+        "with one test-time register holding them",
     ]
 
 
@@ -229,7 +244,9 @@ def _evidence(stats: dict[str, float]) -> tuple[list[str], list[str]]:
         )
     if get("artifacts/outlier_attention_share") is not None:
         lift = stats["artifacts/outlier_attention_lift"]
-        evidence.append(f"they draw {stats['artifacts/outlier_attention_share']:.0%} of last-block attention ({lift:.1f}x uniform)")
+        evidence.append(
+            f"they draw {stats['artifacts/outlier_attention_share']:.0%} of last-block attention ({lift:.1f}x uniform)"
+        )
         if lift < SINK_LIFT:
             against.append(f"they draw little attention (under {SINK_LIFT:g}x uniform)")
     else:

@@ -58,7 +58,9 @@ def attention_grid(images: Tensor, maps: Tensor) -> Tensor:
 def position_grid(positions: dict[int, Tensor], tile: int = 64) -> Tensor:
     """Outlier frequency per patch position, one tile per block (in block order), on one colour scale."""
     maps = torch.stack([positions[block] for block in sorted(positions)])
-    return make_grid(colorize(maps, (tile, tile), per_map_scale=False), nrow=min(8, len(maps)), padding=2, pad_value=1.0)
+    return make_grid(
+        colorize(maps, (tile, tile), per_map_scale=False), nrow=min(8, len(maps)), padding=2, pad_value=1.0
+    )
 
 
 def norm_histogram(norms: Tensor, cutoff: float, block: int, threshold: str) -> Figure:

@@ -36,8 +36,8 @@ from torch.utils.hooks import RemovableHandle
 
 from regablate.artifacts import stats
 from regablate.artifacts.stats import Threshold
-from regablate.models.backbone import block_index, eval_mode, extract_features
 from regablate.errors import RegablateError
+from regablate.models.backbone import block_index, eval_mode, extract_features
 from regablate.models.fingerprint import weights_fingerprint
 from regablate.runs import write_json_atomic
 
@@ -70,7 +70,9 @@ class NeuronSearch:
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.num_images < 1:
-            raise RegablateError(f"register neuron search needs top_k >= 1 and num_images >= 1, got {self.top_k}, {self.num_images}")
+            raise RegablateError(
+                f"register neuron search needs top_k >= 1 and num_images >= 1, got {self.top_k}, {self.num_images}"
+            )
         Threshold(self.threshold, self.threshold_value)  # a bad rule fails here, not after a forward pass
 
     def blocks(self, depth: int) -> tuple[int, int]:
@@ -106,7 +108,9 @@ class RegisterNeurons:
     def load(cls, path: str | Path) -> RegisterNeurons:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise RegablateError(f"register neurons file not found: {path}; make one with regablate inspect --find_register_neurons")
+            raise RegablateError(
+                f"register neurons file not found: {path}; make one with regablate inspect --find_register_neurons"
+            )
         try:
             data = json.loads(path.read_text())
             if data.get("format") != FORMAT:
@@ -130,7 +134,9 @@ class RegisterNeurons:
                 raise RegablateError(f"{source}: block {block} is out of range for a ViT with {depth} blocks")
             width = _fc2(model, block).in_features
             if not 0 <= unit < width:
-                raise RegablateError(f"{source}: unit {unit} of block {block} is out of range (its MLP has {width} units)")
+                raise RegablateError(
+                    f"{source}: unit {unit} of block {block} is out of range (its MLP has {width} units)"
+                )
         if blocks_fingerprint(model) != self.weights:
             raise RegablateError(
                 f"{source} were found on other weights ({self.model or 'unknown model'}, blocks {self.weights[:12]}) "
@@ -159,7 +165,9 @@ def find_register_neurons(
     averages each unit's absolute activation over them. A model without outliers gets no units.
     """
     if hasattr(model, ATTRIBUTE):
-        raise RegablateError("the model already has a test-time register; find register neurons on the model without one")
+        raise RegablateError(
+            "the model already has a test-time register; find register neurons on the model without one"
+        )
     depth = len(model.blocks)
     outlier_block, max_block = search.blocks(depth)
     threshold = Threshold(search.threshold, search.threshold_value)

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from regablate.artifacts import stats
 from regablate.artifacts.stats import Threshold
-from regablate.models.backbone import block_index, eval_mode, extract_features
 from regablate.errors import RegablateError
+from regablate.models.backbone import block_index, eval_mode, extract_features
 
 
 @dataclass
@@ -101,7 +101,7 @@ def scan(
 
 
 def measured_blocks(depth: int, blocks: Sequence[int] | None) -> list[int]:
-    """The block indices (``0..depth-1``) to measure: ``blocks`` (negative from the end; ``None``: all), plus the last."""
+    """Block indices (``0..depth-1``) to measure: ``blocks`` (negative from the end; ``None``: all), and the last."""
     return sorted({*(block_index(b, depth) for b in (range(depth) if blocks is None else blocks)), depth - 1})
 
 

@@ -273,8 +273,4 @@ def flatten_statistics(
 
 def summary_keys(flat: dict[str, float], per_block: Sequence[str] = ("outlier_frac",)) -> dict[str, float]:
     """The statistics worth keeping in ``summary.json``: last-block values and the chosen per-block ones."""
-    return {
-        key: value
-        for key, value in flat.items()
-        if "/block_" not in key or key.rsplit("/", 2)[-2] in per_block
-    }
+    return {key: value for key, value in flat.items() if "/block_" not in key or key.rsplit("/", 2)[-2] in per_block}

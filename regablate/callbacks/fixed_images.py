@@ -29,7 +29,9 @@ class FixedImagesCallback(Callback):
         if num_images < 1:
             raise RegablateError(f"{type(self).__name__}: num_images must be at least 1, got {num_images}")
         if every_n_steps is not None and every_n_steps < 1:
-            raise RegablateError(f"{type(self).__name__}: every_n_steps must be at least 1 or null, got {every_n_steps}")
+            raise RegablateError(
+                f"{type(self).__name__}: every_n_steps must be at least 1 or null, got {every_n_steps}"
+            )
         self.num_images = num_images
         self.every_n_steps = every_n_steps
         self.batch: dict[str, Tensor] | None = None
@@ -77,7 +79,9 @@ def draw_validation_images(trainer: Trainer, num_images: int) -> dict[str, Tenso
     """The first ``num_images`` validation samples (``image``, and ``mask`` when the data has one)."""
     datamodule = trainer.datamodule
     if datamodule is None:
-        raise RegablateError("the artifact callbacks draw their images from a datamodule's validation data; use a datamodule")
+        raise RegablateError(
+            "the artifact callbacks draw their images from a datamodule's validation data; use a datamodule"
+        )
     batches, count = [], 0
     for batch in datamodule.val_dataloader():
         if not isinstance(batch, dict) or "image" not in batch:

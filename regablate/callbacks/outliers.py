@@ -13,7 +13,14 @@ from torch.utils.hooks import RemovableHandle
 
 from regablate.artifacts.pictures import position_grid
 from regablate.artifacts.scan import measured_blocks, scan
-from regablate.artifacts.stats import Threshold, block_key, flatten_statistics, norm_statistics, summary_keys, token_norms
+from regablate.artifacts.stats import (
+    Threshold,
+    block_key,
+    flatten_statistics,
+    norm_statistics,
+    summary_keys,
+    token_norms,
+)
 from regablate.callbacks.fixed_images import FixedImagesCallback, tensorboards
 from regablate.errors import RegablateError
 from regablate.runs import update_summary
@@ -79,7 +86,8 @@ class OutlierNormMonitor(FixedImagesCallback):
         super().__init__(num_images, every_n_steps)
         if train_batch_every_n_steps is not None and train_batch_every_n_steps < 1:
             raise RegablateError(
-                f"OutlierNormMonitor: train_batch_every_n_steps must be at least 1 or null, got {train_batch_every_n_steps}"
+                "OutlierNormMonitor: train_batch_every_n_steps must be at least 1 or null, "
+                f"got {train_batch_every_n_steps}"
             )
         self.threshold = Threshold(threshold, threshold_value)
         self.blocks = None if blocks is None else list(blocks)
@@ -91,7 +99,9 @@ class OutlierNormMonitor(FixedImagesCallback):
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         images, segmentation = self.images(pl_module)
-        result = scan(pl_module.backbone, images, threshold=self.threshold, blocks=self.blocks, segmentation=segmentation)
+        result = scan(
+            pl_module.backbone, images, threshold=self.threshold, blocks=self.blocks, segmentation=segmentation
+        )
         self.latest = {**result.stats, "artifacts/step": float(step)}
         for logger in trainer.loggers:
             logger.log_metrics(result.stats, step=step)

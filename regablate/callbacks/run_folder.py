@@ -47,7 +47,8 @@ class RunSummary(Callback):
 
     Keys: every scalar in ``trainer.callback_metrics`` (``val/top1``, ``test/top1``, ...) plus
     ``num_registers``, ``seed``, ``model_name``, ``task``, ``status`` and, after fit,
-    ``epoch``, ``global_step``, ``fit_seconds``, ``best_model_score`` (``status`` is ``complete``, or ``interrupted`` after Ctrl-C).
+    ``epoch``, ``global_step``, ``fit_seconds``, ``best_model_score`` (``status`` is ``complete``, or
+    ``interrupted`` after Ctrl-C).
     """
 
     def __init__(self) -> None:

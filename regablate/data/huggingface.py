@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import datasets
 import numpy as np
@@ -116,7 +117,9 @@ class BatchTransform:
         if "label" in row:
             sample["label"] = row["label"]
         if "mask" in row:
-            sample["mask"] = tv_tensors.Mask(torch.from_numpy(_plane(row["mask"], self.columns["mask"]).astype(np.int64)))
+            sample["mask"] = tv_tensors.Mask(
+                torch.from_numpy(_plane(row["mask"], self.columns["mask"]).astype(np.int64))
+            )
         if "depth" in row:
             depth = _plane(row["depth"], self.columns["depth"]).astype(np.float32) * self.depth_scale
             sample["depth"] = tv_tensors.Mask(torch.from_numpy(depth))
@@ -137,7 +140,9 @@ def _plane(value: Any, column: str) -> np.ndarray:
     """A mask or depth map (PIL image, nested list or array) as a 2-D array."""
     array = np.asarray(value)
     if array.ndim != 2:
-        raise RegablateError(f"column '{column}' holds arrays of shape {array.shape}; masks and depth maps must be 2-D (H, W)")
+        raise RegablateError(
+            f"column '{column}' holds arrays of shape {array.shape}; masks and depth maps must be 2-D (H, W)"
+        )
     return array
 
 
@@ -214,9 +219,18 @@ class HFDataModule(SplitDataModule):
         self.save_hyperparameters()
         self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
         require(depth_scale > 0, f"depth_scale must be positive, got {depth_scale}")
-        require(num_seg_classes is None or num_seg_classes >= 1, f"num_seg_classes must be at least 1, got {num_seg_classes}")
+        require(
+            num_seg_classes is None or num_seg_classes >= 1,
+            f"num_seg_classes must be at least 1, got {num_seg_classes}",
+        )
         self.num_seg_classes = num_seg_classes
-        mapped = {"image": image_column, "label": label_column, "mask": mask_column, "depth": depth_column, "box": box_column}
+        mapped = {
+            "image": image_column,
+            "label": label_column,
+            "mask": mask_column,
+            "depth": depth_column,
+            "box": box_column,
+        }
         self.columns = {key: column for key, column in mapped.items() if column is not None}
 
         splits = _load(path, name, data_dir, source)
@@ -238,7 +252,7 @@ class HFDataModule(SplitDataModule):
         else:
             rank_zero_info(f"{path}: no split '{val_split}', holding out {val_fraction:.0%} of '{train_split}'")
             train, val = _hold_out(train, val_fraction, seed)
-        self.splits = {"train": train, "val": val, "test": splits[test_split] if test_split in splits else val}
+        self.splits = {"train": train, "val": val, "test": splits.get(test_split, val)}
 
     @staticmethod
     def _count_classes(train: datasets.Dataset, column: str) -> int:

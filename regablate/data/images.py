@@ -28,7 +28,9 @@ def load_image_folder(
         raise RegablateError(f"image folder not found: {folder}")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:num_images]
     if not files:
-        raise RegablateError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}; point --images at a folder of pictures")
+        raise RegablateError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}; point --images at a folder of pictures"
+        )
     transform = v2.Compose(
         [
             v2.ToImage(),
@@ -53,7 +55,11 @@ def synthetic_images(
 ) -> tuple[Tensor, Tensor]:
     """Synthetic validation scenes at the model's input size, with their segmentation masks."""
     if size[0] != size[1]:
-        raise RegablateError(f"synthetic scenes are square but the model takes {size[0]}x{size[1]}; pass --img_size or --images")
-    scenes = SyntheticScenesDataset(seed=seed, split="val", size=num_images, img_size=size[0], mean=tuple(mean), std=tuple(std))
+        raise RegablateError(
+            f"synthetic scenes are square but the model takes {size[0]}x{size[1]}; pass --img_size or --images"
+        )
+    scenes = SyntheticScenesDataset(
+        seed=seed, split="val", size=num_images, img_size=size[0], mean=tuple(mean), std=tuple(std)
+    )
     samples = [scenes[i] for i in range(num_images)]
     return torch.stack([s["image"] for s in samples]), torch.stack([s["mask"] for s in samples])

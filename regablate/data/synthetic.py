@@ -13,8 +13,8 @@ from __future__ import annotations
 import colorsys
 import math
 import zlib
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 import torch
@@ -30,11 +30,11 @@ _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "triangle": lambda u, v: (v <= 0.5) & (np.abs(u) * math.sqrt(3.0) <= v + 1.0),
     "diamond": lambda u, v: np.abs(u) + np.abs(v) <= 1.0,
     "ring": lambda u, v: np.abs(u * u + v * v - 0.6) <= 0.4,
-    "cross": lambda u, v: (np.minimum(np.abs(u), np.abs(v)) <= 0.33)
-    & (np.maximum(np.abs(u), np.abs(v)) <= 1.0),
+    "cross": lambda u, v: (np.minimum(np.abs(u), np.abs(v)) <= 0.33) & (np.maximum(np.abs(u), np.abs(v)) <= 1.0),
     "ellipse": lambda u, v: u * u + (v / 0.6) ** 2 <= 1.0,
-    "star": lambda u, v: np.sqrt(u * u + v * v)
-    <= 0.45 + 1.1 * np.abs((np.arctan2(v, u) * (2.5 / math.pi)) % 1.0 - 0.5),
+    "star": lambda u, v: (
+        np.sqrt(u * u + v * v) <= 0.45 + 1.1 * np.abs((np.arctan2(v, u) * (2.5 / math.pi)) % 1.0 - 0.5)
+    ),
 }
 SHAPES = tuple(_SHAPES)
 TEXTURES = ("solid", "stripes", "checker", "dots")

@@ -59,7 +59,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
             f"({first_line(err)}); save weights with safetensors or torch.save(state_dict)"
         ) from None
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise RegablateError(f"cannot read checkpoint {path}: corrupt or not a checkpoint ({first_line(err)})") from None
+        raise RegablateError(
+            f"cannot read checkpoint {path}: corrupt or not a checkpoint ({first_line(err)})"
+        ) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -91,7 +93,9 @@ def convert_state_dict(
         regs = regs + prefix_pos[:, 1:]
     src_grid = _grid_of(patch_pos.shape[1], target_grid)
     if src_grid != target_grid:
-        patch_pos = resample_abs_pos_embed(patch_pos, new_size=list(target_grid), old_size=list(src_grid), num_prefix_tokens=0)
+        patch_pos = resample_abs_pos_embed(
+            patch_pos, new_size=list(target_grid), old_size=list(src_grid), num_prefix_tokens=0
+        )
 
     out: dict[str, Tensor] = {}
     for key, value in src.items():
@@ -135,7 +139,7 @@ def _strip_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
     if not prefixes:
         raise RegablateError("checkpoint has no patch_embed.proj.weight: it does not hold a ViT backbone")
     prefix = next((p for p in _PREFERRED_PREFIXES if p in prefixes), min(prefixes, key=len))
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _split_pos_embed(pos: Tensor, num_prefix: int, target_grid: tuple[int, int]) -> tuple[Tensor, Tensor | None]:

@@ -4,8 +4,8 @@
 them here, by one set of rules:
 
 * a run folder (positional or ``--checkpoint``) or a ``.ckpt`` that regablate wrote (any ``.ckpt``
-  when no ``--model`` is given) is built as it was trained (its stored model name, register count and sizes), then converted by any
-  ``--num_registers`` / ``--img_size`` / size arguments given;
+  when no ``--model`` is given) is built as it was trained (its stored model name, register count
+  and sizes), then converted by any ``--num_registers`` / ``--img_size`` / size arguments given;
 * anything else needs ``--model NAME`` (a timm ViT): with ``--checkpoint FILE`` those weights are
   converted into it; without one, timm's pretrained weights are loaded when ``--pretrained`` is
   true (the default), random weights otherwise;
@@ -64,7 +64,10 @@ class BackboneSource:
 
     def sizes(self, default_img_size: int | None = None) -> dict[str, Any]:
         """The timm size arguments given (``model_kwargs`` under the single size flags), with the image size."""
-        sizes = {**(self.model_kwargs or {}), **{k: getattr(self, k) for k in SIZE_ARGUMENTS if getattr(self, k) is not None}}
+        sizes = {
+            **(self.model_kwargs or {}),
+            **{k: getattr(self, k) for k in SIZE_ARGUMENTS if getattr(self, k) is not None},
+        }
         img_size = self.img_size or default_img_size
         return plain({**sizes, "img_size": img_size} if img_size else sizes)
 
@@ -101,7 +104,9 @@ def run_folder(run: str | None, checkpoint: str | None) -> Path | None:
     return None
 
 
-def resolve_backbone(source: BackboneSource, run: str | None = None, default_img_size: int | None = None) -> ResolvedBackbone:
+def resolve_backbone(
+    source: BackboneSource, run: str | None = None, default_img_size: int | None = None
+) -> ResolvedBackbone:
     """Build the backbone ``source`` (and an optional positional run folder ``run``) name."""
     if run is not None and source.checkpoint is not None:
         raise RegablateError("give a run folder or --checkpoint, not both")
@@ -141,7 +146,9 @@ def resolve_backbone(source: BackboneSource, run: str | None = None, default_img
     return _resolved(model, name, pretrained, folder, description)
 
 
-def _resolved(model: VisionTransformer, name: str, pretrained: bool, folder: Path | None, description: dict[str, Any]) -> ResolvedBackbone:
+def _resolved(
+    model: VisionTransformer, name: str, pretrained: bool, folder: Path | None, description: dict[str, Any]
+) -> ResolvedBackbone:
     description = {**description, "num_registers": model.num_reg_tokens, "img_size": list(model.patch_embed.img_size)}
     return ResolvedBackbone(model, name, pretrained, folder, description)
 

@@ -1,27 +1,29 @@
-"""The feature cache: one file per split, keyed by the backbone's weights and the data config.
+"""The feature cache: one safetensors file per split, keyed by the backbone's weights and the data config.
 
-``<cache_dir>/<key>/<split>.pt`` where ``key`` hashes the weights fingerprint together with
-everything that decides which images and targets a split holds. The file also stores both
-halves of its key, and a file whose stored fingerprint or data config differs from the
-expected one is an error, never silently reused (a copied or hand-moved cache folder).
-Files are written to a temporary name and renamed, so an interrupted run leaves no half file.
+``<cache_dir>/<key>/<split>.safetensors`` where ``key`` hashes the weights fingerprint together
+with everything that decides which images and targets a split holds. The file's metadata also
+stores both halves of its key, and a file whose stored fingerprint or data config differs from
+the expected one is an error, never silently reused (a copied or hand-moved cache folder).
+safetensors holds plain tensors only (nothing is unpickled on read); files are written to a
+temporary name and renamed, so an interrupted run leaves no half file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from regablate.errors import RegablateError
 from regablate.probe.features import FeatureSet
+from regablate.runs import atomic_path
 
-FORMAT = 1
+FORMAT = 2
+META_KEY = "regablate"  # the safetensors metadata entry that holds the cache key
 
 
 def cache_key(fingerprint: str, data_config: dict[str, Any]) -> str:
@@ -39,7 +41,7 @@ class FeatureCache:
         self.folder = Path(root) / cache_key(fingerprint, self.data_config)
 
     def path(self, split: str) -> Path:
-        return self.folder / f"{split}.pt"
+        return self.folder / f"{split}.safetensors"
 
     def load(self, split: str) -> FeatureSet | None:
         """The cached features of ``split``, or ``None`` when there are none yet."""
@@ -47,10 +49,13 @@ class FeatureCache:
         if not path.is_file():
             return None
         try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            meta, tensors = stored["meta"], stored["tensors"]
+            with safe_open(str(path), framework="pt") as handle:
+                meta = json.loads((handle.metadata() or {})[META_KEY])
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
         except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
-            raise RegablateError(f"cannot read probe cache {path} ({type(err).__name__}); delete it to recompute") from None
+            raise RegablateError(
+                f"cannot read probe cache {path} ({type(err).__name__}); delete it to recompute"
+            ) from None
         if meta.get("weights") != self.fingerprint:
             raise RegablateError(
                 f"probe cache {path} was written by another backbone (weights {str(meta.get('weights'))[:12]}, "
@@ -61,13 +66,7 @@ class FeatureCache:
         return FeatureSet(**tensors)
 
     def store(self, split: str, features: FeatureSet) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "weights": self.fingerprint, "data": self.data_config, "split": split}
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{split}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"meta": meta, "tensors": features.to_dict()}, tmp)
-            os.replace(tmp, self.path(split))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        tensors = {key: value.contiguous() for key, value in features.to_dict().items()}
+        with atomic_path(self.path(split)) as tmp:
+            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})

@@ -107,13 +107,18 @@ def _add_test_time_register(
     dataset = frozen_dataset(datamodule, "train")
     images = torch.stack([dataset[i]["image"] for i in range(min(search.num_images, len(dataset)))])
     if cfg.test_time_registers == AUTO:
-        neurons = find_register_neurons(model, images, search, model_name=str(source.get("checkpoint") or source.get("model_name")))
+        neurons = find_register_neurons(
+            model, images, search, model_name=str(source.get("checkpoint") or source.get("model_name"))
+        )
     else:
         neurons = RegisterNeurons.load(cfg.test_time_registers)
     add_test_time_register(model, neurons)
     neurons.save(output_dir / NEURONS_FILE)
     moved = scan(model, images, threshold=Threshold(neurons.search.threshold, neurons.search.threshold_value))
-    print(f"test-time register: {len(neurons.units)} register neurons; {moved.stats['artifacts/outlier_frac']:.2%} outliers left")
+    print(
+        f"test-time register: {len(neurons.units)} register neurons; "
+        f"{moved.stats['artifacts/outlier_frac']:.2%} outliers left"
+    )
     return {**summary_labels(neurons), **stats.summary_keys(moved.stats)}
 
 
@@ -144,7 +149,9 @@ def main(argv: list[str]) -> None:
     output_dir = _output_dir(cfg, resolved)
     known = read_summary(output_dir)
     identity = {"model_name": source.get("model_name"), "num_registers": source["num_registers"]}
-    if resolved.run_dir is not None and output_dir != resolved.run_dir:  # results of a run kept elsewhere still name its seed
+    if (
+        resolved.run_dir is not None and output_dir != resolved.run_dir
+    ):  # results of a run kept elsewhere still name its seed
         identity["seed"] = read_summary(resolved.run_dir).get("seed")
     update_summary(output_dir, {k: v for k, v in identity.items() if k not in known and v is not None})
     if cfg.test_time_registers is not None:

@@ -11,15 +11,16 @@ float32), whether or not they went through the cache, so cached and fresh runs a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from regablate.models.backbone import extract_features
 from regablate.errors import RegablateError
+from regablate.models.backbone import extract_features
 
 # Batch keys a probe may use as targets, and the probe that needs each.
 TARGET_KEYS = ("label", "mask", "depth", "box")
@@ -70,9 +71,7 @@ class ViTExtractor(nn.Module):
         keys, self._keys = self._keys, None
         assert keys is not None, "the attn.qkv hook did not run"
         grid = tuple(self.model.patch_embed.dynamic_feat_size(images.shape[-2:]))
-        return BatchFeatures(
-            cls=tokens.cls, patches=_on_grid(tokens.patches, grid), keys=_on_grid(keys, grid)
-        )
+        return BatchFeatures(cls=tokens.cls, patches=_on_grid(tokens.patches, grid), keys=_on_grid(keys, grid))
 
 
 def _on_grid(tokens: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -14,7 +14,6 @@ What keeps a step cheap: the dense heads compute their loss at a few sampled pix
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import CosineAnnealingLR
 from torchmetrics.classification import MulticlassJaccardIndex
 from torchmetrics.regression import MeanSquaredError
 
@@ -40,12 +39,10 @@ class Schedule:
     seed: int = 0
 
 
-def train_head(
-    optimizer: Optimizer, loss_of: Callable[[Tensor], Tensor], num_samples: int, schedule: Schedule
-) -> None:
+def train_head(optimizer: Optimizer, loss_of: Callable[[Tensor], Tensor], num_samples: int, schedule: Schedule) -> None:
     """Minimise ``loss_of(indices)`` over shuffled mini-batches of sample indices (seeded epochs)."""
     total = schedule.steps
-    cosine = LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+    cosine = CosineAnnealingLR(optimizer, T_max=total)
     order = torch.Generator().manual_seed(schedule.seed)
     step = 0
     while step < total:
@@ -159,7 +156,9 @@ class PixelSampler:
 
     def draw(self, num_images: int, per_image: int) -> tuple[Tensor, Tensor]:
         """Uniform random pixel rows and columns, each ``(num_images, per_image)``."""
-        return torch.randint(self.size[0], (num_images, per_image)), torch.randint(self.size[1], (num_images, per_image))
+        return torch.randint(self.size[0], (num_images, per_image)), torch.randint(
+            self.size[1], (num_images, per_image)
+        )
 
     def __call__(self, values: Tensor, ys: Tensor, xs: Tensor) -> Tensor:
         """Grid values (B, h, w) or (B, h, w, C) -> the upsampled map's values at pixels (ys, xs): (B, P[, C])."""
@@ -168,7 +167,11 @@ class PixelSampler:
         points = torch.stack([(xs + 0.5) * (2 / width) - 1, (ys + 0.5) * (2 / height) - 1], dim=-1)[:, None]
         channels = values if values.dim() == 4 else values[..., None]
         sampled = F.grid_sample(
-            channels.permute(0, 3, 1, 2), points.to(values.dtype), mode="bilinear", padding_mode="border", align_corners=False
+            channels.permute(0, 3, 1, 2),
+            points.to(values.dtype),
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=False,
         )[:, :, 0].transpose(1, 2)  # (B, P, C)
         return sampled if values.dim() == 4 else sampled[..., 0]
 

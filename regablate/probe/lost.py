@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import masks_to_boxes
 
 _CROSS = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
 
@@ -64,18 +65,9 @@ def seed_component(foreground: Tensor, seed: Tensor) -> Tensor:
 
 def mask_boxes(masks: Tensor) -> Tensor:
     """Tight xyxy boxes (B, 4) of non-empty boolean masks (B, h, w), in cells, x2/y2 exclusive."""
-    rows, cols = masks.any(dim=2), masks.any(dim=1)
-    height, width = masks.shape[1:]
-
-    def span(present: Tensor, size: int) -> tuple[Tensor, Tensor]:
-        index = torch.arange(size)
-        first = torch.where(present, index, size).amin(dim=1)
-        last = torch.where(present, index, -1).amax(dim=1) + 1
-        return first, last
-
-    y1, y2 = span(rows, height)
-    x1, x2 = span(cols, width)
-    return torch.stack([x1, y1, x2, y2], dim=1).float()
+    boxes = masks_to_boxes(masks)  # inclusive corners
+    boxes[:, 2:] += 1
+    return boxes
 
 
 def lost_boxes(keys: Tensor, patch_size: tuple[int, int], k: int = 100) -> Tensor:

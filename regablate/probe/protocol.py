@@ -23,8 +23,8 @@ from regablate.probe.features import FeatureSet
 from regablate.probe.heads import (
     DepthHead,
     LinearClassifierGrid,
-    Schedule,
     PixelSampler,
+    Schedule,
     SegmentationHead,
     chunks,
     linear_bin_centres,
@@ -140,7 +140,9 @@ class LinearProbe:
                     self._depth(train, test, report)
                 else:
                     self._lost(test, patch_size, report)
-        report.protocol["settings"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in asdict(self).items()}
+        report.protocol["settings"] = {
+            k: list(v) if isinstance(v, (list, tuple)) else v for k, v in asdict(self).items()
+        }
         return report
 
     def _classify(
@@ -152,7 +154,10 @@ class LinearProbe:
         optimizer = torch.optim.SGD(grid.parameters(), lr=1.0, momentum=0.9, fused=True)
         labels = train.label.long()
         train_head(
-            optimizer, lambda idx: grid.loss(inputs["train"][:, idx], labels[idx]), len(labels), self.schedule(self.cls_steps)
+            optimizer,
+            lambda idx: grid.loss(inputs["train"][:, idx], labels[idx]),
+            len(labels),
+            self.schedule(self.cls_steps),
         )
         val_top1 = _grid_accuracy(grid, inputs["val"], val.label.long(), classes)
         best = int(val_top1.flatten().argmax())
@@ -204,7 +209,7 @@ class LinearProbe:
         report.protocol["seg"] = {
             "features": "patch tokens",
             "head": "BatchNorm + linear per patch (a 1x1 conv), logits bilinearly upsampled to the mask",
-            "loss": f"cross-entropy of the upsampled logits at {self.pixels_per_image} random pixels per image and step",
+            "loss": f"cross-entropy of the upsampled logits at {self.pixels_per_image} random pixels per image a step",
             "classes": classes,
             "ignore_index": self.ignore_index,
             "lr": self.seg_lr,
@@ -253,7 +258,7 @@ class LinearProbe:
             "depth_range": [low, high],
             "lr": self.depth_lr,
             "steps": self.depth_steps,
-            "loss": f"MSE of the upsampled depth at {self.pixels_per_image} random pixels per image and step (valid ones)",
+            "loss": f"MSE of the upsampled depth at {self.pixels_per_image} random valid pixels per image a step",
             "optimizer": "AdamW weight decay 1e-4, cosine",
         }
 

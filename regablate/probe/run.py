@@ -97,7 +97,9 @@ def run_probe(
     cache = None
     if use_cache:
         if fingerprint is None:
-            raise RegablateError("the feature cache needs an extractor with weights (an nn.Module); pass use_cache=False")
+            raise RegablateError(
+                "the feature cache needs an extractor with weights (an nn.Module); pass use_cache=False"
+            )
         cache = FeatureCache(output_dir / CACHE_FOLDER, fingerprint, data_config)
     started = time.perf_counter()
     splits = load_features(extractor, datamodule, cache)

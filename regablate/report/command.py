@@ -62,7 +62,12 @@ def main(argv: list[str]) -> None:
 
 
 def write_report(
-    experiment: Path, *, grid: Grid | None = None, images: str | None = None, num_images: int | None = None, paper: bool | None = None
+    experiment: Path,
+    *,
+    grid: Grid | None = None,
+    images: str | None = None,
+    num_images: int | None = None,
+    paper: bool | None = None,
 ) -> list[Path]:
     """Write every report file of ``experiment``; a grid's ``report:`` settings fill what is not given."""
     settings = grid.report if grid is not None else {}

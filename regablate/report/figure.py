@@ -63,7 +63,9 @@ def draw_figure8(
         raise RegablateError("no run has a num_registers in its summary: nothing to plot")
     num_rows = 0 if images is None else len(images)
     figure = Figure(figsize=(13, 3.4 + 1.6 * num_rows), layout="constrained")
-    top, bottom = figure.subfigures(2, 1, height_ratios=[max(num_rows, 0.01) * 1.6, 3.4]) if num_rows else (None, figure)
+    top, bottom = (
+        figure.subfigures(2, 1, height_ratios=[max(num_rows, 0.01) * 1.6, 3.4]) if num_rows else (None, figure)
+    )
     figure.suptitle(f"{title}: attention maps and frozen-feature probes against the register count", fontsize=12)
     if top is not None:
         _attention_panel(top, images, maps)
@@ -82,11 +84,20 @@ def draw_figure8(
             ax.errorbar(xs, means, yerr=stds, marker=marker, capsize=3, label=series if len(table) > 1 else "this grid")
             plotted = True
         if not plotted:
-            ax.text(0.5, 0.5, f"no {key}\nin the summaries", ha="center", va="center", transform=ax.transAxes, color="grey")
+            ax.text(
+                0.5, 0.5, f"no {key}\nin the summaries", ha="center", va="center", transform=ax.transAxes, color="grey"
+            )
         if paper and key in PAPER:
             twin = ax.twinx()
             reference = [(positions[r], PAPER[key][r]) for r in counts if r in PAPER[key]]
-            twin.plot([x for x, _ in reference], [y for _, y in reference], "s--", color="grey", alpha=0.8, label="paper (ViT-L/14)")
+            twin.plot(
+                [x for x, _ in reference],
+                [y for _, y in reference],
+                "s--",
+                color="grey",
+                alpha=0.8,
+                label="paper (ViT-L/14)",
+            )
             twin.tick_params(axis="y", colors="grey", labelsize=8)
             twin.set_ylabel("paper", color="grey", fontsize=8)
             twin.legend(loc="lower right", fontsize=7)

@@ -16,7 +16,12 @@ PANELS = (
     ("artifacts/outlier_frac", "outlier fraction", False),
 )
 # Columns of results.md beyond the panels, when the runs have them.
-TABLE_EXTRA = (("probe/lost_corloc", True), ("val/top1", True), ("test/top1", True), ("artifacts/norm_max_over_median", False))
+TABLE_EXTRA = (
+    ("probe/lost_corloc", True),
+    ("val/top1", True),
+    ("test/top1", True),
+    ("artifacts/norm_max_over_median", False),
+)
 # Summary-key prefixes that are final metrics (for the HPARAMS view).
 METRIC_PREFIXES = ("probe/", "artifacts/", "val/", "test/", "train/")
 RESERVED_FOLDERS = ("hparams", "slurm")

@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from regablate.errors import RegablateError
-from regablate.report.paper import METRIC_PREFIXES, PANELS, RESERVED_FOLDERS, SEED_AXIS, REGISTER_AXIS, TABLE_EXTRA, TRAINED_SERIES, TTR_SERIES
+from regablate.report.paper import (
+    METRIC_PREFIXES,
+    PANELS,
+    REGISTER_AXIS,
+    RESERVED_FOLDERS,
+    SEED_AXIS,
+    TABLE_EXTRA,
+    TRAINED_SERIES,
+    TTR_SERIES,
+)
 from regablate.runs import SUMMARY_FILE, read_summary, write_folder_atomic
 
 
@@ -80,7 +89,8 @@ def results_markdown(name: str, rows: list[dict[str, Any]]) -> str:
     lines = [
         f"# {name}: the register-count grid",
         "",
-        f"{len(rows)} runs ({len(failed)} failed); each cell is the mean ± std over seeds (n = seeds); the best mean of a column is **bold**.",
+        f"{len(rows)} runs ({len(failed)} failed); each cell is the mean ± std over seeds (n = seeds); "
+        "the best mean of a column is **bold**.",
         "",
         "| series | registers | n | " + " | ".join(key for key, _ in columns) + " |",
         "|---|---:|---:|" + "---:|" * len(columns),
@@ -107,7 +117,12 @@ def write_hparams(folder: Path, rows: list[dict[str, Any]]) -> None:
 
     def write(staging: Path) -> None:
         for row in rows:
-            params = {"num_registers": row.get("num_registers"), "seed": row.get("seed"), "model_name": row.get("model_name"), "task": row.get("task")}
+            params = {
+                "num_registers": row.get("num_registers"),
+                "seed": row.get("seed"),
+                "model_name": row.get("model_name"),
+                "task": row.get("task"),
+            }
             params.update({key.removeprefix("axis/"): value for key, value in row.items() if key.startswith("axis/")})
             params = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
             metrics = {

@@ -24,12 +24,11 @@ from jsonargparse.typing import PositiveInt
 from regablate.commands import Renamed, function_arguments, modernise, tool_parser
 from regablate.errors import RegablateError
 from regablate.report.command import write_report
-from regablate.sweep.grid import Grid, Stage, load_grid
 from regablate.runs import write_text_atomic
+from regablate.sweep.grid import Grid, Stage, load_grid
 from regablate.sweep.launch import LocalLauncher, RunJob, SlurmLauncher, device_slots, stage_command
 from regablate.sweep.resolve import resolve_config
 from regablate.sweep.state import CONFIG_FILE, LOG_FILE, mark_finished, mark_running
-
 
 RENAMED = (
     Renamed("--dry-run", "--dry_run", "true"),
@@ -88,7 +87,9 @@ def sweep(
             experiment / "slurm", loaded.launcher.get("slurm") or {}, max_parallel, devices_per_run, progress.on_event
         )
     else:
-        chosen = LocalLauncher(device_slots(max_parallel, devices_per_run, _num_gpus(devices_per_run)), progress.on_event)
+        chosen = LocalLauncher(
+            device_slots(max_parallel, devices_per_run, _num_gpus(devices_per_run)), progress.on_event
+        )
     chosen.run(plan.jobs)
     if report and loaded.report.get("enabled", True):
         paths = write_report(experiment, grid=loaded)
@@ -99,11 +100,17 @@ def sweep(
             f"{len(progress.failed)} of {progress.total} runs failed: {', '.join(progress.failed)} (logs: {logs}); "
             "run the same command again to retry them"
         )
-    print(f"sweep {loaded.name}: all {progress.total} runs complete in {_duration(time.perf_counter() - progress.started)}", flush=True)
+    print(
+        f"sweep {loaded.name}: all {progress.total} runs complete "
+        f"in {_duration(time.perf_counter() - progress.started)}",
+        flush=True,
+    )
 
 
 def build_parser() -> ArgumentParser:
-    parser = tool_parser("sweep", "Run a register-count grid (see configs/fig8/): every run, its probes, then the Figure 8 report.")
+    parser = tool_parser(
+        "sweep", "Run a register-count grid (see configs/fig8/): every run, its probes, then the Figure 8 report."
+    )
     parser.add_function_arguments(sweep, as_positional=True)
     return parser
 
@@ -169,7 +176,10 @@ def print_plan(grid: Grid, plan: Plan, experiment: Path, max_parallel: int, devi
     total = len(plan.jobs) + len(plan.complete) + len(plan.invalid)
     print(f"grid {grid.name} ({grid.path}): {total} runs -> {experiment}/")
     print(f"axes: {'; '.join(f'{k}={list(v)}' for k, v in grid.axes.items())}")
-    print(f"stages: {' -> '.join(s.name for s in grid.stages)}; launcher {launcher}, max {max_parallel} at once, devices per run {devices or 'from the config'}")
+    print(
+        f"stages: {' -> '.join(s.name for s in grid.stages)}; launcher {launcher}, max {max_parallel} at once, "
+        f"devices per run {devices or 'from the config'}"
+    )
     for job in plan.complete:
         print(f"  {job.run.name}: complete")
     for job, message in plan.invalid:
@@ -197,7 +207,11 @@ class Progress:
         if event == "start":
             self.run_started.setdefault(name, time.perf_counter())
             self.running.add(name)
-            print(f"[{self.done}/{self.total}] {name}: {getattr(detail, 'name', detail)} ... log {job.run_dir / LOG_FILE}{self._eta()}", flush=True)
+            print(
+                f"[{self.done}/{self.total}] {name}: {getattr(detail, 'name', detail)} "
+                f"... log {job.run_dir / LOG_FILE}{self._eta()}",
+                flush=True,
+            )
             return
         self.done += 1
         self.running.discard(name)

@@ -129,7 +129,9 @@ def load_grid(path: str | Path) -> Grid:
 
 def expand(axes: dict[str, Any], overrides: dict[str, Any]) -> list[PlannedRun]:
     """The product of ``axes`` in file order (the last axis varies fastest), one run per point."""
-    choices = [list(values.items()) if isinstance(values, dict) else [(v, v) for v in values] for values in axes.values()]
+    choices = [
+        list(values.items()) if isinstance(values, dict) else [(v, v) for v in values] for values in axes.values()
+    ]
     bundles = {axis for axis, values in axes.items() if isinstance(values, dict)}
     runs = []
     for point in itertools.product(*choices):
@@ -210,7 +212,9 @@ def _check_keys(path: Path, where: str, mapping: Any, allowed: set[str]) -> None
         raise RegablateError(f"{path}: {where} must be a mapping")
     unknown = sorted(set(mapping) - allowed)
     if unknown:
-        raise RegablateError(f"{path}: unknown key(s) {', '.join(unknown)} in {where}; known: {', '.join(sorted(allowed))}")
+        raise RegablateError(
+            f"{path}: unknown key(s) {', '.join(unknown)} in {where}; known: {', '.join(sorted(allowed))}"
+        )
 
 
 def _as_list(value: Any) -> list[Any]:

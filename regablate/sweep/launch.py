@@ -172,7 +172,11 @@ class SlurmLauncher:
     """One Slurm job per run through submitit; ``max_parallel`` caps the job array's running jobs."""
 
     def __init__(
-        self, folder: Path, settings: dict[str, Any], max_parallel: int | None, devices_per_run: int | None,
+        self,
+        folder: Path,
+        settings: dict[str, Any],
+        max_parallel: int | None,
+        devices_per_run: int | None,
         on_event: Callable[[str, RunJob, Any], None],
     ) -> None:
         import submitit

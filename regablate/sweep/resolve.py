@@ -17,8 +17,9 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentError
 
-from regablate.lightning_cli import RegablateCLI, build_cli
 from regablate.errors import RegablateError
+from regablate.hparams import plain
+from regablate.lightning_cli import RegablateCLI, build_cli
 from regablate.sweep.grid import nested
 
 
@@ -48,6 +49,9 @@ def resolve_config(base: list[Path], overrides: dict[str, Any]) -> str:
             raise RegablateError(" ".join(str(err).split())) from None
         finally:
             seed_log.setLevel(level)
-        return cli.parser.dump(cli.config, skip_none=False, skip_check=True)
+        config = cli.config.clone()
+        for key, value in config.items():  # a value checked for another class keeps its constrained type
+            config[key] = plain(value)
+        return cli.parser.dump(config, skip_none=False, skip_check=True)
     finally:
         Path(overrides_file).unlink(missing_ok=True)

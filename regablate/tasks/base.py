@@ -67,7 +67,9 @@ class BackboneTask(LightningModule):
     def configure_metrics(self) -> None:
         """Build the task's torchmetrics (none by default)."""
 
-    def make_backbone(self, num_registers: int | None = None, *, weights: bool = True, **extra: Any) -> VisionTransformer:
+    def make_backbone(
+        self, num_registers: int | None = None, *, weights: bool = True, **extra: Any
+    ) -> VisionTransformer:
         """A backbone as the hyper-parameters describe it: ``num_registers`` (default the task's),
         the configured weights unless ``weights=False`` (random), ``extra`` timm arguments on top."""
         hp = self.hparams

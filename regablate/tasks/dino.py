@@ -17,7 +17,6 @@ import os
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
@@ -198,13 +197,17 @@ class DINO(BackboneTask):
         hp = self.hparams
         ranks = {"rank": self.global_rank, "world_size": self.trainer.world_size} if self._trainer is not None else {}
         global_crops = random_crops(images, 2, hp.img_size, hp.global_crop_scale, generator, **ranks)
-        local_crops = random_crops(images, hp.num_local_crops, hp.local_crop_size, hp.local_crop_scale, generator, **ranks)
+        local_crops = random_crops(
+            images, hp.num_local_crops, hp.local_crop_size, hp.local_crop_scale, generator, **ranks
+        )
         return global_crops, local_crops
 
     def _student_out(self, global_crops: list[Tensor], local_crops: list[Tensor]) -> tuple[Tensor, Tensor]:
         frozen = self.global_step < self.hparams.head_warmup_steps and self.training
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            cls = [self.student.forward_features(torch.cat(group))[:, 0] for group in (global_crops, local_crops) if group]
+            cls = [
+                self.student.forward_features(torch.cat(group))[:, 0] for group in (global_crops, local_crops) if group
+            ]
         cls = torch.cat(cls)
         return self.student_head(cls), cls
 
@@ -215,7 +218,9 @@ class DINO(BackboneTask):
         (2 * B, K). Returns the loss and the teacher probabilities.
         """
         teacher_probs = F.softmax((teacher_out - self.center) / temperature, dim=-1).chunk(2)
-        student_logp = F.log_softmax(student_out / self.hparams.student_temp, dim=-1).chunk(student_out.shape[0] // teacher_probs[0].shape[0])
+        student_logp = F.log_softmax(student_out / self.hparams.student_temp, dim=-1).chunk(
+            student_out.shape[0] // teacher_probs[0].shape[0]
+        )
         total, terms = student_out.new_zeros(()), 0
         for t, probs in enumerate(teacher_probs):
             for s, logp in enumerate(student_logp):
@@ -226,11 +231,12 @@ class DINO(BackboneTask):
 
     @torch.no_grad()
     def update_center(self, teacher_out: Tensor) -> None:
+        """EMA of the teacher's mean output over the global batch (all ranks)."""
         batch_center = teacher_out.sum(0, keepdim=True)
         count = torch.tensor(float(teacher_out.shape[0]), device=teacher_out.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_center)
-            dist.all_reduce(count)
+        if self._trainer is not None:
+            batch_center = self.trainer.strategy.reduce(batch_center, reduce_op="sum")
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
         m = self.hparams.center_momentum
         self.center.mul_(m).add_(batch_center / count, alpha=1 - m)
 
@@ -263,7 +269,9 @@ class DINO(BackboneTask):
         require_finite(out["loss"], self.global_step)
         self.update_center(out["teacher_out"])
         self.log("train/loss", out["loss"], prog_bar=True)
-        self.log_dict({f"train/{k}": out[k] for k in ("teacher_temp", "teacher_entropy", "teacher_batch_entropy", "feature_std")})
+        self.log_dict(
+            {f"train/{k}": out[k] for k in ("teacher_temp", "teacher_entropy", "teacher_batch_entropy", "feature_std")}
+        )
         return out["loss"]
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

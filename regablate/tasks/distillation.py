@@ -145,9 +145,7 @@ class Distillation(BackboneTask):
         batch = images.shape[0]
         grid_h, grid_w = self.teacher.patch_embed.grid_size
         patches = features.patches.reshape(len(self.views), batch, grid_h, grid_w, -1)
-        aligned = torch.stack(
-            [undo_view(patches[v], (dy, dx), flip) for v, (dy, dx, flip) in enumerate(self.views)]
-        )
+        aligned = torch.stack([undo_view(patches[v], (dy, dx), flip) for v, (dy, dx, flip) in enumerate(self.views)])
         cls = features.cls.reshape(len(self.views), batch, -1).mean(0)
         return cls, aligned.mean(0).flatten(1, 2)
 

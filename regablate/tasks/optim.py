@@ -36,7 +36,9 @@ def adamw_warmup_cosine(
     groups = param_groups_weight_decay(module, weight_decay=weight_decay, no_weight_decay_list=skip)
     optimizer = AdamW(groups, lr=lr, betas=betas)
     if not math.isfinite(total_steps):
-        raise RegablateError("the learning-rate schedule needs a finite length: set trainer.max_steps or trainer.max_epochs")
+        raise RegablateError(
+            "the learning-rate schedule needs a finite length: set trainer.max_steps or trainer.max_epochs"
+        )
     total_steps = max(int(total_steps), 1)
     warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
     cosine = CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps, eta_min=lr * min_lr_ratio)
