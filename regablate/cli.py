@@ -70,10 +70,9 @@ def _find_user_error(err: BaseException | None) -> RegablateError | None:
     return None
 
 
-_RESTRICTION = re.compile(
-    r"Parser key \"([\w.]+)\":.*?Not of type (\w+): does not conform to restriction ([^-]+?)\s*(?:- |Given)"
-    r".*?Given value: (\S+)"
-)
+_KEY = re.compile(r"Parser key \"([\w.]+)\"")
+_RESTRICTION = re.compile(r"Not of type (\w+): (?:(\S+) )?does not conform to restriction (\S+)")
+_GIVEN = re.compile(r"Given value: (\S+)")
 _SUBCLASS = re.compile(
     r"Parser key \"(\w+)\".*?Problem with given class_path '([^']+)': (.*?)(?: - Expected a <class 'NoneType'>|$)"
 )
@@ -87,12 +86,16 @@ def parser_message(message: str) -> str:
     """
     message = " ".join(message.split())
     restriction = _RESTRICTION.search(message)
-    if restriction:
-        key, type_name, rule, value = restriction.groups()
+    keys = _KEY.findall(message)
+    if restriction and keys:
+        type_name, value, rule = restriction.groups()
+        given = _GIVEN.search(message)
+        value = value if value is not None else (given.group(1) if given else "the value")
+        key = keys[-1]
         owner = _SUBCLASS.search(message)
-        if owner and not key.startswith(owner.group(1) + "."):
-            key = f"{owner.group(1)}.init_args.{key}"
-        return f"--{key}: {value} is not a {type_name} ({rule.strip()})"
+        if owner and len(keys) > 1:
+            key = f"{keys[0]}.init_args.{key}"
+        return f"--{key}: {value} is not a {type_name} ({rule})"
     match = _SUBCLASS.search(message)
     if match:
         key, class_path, problem = match.groups()
