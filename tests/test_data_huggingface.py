@@ -53,8 +53,10 @@ def test_image_folder_loads_with_classes_and_carved_validation(tmp_path):
     dm = HFDataModule(str(folder), img_size=16, batch_size=3, val_fraction=0.25)
     assert (dm.num_classes, dm.img_size, dm.mean, dm.std) == (3, 16, IMAGENET_MEAN, IMAGENET_STD)
     assert (len(dm.splits["train"]), len(dm.splits["val"])) == (9, 3)
-    assert dm.splits["test"] is dm.splits["val"]
-    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader(), dm.predict_dataloader()):
+    assert dm.has_split("train") and dm.has_split("val") and not dm.has_split("test")
+    with pytest.raises(RegablateError, match="no test split"):
+        dm.test_dataloader()
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
         batch = next(iter(loader))
         assert batch.keys() == {"image", "label"}
         assert batch["image"].shape == (3, 3, 16, 16) and batch["image"].dtype == torch.float32
@@ -77,7 +79,8 @@ def test_image_folder_with_split_folders_uses_them(tmp_path):
     write_image_folder(tmp_path / "data" / "validation", per_class=2)
     dm = HFDataModule(str(tmp_path / "data"), img_size=16)
     assert dm.num_classes == 3
-    assert (len(dm.splits["train"]), len(dm.splits["val"]), len(dm.splits["test"])) == (9, 6, 6)
+    assert (len(dm.splits["train"]), len(dm.splits["val"])) == (9, 6)
+    assert not dm.has_split("test"), "the validation data must not stand in for a missing test split"
 
 
 def test_saved_dataset_dict_maps_columns_and_keeps_its_splits(tmp_path):
@@ -136,12 +139,14 @@ def test_forced_local_source_needs_the_folder(tmp_path):
 
 def test_empty_image_folder_is_a_user_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RegablateError, match="no images found"):
+    with pytest.raises(RegablateError, match="no data files found"):
         HFDataModule(str(tmp_path / "empty"))
 
 
 def test_unreachable_hub_dataset_is_a_user_error():
-    with pytest.raises(RegablateError, match="cannot load dataset someone/no-such-dataset"):
+    with pytest.raises(
+        RegablateError, match="cannot reach the Hugging Face Hub for someone/no-such-dataset and it is not in the cache"
+    ):
         HFDataModule("someone/no-such-dataset")
 
 
