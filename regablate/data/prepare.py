@@ -19,6 +19,7 @@ from typing import Any
 import datasets
 from tqdm.auto import tqdm
 
+from regablate.errors import RegablateError
 from regablate.runs import write_folder_atomic
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def write_prepared(output: str | Path, features: datasets.Features, splits: dict
             bars = datasets.utils.logging.is_progress_bar_enabled()
             datasets.disable_progress_bars()  # ours has the total and the ETA
             try:
-                for split, spec in splits.items():
+                for split, spec in splits.items():  # a RegablateError inside a generator comes out wrapped
                     written[split] = datasets.Dataset.from_generator(
                         _with_progress,
                         features=features,
@@ -63,6 +64,11 @@ def write_prepared(output: str | Path, features: datasets.Features, splits: dict
                         gen_kwargs={"rows": spec.rows, "total": spec.total, "desc": split, **_unsharded(spec.kwargs)},
                         split=datasets.Split(split),
                     )
+            except datasets.exceptions.DatasetGenerationError as err:
+                cause = err.__cause__ or err.__context__
+                if isinstance(cause, RegablateError):
+                    raise cause from None
+                raise
             finally:
                 if bars:
                     datasets.enable_progress_bars()
