@@ -125,3 +125,37 @@ def test_imagenet_webdataset_shards_with_jpg_and_cls(tmp_path):
     assert eval_batch(dm)["label"].tolist() == [0, 1]
     with pytest.raises(RegablateError, match=r"column 'image' not found .*columns: jpg, cls, json"):
         HFDataModule(str(folder))
+
+
+class PixelFeatures(torch.nn.Module):
+    """One token per pixel (its RGB values): enough for a depth head to train on."""
+
+    def forward(self, images):
+        from regablate.probe.features import BatchFeatures
+
+        patches = images.permute(0, 2, 3, 1)
+        return BatchFeatures(cls=images.mean(dim=(2, 3)), patches=patches, keys=patches[..., :1])
+
+
+def test_invalid_depth_pixels_are_counted_in_the_log_and_never_scored(tmp_path, caplog):
+    import logging
+
+    from regablate.probe.protocol import LinearProbe
+    from regablate.probe.run import run_probe
+
+    depth, rows = depth_rows("depth")
+    path = save(tmp_path, rows, splits=("train", "validation", "test"))
+    dm = HFDataModule(path, depth_column="depth", label_column=None, max_depth=10.0, img_size=8, eval_resize="pad")
+    invalid = int((dm.dataset("test", augment=False)[0]["depth"] == 0).sum()) * 2
+    with caplog.at_level(logging.INFO, logger="regablate.probe.protocol"):
+        report = run_probe(
+            PixelFeatures(),
+            dm,
+            LinearProbe(batch_size=2, depth_steps=3, probes=["depth"]),
+            output_dir=tmp_path / "out",
+            patch_size=(1, 1),
+            data_config={"depth": 1},
+            use_cache=False,
+        )
+    assert f"depth: {invalid} of 128 test pixels invalid" in caplog.text
+    assert np.isfinite(report.metrics["probe/depth_rmse"])

@@ -158,3 +158,12 @@ def test_a_later_stage_that_cannot_load_stops_the_sweep_before_anything_runs(tmp
     assert sweep(tmp_path, grid) == 2  # the real sweep: refused before any fit
     assert time.perf_counter() - started < 30 and not (tmp_path / "runs").exists()
     assert "probe_seg: ERROR" in capsys.readouterr().out
+
+
+def test_preflight_false_skips_the_check(tmp_path, capsys):
+    grid = grid_file(tmp_path, tmp_path / "not_prepared")
+    regablate_main(
+        ["sweep", str(grid), "--output", str(tmp_path / "runs"), "--dry_run", "true", "--preflight", "false"]
+    )
+    out = capsys.readouterr().out
+    assert "r2_s0: new, fit -> probe_seg" in out and "preflight:" not in out
