@@ -35,14 +35,6 @@ def clean_depth(depth: np.ndarray, scale: float, max_depth: float | None) -> np.
     return depth
 
 
-def invalid_depth_count(depth: np.ndarray, max_depth: float | None = None) -> int:
-    """Pixels of ``depth`` that ``clean_depth`` marks invalid (for logs)."""
-    invalid = ~np.isfinite(depth) | (depth <= 0)
-    if max_depth is not None:
-        invalid |= depth > max_depth
-    return int(invalid.sum())
-
-
 class PadToSquare(v2.Transform):
     """Pad the image and its targets, centred, to a ``size`` x ``size`` square.
 
