@@ -54,6 +54,28 @@ def main(args: list[str] | None = None) -> None:
         _fail(str(user_error))
 
 
+def run_script(function: Callable[..., None], argv: list[str] | None = None) -> None:
+    """Entry point of a ``scripts/*.py`` tool: its flags from ``function``'s signature, in the tools' style.
+
+    Bad flags and ``RegablateError`` end it with one line, ``NAME: error: ...``, and exit code 2.
+    """
+    from regablate.commands import function_arguments, tool_parser
+
+    prog = function.__name__
+    parser = tool_parser(prog, (function.__doc__ or "").strip().splitlines()[0])
+    parser.prog = prog
+    parser.add_function_arguments(function, as_positional=True)
+    try:
+        function(**function_arguments(parser.parse_args(argv)))
+    except ArgumentError as err:
+        _fail(parser_message(str(err)), prog)
+    except Exception as err:
+        user_error = _find_user_error(err)
+        if user_error is None:
+            raise
+        _fail(str(user_error), prog)
+
+
 def _tools_help() -> str:
     lines = [f"  regablate {name} ...  {help_text}" for name, (_, help_text) in TOOLS.items()]
     return "more commands (each has --help):\n" + "\n".join(lines)
@@ -103,6 +125,6 @@ def parser_message(message: str) -> str:
     return message
 
 
-def _fail(message: str) -> None:
-    print(f"regablate: error: {' '.join(message.split())}", file=sys.stderr)
+def _fail(message: str, prog: str = "regablate") -> None:
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
     raise SystemExit(2)

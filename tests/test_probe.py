@@ -238,7 +238,9 @@ def test_data_without_a_probes_columns_skip_it_with_a_warning(tmp_path, offline_
         "seg": [Image.fromarray((rng.random((16, 16)) > 0.5).astype(np.uint8)) for _ in range(n)],
     }
     datasets.DatasetDict(
-        train=datasets.Dataset.from_dict(rows(24)), validation=datasets.Dataset.from_dict(rows(8))
+        train=datasets.Dataset.from_dict(rows(24)),
+        validation=datasets.Dataset.from_dict(rows(8)),
+        test=datasets.Dataset.from_dict(rows(8)),
     ).save_to_disk(str(tmp_path / "saved"))
     data = HFDataModule(str(tmp_path / "saved"), mask_column="seg", img_size=16, batch_size=8)
     extractor = OracleExtractor(1)

@@ -219,6 +219,14 @@ class LinearProbe:
 
     def _depth(self, train: FeatureSet, test: FeatureSet, report: ProbeReport) -> None:
         known = train.depth[valid_depth(train.depth)]
+        for split, depth in (("train", train.depth), ("test", test.depth)):
+            invalid = depth.numel() - int(valid_depth(depth).sum())
+            log.info(
+                "depth: %d of %d %s pixels invalid (missing or out of range): never scored",
+                invalid,
+                depth.numel(),
+                split,
+            )
         if known.numel() == 0:
             report.skipped["depth"] = "the train split has no valid (finite, positive) depth"
             log.warning("skipping the depth probe: %s", report.skipped["depth"])
