@@ -208,3 +208,22 @@ def test_count_label_datamodule_has_one_class_per_object_count():
     assert len(batch["label"].unique()) >= 4  # counts vary
     # the box is the largest object's: inside the image and non-empty
     assert (batch["box"][:, 2] > batch["box"][:, 0]).all() and (batch["box"][:, 3] > batch["box"][:, 1]).all()
+
+
+def test_count_label_trains_a_classifier_with_its_own_num_classes(tmp_path):
+    # The data's num_classes (object classes, 16) and the model's (counts, 6) differ: Lightning's
+    # hparams merge must not see two num_classes of different values.
+    from lightning import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from regablate.tasks import Classification
+
+    dm = SyntheticScenes(num_classes=16, max_objects=6, object_size=(0.07, 0.12), label="count",
+                         train_size=8, val_size=4, test_size=4, batch_size=4)
+    model = Classification(model_name="vit_tiny_patch16_224", num_registers=1, num_classes=6, img_size=32,
+                           model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}, warmup_steps=0)
+    trainer = Trainer(max_steps=1, logger=TensorBoardLogger(tmp_path), enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(model, dm)
+    assert trainer.global_step == 1
+    assert dm.hparams["num_object_classes"] == 16 and "num_classes" not in dm.hparams

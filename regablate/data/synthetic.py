@@ -328,8 +328,14 @@ class SyntheticScenes(SplitDataModule):
         if object_size is not None:
             lo, hi = (float(v) for v in object_size)
             require(0.0 < lo <= hi <= 0.25, f"object_size must be [lo, hi] with 0 < lo <= hi <= 0.25 (radius / side), got {list(object_size)}")
-        self.save_hyperparameters()
+        # With count labels, num_classes (object classes) differs from the model's num_classes (counts);
+        # Lightning refuses to log two hparams of one name with different values, so it is kept as
+        # num_object_classes instead.
+        self.save_hyperparameters(ignore=["num_classes"] if label == "count" else None)
+        if label == "count":
+            self.hparams["num_object_classes"] = num_classes
         self.img_size = img_size
+        self.num_object_classes = num_classes
         # The number of label values (what model.num_classes must equal); masks keep K + 1 values.
         self.num_classes = num_classes if label == "largest" else max_objects - min_objects + 1
         self.num_seg_classes = num_classes + 1
@@ -343,7 +349,7 @@ class SyntheticScenes(SplitDataModule):
             split=split,
             size=hp[f"{split}_size"],
             img_size=hp.img_size,
-            num_classes=hp.num_classes,
+            num_classes=self.num_object_classes,
             max_objects=hp.max_objects,
             hue_jitter=hp.hue_jitter,
             mean=self.mean,
