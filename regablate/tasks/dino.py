@@ -23,6 +23,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from torchvision.ops import roi_align
 
 from regablate.errors import RegablateError
+from regablate.models.backbone import global_feature
 from regablate.tasks.base import BackboneTask
 from regablate.tasks.optim import require_finite
 
@@ -205,11 +206,14 @@ class DINO(BackboneTask):
     def _student_out(self, global_crops: list[Tensor], local_crops: list[Tensor]) -> tuple[Tensor, Tensor]:
         frozen = self.global_step < self.hparams.head_warmup_steps and self.training
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            cls = [
-                self.student.forward_features(torch.cat(group))[:, 0] for group in (global_crops, local_crops) if group
-            ]
+            cls = [self._global(self.student, torch.cat(group)) for group in (global_crops, local_crops) if group]
         cls = torch.cat(cls)
         return self.student_head(cls), cls
+
+    @staticmethod
+    def _global(backbone: nn.Module, images: Tensor) -> Tensor:
+        """The DINO heads' input: the CLS token, or the pooled feature of a ViT without one."""
+        return global_feature(backbone, backbone.forward_features(images))
 
     def dino_loss(self, student_out: Tensor, teacher_out: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
         """Cross-entropy of every student crop against every other global teacher crop.
@@ -248,7 +252,7 @@ class DINO(BackboneTask):
     def _shared_step(self, images: Tensor, step: int, generator: torch.Generator) -> dict[str, Tensor]:
         global_crops, local_crops = self.crops(images, generator)
         with torch.no_grad():
-            teacher_out = self.teacher_head(self.backbone.forward_features(torch.cat(global_crops))[:, 0])
+            teacher_out = self.teacher_head(self._global(self.backbone, torch.cat(global_crops)))
         student_out, student_cls = self._student_out(global_crops, local_crops)
         temperature = self.teacher_temperature(step)
         loss, probs = self.dino_loss(student_out, teacher_out, temperature)

@@ -98,7 +98,7 @@ class Distillation(BackboneTask):
             num_views: teacher views averaged into each target (1: no denoising).
             patch_cosine_weight: weight of (1 - cosine) between student and target patches.
             patch_mse_weight: weight of the MSE between student and target patches.
-            cls_weight: weight of the CLS loss ((1 - cosine) + MSE).
+            cls_weight: weight of the CLS loss ((1 - cosine) + MSE; the pooled feature for a ViT without CLS).
             register_init_std: std of the normal new registers start from.
             model_name: timm ViT name of the source model (the recipe's default: DINOv2 ViT-S/14).
             weight_decay: AdamW weight decay (the recipe's default: none, few parameters train).
@@ -146,7 +146,7 @@ class Distillation(BackboneTask):
         grid_h, grid_w = self.teacher.patch_embed.grid_size
         patches = features.patches.reshape(len(self.views), batch, grid_h, grid_w, -1)
         aligned = torch.stack([undo_view(patches[v], (dy, dx), flip) for v, (dy, dx, flip) in enumerate(self.views)])
-        cls = features.cls.reshape(len(self.views), batch, -1).mean(0)
+        cls = features.pooled.reshape(len(self.views), batch, -1).mean(0)
         return cls, aligned.mean(0).flatten(1, 2)
 
     def _losses(self, images: Tensor) -> dict[str, Tensor]:
@@ -157,8 +157,8 @@ class Distillation(BackboneTask):
         loss_patch = hp.patch_cosine_weight * (1 - patch_cos) + hp.patch_mse_weight * F.mse_loss(
             student.patches, target_patches
         )
-        loss_cls = (1 - F.cosine_similarity(student.cls, target_cls, dim=-1).mean()) + F.mse_loss(
-            student.cls, target_cls
+        loss_cls = (1 - F.cosine_similarity(student.pooled, target_cls, dim=-1).mean()) + F.mse_loss(
+            student.pooled, target_cls
         )
         return {
             "loss": loss_patch + hp.cls_weight * loss_cls,
