@@ -1,4 +1,4 @@
-"""``AttentionMaps``: where the last block's CLS token and registers look, as a TensorBoard image grid."""
+"""``AttentionMaps``: where the global query (CLS) and the registers look, as a TensorBoard image grid."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from regablate.callbacks.fixed_images import FixedImagesCallback, normalisation,
 class AttentionMaps(FixedImagesCallback):
     """Log ``attention/cls``: for a few fixed validation images, one row each: the image, the last
     block's CLS-to-patch attention (head mean), then each register's attention to the patches.
+    A ViT without a class token shows its global query instead: the attention pool's query for
+    ``map`` models (SigLIP), the attention the patches receive from the patches for avg-pooled
+    ones (``regablate.artifacts.scan``).
 
     Artifacts show as bright spots on background in the CLS map; registers take them over.
     Measured at train start, at every validation end and every ``every_n_steps`` steps when set,
