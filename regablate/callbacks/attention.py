@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jsonargparse.typing import PositiveInt
 from lightning import LightningModule, Trainer
 
 from regablate.artifacts.pictures import attention_grid, unnormalize
@@ -26,7 +27,7 @@ class AttentionMaps(FixedImagesCallback):
         every_n_steps: also log every this many optimiser steps (null: validation ends only).
     """
 
-    def __init__(self, num_images: int = 8, every_n_steps: int | None = None) -> None:
+    def __init__(self, num_images: PositiveInt = 8, every_n_steps: PositiveInt | None = None) -> None:
         super().__init__(num_images, every_n_steps)
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning import LightningModule, Trainer
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -77,13 +78,13 @@ class OutlierNormMonitor(FixedImagesCallback):
 
     def __init__(
         self,
-        every_n_steps: int | None = 100,
-        num_images: int = 16,
+        every_n_steps: PositiveInt | None = 100,
+        num_images: PositiveInt = 16,
         threshold: str = "relative",
-        threshold_value: float | None = None,
+        threshold_value: PositiveFloat | None = None,
         blocks: Sequence[int] | None = None,
         histograms: bool = True,
-        train_batch_every_n_steps: int | None = None,
+        train_batch_every_n_steps: PositiveInt | None = None,
     ) -> None:
         super().__init__(num_images, every_n_steps)
         if train_batch_every_n_steps is not None and train_batch_every_n_steps < 1:

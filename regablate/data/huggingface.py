@@ -9,6 +9,7 @@ from typing import Any, Literal
 import datasets
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torchvision import tv_tensors
@@ -16,6 +17,7 @@ from torchvision.transforms import v2
 
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD, SplitDataModule, check_loader_args, require
 from regablate.errors import RegablateError
+from regablate.hparams import make_hyperparameters_plain
 
 Source = Literal["auto", "hub", "imagefolder", "disk"]
 BoxFormat = Literal["xyxy", "xywh"]
@@ -198,17 +200,17 @@ class HFDataModule(SplitDataModule):
         mask_column: str | None = None,
         depth_column: str | None = None,
         box_column: str | None = None,
-        num_seg_classes: int | None = None,
-        depth_scale: float = 1.0,
+        num_seg_classes: PositiveInt | None = None,
+        depth_scale: PositiveFloat = 1.0,
         box_format: BoxFormat = "xyxy",
         train_split: str = "train",
         val_split: str | None = "validation",
         test_split: str | None = "test",
-        val_fraction: float = 0.1,
-        img_size: int = 224,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
+        val_fraction: OpenUnitInterval = 0.1,
+        img_size: PositiveInt = 224,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 0,
+        seed: NonNegativeInt = 0,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         hflip: bool = True,
@@ -217,7 +219,8 @@ class HFDataModule(SplitDataModule):
         check_loader_args(img_size, batch_size, num_workers, mean, std)
         require(0.0 < val_fraction < 1.0, f"val_fraction must be between 0 and 1, got {val_fraction}")
         self.save_hyperparameters()
-        self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
+        make_hyperparameters_plain(self)
+        self.img_size, self.mean, self.std = int(img_size), tuple(mean), tuple(std)
         require(depth_scale > 0, f"depth_scale must be positive, got {depth_scale}")
         require(
             num_seg_classes is None or num_seg_classes >= 1,

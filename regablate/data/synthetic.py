@@ -18,9 +18,11 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
 from torch.utils.data import Dataset
 
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD, SplitDataModule, check_loader_args, require
+from regablate.hparams import make_hyperparameters_plain
 
 # Shape tests on rotated coordinates (u, v) in units of the object's radius. Every shape
 # fits in a disc of radius _REACH, which bounds the window each object is drawn in.
@@ -37,6 +39,7 @@ _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     ),
 }
 SHAPES = tuple(_SHAPES)
+HueJitter = restricted_number_type("HueJitter", float, [(">=", 0), ("<=", 0.5)], docstring="a hue shift in [0, 0.5]")
 TEXTURES = ("solid", "stripes", "checker", "dots")
 _REACH = 1.25  # the square's corner: 0.85 * sqrt(2)
 _DARK = 0.5  # brightness of the dark parts of a texture
@@ -243,17 +246,17 @@ class SyntheticScenes(SplitDataModule):
 
     def __init__(
         self,
-        img_size: int = 32,
-        num_classes: int = 10,
-        max_objects: int = 3,
-        train_size: int = 10000,
-        val_size: int = 1000,
-        test_size: int = 1000,
-        seed: int = 0,
-        batch_size: int = 64,
-        num_workers: int = 0,
+        img_size: PositiveInt = 32,
+        num_classes: PositiveInt = 10,
+        max_objects: PositiveInt = 3,
+        train_size: PositiveInt = 10000,
+        val_size: PositiveInt = 1000,
+        test_size: PositiveInt = 1000,
+        seed: NonNegativeInt = 0,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 0,
         hflip: bool = True,
-        hue_jitter: float = 0.03,
+        hue_jitter: HueJitter = 0.03,
     ) -> None:
         super().__init__()
         check_loader_args(img_size, batch_size, num_workers, IMAGENET_MEAN, IMAGENET_STD)
@@ -264,7 +267,8 @@ class SyntheticScenes(SplitDataModule):
         require(seed >= 0, f"seed must be 0 or more, got {seed}")
         require(0.0 <= hue_jitter <= 0.5, f"hue_jitter must be between 0 and 0.5, got {hue_jitter}")
         self.save_hyperparameters()
-        self.img_size = img_size
+        make_hyperparameters_plain(self)
+        self.img_size = int(img_size)
         self.num_classes = num_classes
         self.num_seg_classes = num_classes + 1
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from jsonargparse.typing import ClosedUnitInterval, PositiveInt
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -29,10 +30,10 @@ class Classification(BackboneTask):
 
     def __init__(
         self,
-        num_classes: int = 10,
+        num_classes: PositiveInt = 10,
         pool: Pool = "cls",
         freeze_backbone: bool = False,
-        label_smoothing: float = 0.0,
+        label_smoothing: ClosedUnitInterval = 0.0,
         **kwargs: Any,
     ) -> None:
         """

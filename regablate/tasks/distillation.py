@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 from torch import Tensor
 
 from regablate.errors import RegablateError
@@ -80,14 +81,14 @@ class Distillation(BackboneTask):
         self,
         teacher_registers: int = 0,
         trainable: str | list[str] = "registers+pos+last",
-        num_views: int = 4,
-        patch_cosine_weight: float = 1.0,
-        patch_mse_weight: float = 1.0,
-        cls_weight: float = 1.0,
-        register_init_std: float = 0.02,
+        num_views: PositiveInt = 4,
+        patch_cosine_weight: NonNegativeFloat = 1.0,
+        patch_mse_weight: NonNegativeFloat = 1.0,
+        cls_weight: NonNegativeFloat = 1.0,
+        register_init_std: NonNegativeFloat = 0.02,
         model_name: str = "vit_small_patch14_dinov2",
-        weight_decay: float = 0.0,
-        warmup_steps: int = 50,
+        weight_decay: NonNegativeFloat = 0.0,
+        warmup_steps: NonNegativeInt = 50,
         **kwargs: Any,
     ) -> None:
         """
