@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from regablate.artifacts import stats as artifacts
+from regablate.artifacts.register_neurons import NeuronSearch, add_test_time_register, find_register_neurons
 from regablate.artifacts.scan import pool_attention, scan
 from regablate.artifacts.stats import Threshold
 from regablate.artifacts.verdict import decide, summary_lines
 from regablate.data import SyntheticScenesDataset
 from regablate.errors import RegablateError
-from regablate.models import TokenLayout
+from regablate.models import TokenLayout, extract_features
 from tests.planted import CORNERS, plant_artifacts, tiny_vit
 
 GRID = (8, 8)
@@ -350,3 +351,20 @@ def test_verdict_on_scans_of_planted_models(scenes, planted, label):
     if planted:
         plant_artifacts(model, onset=1, sink=planted == "register-style")
     assert decide(scan(model, images, segmentation=segmentation).stats).label == label
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+def test_a_test_time_register_takes_the_artifacts_of_a_vit_without_class_token(scenes, registers):
+    images = scenes[0]
+    model = plant_artifacts(tiny_vit(registers, class_token=False, global_pool="avg"), onset=1, units=(3, 9)).eval()
+    neurons = find_register_neurons(model, images, NeuronSearch(top_k=2))
+    assert set(neurons.units) == {(1, 3), (1, 9)}
+    add_test_time_register(model, neurons)
+    layout = TokenLayout.of(model)
+    assert layout == TokenLayout(False, registers, 1) and layout.num_prefix == registers + 1  # [REG.., TTR, PATCH]
+    stats = scan(model, images).stats
+    assert all(stats[f"artifacts/outlier_frac/block_{b:02d}"] == 0.0 for b in range(4))
+    assert stats["artifacts/register_norm_max"] > 20, "the extra token holds the high norm now"
+    with torch.no_grad():
+        features = extract_features(model, images)
+    assert features.registers.shape[1] == registers + 1 and features.patches.shape[1] == 64

@@ -344,3 +344,31 @@ def test_a_class_token_checkpoint_loads_under_a_siglip_name(tmp_path, images):
     assert model.global_pool == "token" and model.attn_pool is None
     with torch.no_grad():
         assert torch.equal(extract_features(model, images).pooled, source.forward_features(images)[:, 0])
+
+
+def test_probe_features_and_probe_json_of_a_vit_without_class_token(tmp_path, images):
+    """The probes read the pooled feature where they read CLS, LOST the patch keys only, and probe.json says so."""
+    import json
+
+    from regablate.cli import main
+    from regablate.probe.features import ViTExtractor
+
+    torch.manual_seed(0)
+    model = build_backbone("vit_base_patch16_siglip_224", 2, **TINY).eval()
+    features = ViTExtractor(model)(images)
+    with torch.no_grad():
+        expected = extract_features(model, images)
+    torch.testing.assert_close(features.cls, expected.pooled)
+    torch.testing.assert_close(features.patches, expected.patches.reshape(3, 8, 8, 32))
+    assert features.keys.shape == (3, 8, 8, 32), "LOST's keys are the patches' only, registers left out"
+    path = tmp_path / "siglip.safetensors"
+    save_file(model.state_dict(), path)
+    sizes = [f"--{key}={value}" for key, value in TINY.items()]
+    data = ["--data.train_size", "64", "--data.val_size", "32", "--data.test_size", "32", "--data.batch_size", "32"]
+    steps = ["--probe.cls_steps", "5", "--probe.seg_steps", "5", "--probe.depth_steps", "5", "--probe.batch_size", "32"]
+    out = tmp_path / "probe"
+    main(["probe", "--model", TINY_MODEL, "--checkpoint", str(path), *sizes, *data, *steps, "--output", str(out)])
+    written = json.loads((out / "probe.json").read_text())
+    assert written["source"]["class_token"] is False
+    assert written["source"]["global_feature"] == "attention pool (attn_pool) over the patch tokens"
+    assert {"probe/cls_top1", "probe/seg_miou", "probe/lost_corloc"} <= set(written["metrics"])
