@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from regablate.cli import main
-from regablate.data.images import image_files, load_images, load_masks
+from regablate.data.images import fit_masks, image_files, load_images, read_masks
 from tests.planted import MODEL, SIZES, plant_artifacts, tiny_vit
 
 SIZE_ARGS = [f"--{k}={v}" for k, v in SIZES.items()]
@@ -224,7 +224,7 @@ def test_masks_follow_their_images_through_resize_and_crop(tmp_path):
     files = image_files(folder, 4)
     images = load_images(files, (32, 32), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     np.savez(tmp_path / "m.npz", x=mask)
-    loaded = load_masks(tmp_path / "m.npz", folder, files, (32, 32))
+    loaded = fit_masks(read_masks(tmp_path / "m.npz", folder, files), (32, 32))
     assert loaded.shape == (1, 32, 32) and loaded.dtype == torch.int64 and set(loaded.unique().tolist()) == {0, 1}
     # The white object of the image and its mask cover the same pixels (up to the antialiased edge).
     assert ((images[0, 0] > 0.5).long() != loaded[0]).float().mean() < 0.04

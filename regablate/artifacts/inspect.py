@@ -55,7 +55,7 @@ from regablate.commands import (
     modernise,
     tool_parser,
 )
-from regablate.data.images import image_files, load_images, load_masks, synthetic_images
+from regablate.data.images import fit_masks, image_files, load_images, read_masks, synthetic_images
 from regablate.errors import RegablateError
 from regablate.models.resolve import BackboneSource, resolve_backbone
 from regablate.runs import write_folder_atomic, write_json_atomic
@@ -104,6 +104,9 @@ def inspect(
         raise RegablateError(
             "give --find_register_neurons or --test_time_registers, not both: find them on the model without one"
         )
+    # Images and masks are checked before the model is loaded (which can take minutes).
+    files = image_files(Path(images), num_images) if images else []
+    object_masks = read_masks(Path(masks), Path(images), files) if masks is not None else None
     resolved = resolve_backbone(source or BackboneSource(), run)
     model = resolved.model
     if test_time_registers is not None:
@@ -113,9 +116,8 @@ def inspect(
     mean, std = resolved.normalisation
     size = tuple(model.patch_embed.img_size)
     if images:
-        files = image_files(Path(images), num_images)
         batch = load_images(files, size, mean, std)
-        segmentation = None if masks is None else load_masks(Path(masks), Path(images), files, size)
+        segmentation = None if object_masks is None else fit_masks(object_masks, size)
     else:
         batch, segmentation = synthetic_images(seed, num_images, size, mean, std)
     result = scan(model, batch, threshold=rule, blocks=blocks, segmentation=segmentation)

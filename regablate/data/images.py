@@ -60,11 +60,12 @@ def load_images(files: Sequence[Path], size: tuple[int, int], mean: Sequence[flo
     return torch.stack([transform(_open(file).convert("RGB")) for file in files])
 
 
-def load_masks(source: Path, folder: Path, files: Sequence[Path], size: tuple[int, int]) -> Tensor:
-    """Object masks of the images ``files`` (found under ``folder``): ``(B, *size)`` int64, 0 = background, 1 = object.
+def read_masks(source: Path, folder: Path, files: Sequence[Path]) -> list[np.ndarray]:
+    """The object masks of the images ``files`` (found under ``folder``), at the images' sizes.
 
-    ``source`` is a folder of PNGs or one ``.npz`` (see ``MASK_HELP``); each mask must have its image's
-    size and goes through the same resize and crop (nearest neighbour), so it stays on its pixels.
+    0 = background, 1 = object. ``source`` is a folder of PNGs or one ``.npz`` (see ``MASK_HELP``);
+    each mask must have its image's size. Cheap enough to run before a model is loaded, so a
+    missing mask fails first.
     """
     if source.is_dir():
         masks = [_png_mask(source, folder, file) for file in files]
@@ -72,18 +73,23 @@ def load_masks(source: Path, folder: Path, files: Sequence[Path], size: tuple[in
         masks = _npz_masks(source, folder, files)
     else:
         raise RegablateError(f"--masks {source} is neither a folder nor an .npz file; give {MASK_HELP}")
-    geometry = _geometry(size)
-    out = []
     for file, mask in zip(files, masks):
-        with Image.open(file) as image:  # the header only: load_images read the pixels
+        with Image.open(file) as image:  # the header only
             width, height = image.size
         if mask.shape != (height, width):
             raise RegablateError(
                 f"the mask of {file} is {mask.shape[1]}x{mask.shape[0]} pixels but the image is {width}x{height}; "
                 "masks must have their image's size"
             )
-        out.append(geometry(tv_tensors.Mask(torch.from_numpy(mask.astype(np.int64)))).as_subclass(Tensor))
-    return torch.stack(out)
+    return masks
+
+
+def fit_masks(masks: Sequence[np.ndarray], size: tuple[int, int]) -> Tensor:
+    """Masks through the same resize and crop as their images (nearest neighbour): ``(B, *size)`` int64."""
+    geometry = _geometry(size)
+    return torch.stack(
+        [geometry(tv_tensors.Mask(torch.from_numpy(mask.astype(np.int64)))).as_subclass(Tensor) for mask in masks]
+    )
 
 
 def _open(file: Path) -> Image.Image:
