@@ -92,11 +92,11 @@ def _find_user_error(err: BaseException | None) -> RegablateError | None:
     return None
 
 
-_KEY = re.compile(r"Parser key \"([\w.]+)\"")
-_RESTRICTION = re.compile(r"Not of type (\w+): (?:(\S+) )?does not conform to restriction (\S+)")
+_KEY = re.compile(r'Parser key "([\w.]+)"')
+_RESTRICTION = re.compile(r"Not of type (\w+): (?:(\S+) )?does not conform to restriction (.+?)(?= - | Given|$)")
 _GIVEN = re.compile(r"Given value: (\S+)")
 _SUBCLASS = re.compile(
-    r"Parser key \"(\w+)\".*?Problem with given class_path '([^']+)': (.*?)(?: - Expected a <class 'NoneType'>|$)"
+    r"Parser key \"([\w.]+)\".*?Problem with given class_path '([^']+)': (.*?)(?: - Expected a <class 'NoneType'>|$)"
 )
 
 
@@ -104,20 +104,22 @@ def parser_message(message: str) -> str:
     """jsonargparse's report on a bad argument, shortened to the part that names the problem.
 
     A constrained number says which flag, the value and the constraint
-    (``--max_parallel: 0 is not a PositiveInt (v>0)``); a subclass argument names its class.
+    (``--max_parallel: 0 is not a PositiveInt (v>0)``, ``--model.init_args.lr: -1 is not a PositiveFloat
+    (v>0)`` for an argument of a class given by ``class_path``); a subclass argument names its class.
     """
     message = " ".join(message.split())
     restriction = _RESTRICTION.search(message)
-    keys = _KEY.findall(message)
-    if restriction and keys:
+    keys = _KEY.findall(message[: restriction.start()]) if restriction else []
+    if keys:
         type_name, value, rule = restriction.groups()
-        given = _GIVEN.search(message)
-        value = value if value is not None else (given.group(1) if given else "the value")
-        key = keys[-1]
+        key = keys[-1]  # the innermost key names the argument
         owner = _SUBCLASS.search(message)
-        if owner and len(keys) > 1:
-            key = f"{keys[0]}.init_args.{key}"
-        return f"--{key}: {value} is not a {type_name} ({rule})"
+        if owner and len(keys) > 1 and not key.startswith(owner.group(1) + "."):
+            key = f"{owner.group(1)}.init_args.{key}"
+        if value is None:
+            given = _GIVEN.search(message, restriction.end())
+            value = given.group(1) if given else "the value"
+        return f"--{key}: {value} is not a {type_name} ({rule.strip()})"
     match = _SUBCLASS.search(message)
     if match:
         key, class_path, problem = match.groups()

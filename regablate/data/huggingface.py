@@ -8,6 +8,7 @@ from typing import Any, Literal
 import datasets
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torchvision import tv_tensors
@@ -17,6 +18,7 @@ from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD, SplitDataModule, 
 from regablate.data.dense import PadToSquare, as_target, clean_depth
 from regablate.data.sources import Source, load_splits
 from regablate.errors import RegablateError
+from regablate.hparams import make_hyperparameters_plain
 
 BoxFormat = Literal["xyxy", "xywh"]
 EvalResize = Literal["crop", "pad"]
@@ -195,20 +197,20 @@ class HFDataModule(SplitDataModule):
         mask_column: str | None = None,
         depth_column: str | None = None,
         box_column: str | None = None,
-        num_seg_classes: int | None = None,
+        num_seg_classes: PositiveInt | None = None,
         ignore_index: int = 255,
-        depth_scale: float = 1.0,
-        max_depth: float | None = None,
+        depth_scale: PositiveFloat = 1.0,
+        max_depth: PositiveFloat | None = None,
         box_format: BoxFormat = "xyxy",
         train_split: str = "train",
         val_split: str | None = "validation",
         test_split: str | None = "test",
-        val_fraction: float | None = None,
+        val_fraction: OpenUnitInterval | None = None,
         eval_resize: EvalResize = "crop",
-        img_size: int = 224,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
+        img_size: PositiveInt = 224,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 0,
+        seed: NonNegativeInt = 0,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         hflip: bool = True,
@@ -221,7 +223,8 @@ class HFDataModule(SplitDataModule):
         )
         require(max_depth is None or max_depth > 0, f"max_depth must be positive, got {max_depth}")
         self.save_hyperparameters()
-        self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
+        make_hyperparameters_plain(self)
+        self.img_size, self.mean, self.std = int(img_size), tuple(mean), tuple(std)
         require(depth_scale > 0, f"depth_scale must be positive, got {depth_scale}")
         require(
             num_seg_classes is None or num_seg_classes >= 1,

@@ -19,9 +19,11 @@ from typing import Literal
 
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
 from torch.utils.data import Dataset
 
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD, SplitDataModule, check_loader_args, require
+from regablate.hparams import make_hyperparameters_plain
 
 # Shape tests on rotated coordinates (u, v) in units of the object's radius. Every shape
 # fits in a disc of radius _REACH, which bounds the window each object is drawn in.
@@ -38,6 +40,7 @@ _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     ),
 }
 SHAPES = tuple(_SHAPES)
+HueJitter = restricted_number_type("HueJitter", float, [(">=", 0), ("<=", 0.5)], docstring="a hue shift in [0, 0.5]")
 TEXTURES = ("solid", "stripes", "checker", "dots")
 _REACH = 1.25  # the square's corner: 0.85 * sqrt(2)
 _DARK = 0.5  # brightness of the dark parts of a texture
@@ -299,18 +302,18 @@ class SyntheticScenes(SplitDataModule):
 
     def __init__(
         self,
-        img_size: int = 32,
-        num_classes: int = 10,
-        max_objects: int = 3,
-        train_size: int = 10000,
-        val_size: int = 1000,
-        test_size: int = 1000,
-        seed: int = 0,
-        batch_size: int = 64,
-        num_workers: int = 0,
+        img_size: PositiveInt = 32,
+        num_classes: PositiveInt = 10,
+        max_objects: PositiveInt = 3,
+        train_size: PositiveInt = 10000,
+        val_size: PositiveInt = 1000,
+        test_size: PositiveInt = 1000,
+        seed: NonNegativeInt = 0,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 0,
         hflip: bool = True,
-        hue_jitter: float = 0.03,
-        min_objects: int = 1,
+        hue_jitter: HueJitter = 0.03,
+        min_objects: PositiveInt = 1,
         object_size: tuple[float, float] | None = None,
         label: Label = "largest",
     ) -> None:
@@ -345,7 +348,8 @@ class SyntheticScenes(SplitDataModule):
         self.save_hyperparameters(ignore=["num_classes"] if label == "count" else None)
         if label == "count":
             self.hparams["num_object_classes"] = num_classes
-        self.img_size = img_size
+        make_hyperparameters_plain(self)
+        self.img_size = int(img_size)
         self.num_object_classes = num_classes
         # The number of label values (what model.num_classes must equal); masks keep K + 1 values.
         self.num_classes = num_classes if label == "largest" else max_objects - min_objects + 1

@@ -71,7 +71,7 @@ class ViTExtractor(nn.Module):
         keys, self._keys = self._keys, None
         assert keys is not None, "the attn.qkv hook did not run"
         grid = tuple(self.model.patch_embed.dynamic_feat_size(images.shape[-2:]))
-        return BatchFeatures(cls=tokens.cls, patches=_on_grid(tokens.patches, grid), keys=_on_grid(keys, grid))
+        return BatchFeatures(cls=tokens.pooled, patches=_on_grid(tokens.patches, grid), keys=_on_grid(keys, grid))
 
 
 def _on_grid(tokens: Tensor, grid: tuple[int, int]) -> Tensor:

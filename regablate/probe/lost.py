@@ -1,7 +1,7 @@
 """LOST object discovery (Siméoni et al., BMVC 2021) on patch keys, and its CorLoc score.
 
 For each image, with ``A = K K^T`` the similarity of the last block's patch keys (registers
-and CLS excluded):
+and CLS excluded; LOST needs no class token, so ViTs without one are probed the same way):
 
 1. a patch's degree is how many patches it correlates positively with (``A > 0``); the seed
    is the patch of lowest degree (objects are smaller than the background, so a patch inside

@@ -18,13 +18,25 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    restricted_number_type,
+)
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 from torchvision.ops import roi_align
 
 from regablate.errors import RegablateError
+from regablate.models.backbone import global_feature
 from regablate.tasks.base import BackboneTask
 from regablate.tasks.optim import require_finite
+
+# A crop's area as a fraction of the image.
+CropScale = restricted_number_type("CropScale", float, [(">", 0), ("<=", 1)], docstring="a fraction in (0, 1]")
 
 
 class DINOHead(nn.Module):
@@ -115,22 +127,22 @@ class DINO(BackboneTask):
 
     def __init__(
         self,
-        out_dim: int = 4096,
-        hidden_dim: int = 1024,
-        bottleneck_dim: int = 256,
-        num_local_crops: int = 6,
-        local_crop_size: int = 96,
-        global_crop_scale: tuple[float, float] = (0.4, 1.0),
-        local_crop_scale: tuple[float, float] = (0.05, 0.4),
-        student_temp: float = 0.1,
-        teacher_temp: float = 0.07,
-        warmup_teacher_temp: float = 0.04,
-        warmup_teacher_temp_steps: int = 100,
-        center_momentum: float = 0.9,
-        teacher_momentum: float = 0.996,
-        head_warmup_steps: int = 0,
-        lr: float = 5e-4,
-        weight_decay: float = 0.04,
+        out_dim: PositiveInt = 4096,
+        hidden_dim: PositiveInt = 1024,
+        bottleneck_dim: PositiveInt = 256,
+        num_local_crops: NonNegativeInt = 6,
+        local_crop_size: PositiveInt = 96,
+        global_crop_scale: tuple[CropScale, CropScale] = (0.4, 1.0),
+        local_crop_scale: tuple[CropScale, CropScale] = (0.05, 0.4),
+        student_temp: PositiveFloat = 0.1,
+        teacher_temp: PositiveFloat = 0.07,
+        warmup_teacher_temp: PositiveFloat = 0.04,
+        warmup_teacher_temp_steps: NonNegativeInt = 100,
+        center_momentum: ClosedUnitInterval = 0.9,
+        teacher_momentum: ClosedUnitInterval = 0.996,
+        head_warmup_steps: NonNegativeInt = 0,
+        lr: PositiveFloat = 5e-4,
+        weight_decay: NonNegativeFloat = 0.04,
         **kwargs: Any,
     ) -> None:
         """
@@ -140,7 +152,7 @@ class DINO(BackboneTask):
             bottleneck_dim: width before the prototypes.
             num_local_crops: small crops per image seen by the student only.
             local_crop_size: side of a local crop in pixels (a multiple of the patch size).
-            global_crop_scale: area range of the two global crops, as a fraction of the image.
+            global_crop_scale: area range (low, high) of the two global crops, as a fraction of the image.
             local_crop_scale: area range of the local crops.
             student_temp: student softmax temperature.
             teacher_temp: teacher temperature after its warmup.
@@ -167,6 +179,10 @@ class DINO(BackboneTask):
                 f"local_crop_size {hp.local_crop_size} must be a multiple of the patch size {patch} "
                 f"and num_local_crops >= 0 (got {hp.num_local_crops})"
             )
+        for name in ("global_crop_scale", "local_crop_scale"):
+            low, high = hp[name]
+            if low > high:
+                raise RegablateError(f"{name} is an area range (low, high) with low <= high, got {tuple(hp[name])}")
         heads = (self.student.embed_dim, hp.out_dim, hp.hidden_dim, hp.bottleneck_dim)
         self.student_head = DINOHead(*heads)
         self.backbone = self.make_backbone(weights=False, dynamic_img_size=True)
@@ -205,11 +221,14 @@ class DINO(BackboneTask):
     def _student_out(self, global_crops: list[Tensor], local_crops: list[Tensor]) -> tuple[Tensor, Tensor]:
         frozen = self.global_step < self.hparams.head_warmup_steps and self.training
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            cls = [
-                self.student.forward_features(torch.cat(group))[:, 0] for group in (global_crops, local_crops) if group
-            ]
+            cls = [self._global(self.student, torch.cat(group)) for group in (global_crops, local_crops) if group]
         cls = torch.cat(cls)
         return self.student_head(cls), cls
+
+    @staticmethod
+    def _global(backbone: nn.Module, images: Tensor) -> Tensor:
+        """The DINO heads' input: the CLS token, or the pooled feature of a ViT without one."""
+        return global_feature(backbone, backbone.forward_features(images))
 
     def dino_loss(self, student_out: Tensor, teacher_out: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
         """Cross-entropy of every student crop against every other global teacher crop.
@@ -248,7 +267,7 @@ class DINO(BackboneTask):
     def _shared_step(self, images: Tensor, step: int, generator: torch.Generator) -> dict[str, Tensor]:
         global_crops, local_crops = self.crops(images, generator)
         with torch.no_grad():
-            teacher_out = self.teacher_head(self.backbone.forward_features(torch.cat(global_crops))[:, 0])
+            teacher_out = self.teacher_head(self._global(self.backbone, torch.cat(global_crops)))
         student_out, student_cls = self._student_out(global_crops, local_crops)
         temperature = self.teacher_temperature(step)
         loss, probs = self.dino_loss(student_out, teacher_out, temperature)
