@@ -153,7 +153,7 @@ def test_a_cache_written_by_another_backbone_is_refused(trained_run, random_prob
     shutil.copytree(trained_run, run)
     ours = next((run / "probe_cache").iterdir())
     foreign = next((random_probe / "probe_cache").iterdir())
-    shutil.copy(foreign / "train.safetensors", ours / "train.safetensors")
+    shutil.copy(foreign / "train" / "cls.safetensors", ours / "train" / "cls.safetensors")
     with pytest.raises(SystemExit) as exit_info:
         probe(str(run))
     assert exit_info.value.code == 2

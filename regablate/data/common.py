@@ -44,6 +44,10 @@ class SplitDataModule(L.LightningDataModule):
     def dataset(self, split: str) -> Dataset:
         raise NotImplementedError
 
+    def has_split(self, split: str) -> bool:
+        """Whether the data have ``split`` (train, val or test); a module without a test split says False."""
+        return True
+
     def _loader(self, split: str) -> DataLoader:
         workers = self.hparams.num_workers
         dataset = self.dataset(split)
