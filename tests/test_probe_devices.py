@@ -151,6 +151,23 @@ def test_two_processes_extract_what_one_extracts(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_sample_that_does_not_load_mid_extraction_stops_every_rank_in_one_line(tmp_path):
+    """Rank 0's share holds an unreadable image (not the first, which the plan reads): rank 0 stops the
+    other rank, which would wait for it, and the command ends in one line with nothing half-written."""
+    folder = write_image_folder(tmp_path / "images", {"train": 2, "validation": 2, "test": 2})
+    (folder / "train" / "a" / "1.png").write_bytes(b"not a png")  # sample 1 of 4: rank 0's second batch
+    data = ["--data", "regablate.data.HFDataModule", "--data.path", str(folder), "--data.img_size", "32"]
+    args = [*MODEL, *SIZES, *data, "--data.batch_size", "1", "--accelerator", "cpu", "--devices", "2"]
+    out = tmp_path / "out"
+    result = run_regablate("probe", *args, "--output", str(out), check=False, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "MEMBER: 2/2" in result.stderr + result.stdout, "both ranks started"
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("regablate: error: cannot load a train sample in rows 0..1"), last
+    assert not out.exists(), "nothing half-written: no summary, no feature file, no empty folder"
+
+
+@pytest.mark.slow
 def test_a_probe_stage_that_cannot_load_its_data_fails_that_run_and_the_others_go_on(tmp_path):
     good = write_image_folder(tmp_path / "good", {"train": 8, "validation": 4, "test": 4})
     broken = write_image_folder(tmp_path / "broken", {"train": 8, "validation": 4, "test": 4}, corrupt=("test",))

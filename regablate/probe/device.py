@@ -146,7 +146,11 @@ class ProbeDevice:
             yield
         except BaseException:
             launcher = getattr(self.fabric.strategy, "launcher", None) if self.count > 1 else None
-            for process in getattr(launcher, "procs", []):
+            processes = getattr(launcher, "procs", [])
+            for process in processes:
                 if process.poll() is None:
                     process.send_signal(signal.SIGKILL)
+            for process in processes:
+                process.wait()
+            processes.clear()  # Lightning's observer watches this list; emptied, it leaves rank 0 to report the error
             raise

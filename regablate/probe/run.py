@@ -12,13 +12,16 @@ Outputs in ``output_dir``: the ``probe/...`` metrics merged into ``summary.json`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lightning import LightningDataModule
+from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from torch.utils.tensorboard import SummaryWriter
 
@@ -30,7 +33,7 @@ from regablate.probe.features import Extractor, FeatureSet, extract_split
 from regablate.probe.plan import ProbePlan, SplitPlan, plan_probe
 from regablate.probe.protocol import LinearProbe, ProbeReport
 from regablate.progress import Progress
-from regablate.runs import read_summary, update_summary, write_json_atomic
+from regablate.runs import first_line, read_summary, update_summary, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +88,27 @@ def _extract_share(
     progress = Progress(label, len(rows), enabled=where.is_main)
     writers = cache.writers(split.split, split.num_samples, split.missing)
     try:
-        extract_split(extractor, loader, writers, rows.start, where, progress)
+        extract_split(extractor, _loaded(loader, split.split, rows), writers, rows.start, where, progress)
     finally:
         for writer in writers.values():
             writer.close()
     return progress.finish()
+
+
+def _loaded(loader: DataLoader, split: str, rows: range) -> Iterator[dict[str, Tensor]]:
+    """The loader's batches; a sample that does not load is one line naming the split and the rows."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as err:  # noqa: BLE001 - whatever the data's loader raises, said in one line
+            raise RegablateError(
+                f"cannot load a {split} sample in rows {rows.start}..{rows.stop - 1} "
+                f"({type(err).__name__}: {first_line(err)}); check --data"
+            ) from None
+        yield batch
 
 
 def run_probe(
@@ -144,6 +163,7 @@ def run_probe(
         if where.is_main:
             for name, split in plan.splits.items():
                 cache.discard(name, set(split.missing))
+            _remove_empty_folders(cache.folder, up_to=output_dir.parent)
         raise
     finally:
         if where.is_main and not use_cache:
@@ -159,6 +179,16 @@ def run_probe(
     }
     write_outputs(output_dir, report, details, summary or {})
     return report
+
+
+def _remove_empty_folders(folder: Path, up_to: Path) -> None:
+    """Remove the empty folders a failed run left: those under ``folder``, then its empty parents below ``up_to``."""
+    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True) if folder.is_dir() else []:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+    while folder != up_to and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
 
 
 def write_outputs(output_dir: Path, report: ProbeReport, details: dict[str, Any], summary: dict[str, Any]) -> None:
