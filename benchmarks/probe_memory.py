@@ -1,7 +1,8 @@
 """Peak memory of ``regablate probe`` per 1000 training images: a cls-only probe against an all-probes run.
 
-Each configuration runs as its own ``regablate probe`` process (random ViT-S/14-shaped weights,
-synthetic scenes) at two training-set sizes; the process reports its peak resident memory
+Each configuration runs as its own ``regablate probe`` process (random weights of a ViT-S/14 shape:
+width 384, 14 px patches, with ``--depth`` blocks, 2 by default, since what a probe keeps does not
+depend on the depth; synthetic scenes) at two training-set sizes; the process reports its peak resident memory
 (``ru_maxrss``: anonymous memory plus the feature-store pages it touched). The growth between the
 two sizes, per 1000 training images, is what a split costs in memory:
 
@@ -13,7 +14,7 @@ Printed side by side, with the bytes the feature store holds per training image 
 Before this store, a cls-only probe of ``vit_tiny_patch16_224`` at 224 px peaked at 1.9 GB with 500
 training images and 5.0 GB with 2500 (~1.5 MB per image; FACTS.md, 2026-12-01).
 
-    python benchmarks/probe_memory.py [--sizes 128 512] [--model vit_small_patch14_dinov2]
+    python benchmarks/probe_memory.py [--sizes 512 2048] [--model vit_small_patch14_dinov2] [--depth 2]
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ def child(args: list[str]) -> None:
     print(f"PEAK_RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")
 
 
-def probe_peak(model: str, img_size: int, probes: str | None, train: int, out: Path) -> tuple[int, int]:
+def probe_peak(model: str, depth: int, img_size: int, probes: str | None, train: int, out: Path) -> tuple[int, int]:
     """Peak RSS (bytes) of one probe process, and the bytes its feature store holds per train image."""
     args = [
-        "--model", model, "--pretrained", "false", "--num_registers", "4", "--output", str(out),
+        "--model", model, "--depth", str(depth), "--pretrained", "false", "--num_registers", "4", "--output", str(out),
         "--data.img_size", str(img_size), "--data.train_size", str(train), "--data.val_size", "64",
         "--data.test_size", "64", "--data.batch_size", "64",
         "--probe.cls_steps", "50", "--probe.seg_steps", "50", "--probe.depth_steps", "50",
@@ -60,22 +61,25 @@ def probe_peak(model: str, img_size: int, probes: str | None, train: int, out: P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_small_patch14_dinov2")
-    parser.add_argument("--sizes", type=int, nargs=2, default=[128, 512], help="two training-set sizes")
+    parser.add_argument("--depth", type=int, default=2, help="blocks (12 for ViT-S itself)")
+    parser.add_argument("--sizes", type=int, nargs=2, default=[512, 2048], help="two training-set sizes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(json.loads(args.child))
         return
     small, large = args.sizes
-    print(f"{args.model}, random weights, 4 registers; train {small} and {large} images, val/test 64; MB = 1e6 B")
+    print(
+        f"{args.model} with {args.depth} blocks, random weights, 4 registers; "
+        f"train {small} and {large} images, val/test 64"
+    )
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         for name, (img_size, probes) in CONFIGS.items():
             peaks = []
             for size in (small, large):
-                peak, per_image = probe_peak(
-                    args.model, img_size, probes, size, Path(folder) / f"{name[:3]}{img_size}_{size}"
-                )
+                out = Path(folder) / f"{name[:3]}{img_size}_{size}"
+                peak, per_image = probe_peak(args.model, args.depth, img_size, probes, size, out)
                 peaks.append(peak)
             rows[name] = (peaks, (peaks[1] - peaks[0]) / (large - small) * 1000, per_image)
     for name, (peaks, per_1000, per_image) in rows.items():

@@ -25,7 +25,9 @@ pip_install=(python3 -m pip install --quiet --no-index --no-deps --no-compile --
 "${pip_install[@]}" --no-build-isolation .    # regablate itself, without its dependencies
 export PYTHONPATH="$SITE"
 python3 -c "import regablate.cli, torch; print('gpu_check: installed regablate; torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/gpu_check: nvidia-smi: /'
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/gpu_check: nvidia-smi: /'
+fi
 
 python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log"
 

@@ -22,14 +22,14 @@ from typing import Any
 
 from lightning import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Subset, default_collate
 from torch.utils.tensorboard import SummaryWriter
 
 from regablate.errors import RegablateError
 from regablate.models.fingerprint import weights_fingerprint
 from regablate.probe.cache import FeatureCache
 from regablate.probe.device import ProbeDevice
-from regablate.probe.features import Extractor, FeatureSet, extract_split
+from regablate.probe.features import TARGET_KEYS, Extractor, FeatureSet, extract_split
 from regablate.probe.plan import ProbePlan, SplitPlan, plan_probe
 from regablate.probe.protocol import LinearProbe, ProbeReport
 from regablate.progress import Progress
@@ -81,7 +81,11 @@ def _extract_share(
     batches = where.shard(-(-split.num_samples // batch_size))
     rows = range(batches.start * batch_size, min(batches.stop * batch_size, split.num_samples))
     loader = DataLoader(
-        Subset(split.dataset, rows), batch_size=batch_size, num_workers=workers, pin_memory=where.pin_memory
+        Subset(split.dataset, rows),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=where.pin_memory,
+        collate_fn=KeptKeys(["image", *(name for name in split.missing if name in TARGET_KEYS)]),
     )
     share = f", rank 0's share of {where.world_size}" if where.world_size > 1 else ""
     label = f"probe: extracting {split.split} ({', '.join(split.missing)}) on {where.describe()}{share}"
@@ -93,6 +97,19 @@ def _extract_share(
         for writer in writers.values():
             writer.close()
     return progress.finish()
+
+
+class KeptKeys:
+    """Collate only the sample keys the extraction stores (a cls-only probe never batches masks or depth maps).
+
+    A class, not a closure, so loader workers can pickle it.
+    """
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Tensor]:
+        return default_collate([{key: sample[key] for key in self.keys} for sample in samples])
 
 
 def _loaded(loader: DataLoader, split: str, rows: range) -> Iterator[dict[str, Tensor]]:
