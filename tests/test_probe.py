@@ -146,6 +146,7 @@ def test_rerun_reads_the_cache_and_gives_the_same_result(trained_run, tmp_path, 
     probe(str(trained_run), "--cache", "false", "--output", str(tmp_path / "fresh"))
     assert {k: summary(tmp_path / "fresh")[k] for k in keys} == {k: before[k] for k in keys}
     assert not (tmp_path / "fresh" / "probe_cache").exists()
+    assert not (tmp_path / "fresh" / ".probe_features").exists(), "the scratch store is deleted"
 
 
 def test_a_cache_written_by_another_backbone_is_refused(trained_run, random_probe, tmp_path, capsys):
@@ -153,7 +154,7 @@ def test_a_cache_written_by_another_backbone_is_refused(trained_run, random_prob
     shutil.copytree(trained_run, run)
     ours = next((run / "probe_cache").iterdir())
     foreign = next((random_probe / "probe_cache").iterdir())
-    shutil.copy(foreign / "train.safetensors", ours / "train.safetensors")
+    shutil.copy(foreign / "train" / "cls.safetensors", ours / "train" / "cls.safetensors")
     with pytest.raises(SystemExit) as exit_info:
         probe(str(run))
     assert exit_info.value.code == 2

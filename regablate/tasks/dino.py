@@ -112,6 +112,19 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
 
 
+def zero_gradient_anchor(module: nn.Module) -> Tensor:
+    """``0 * sum(p.sum())`` over the parameters of ``module`` that train: a zero term for the loss.
+
+    Under DDP (``find_unused_parameters=False``) every trainable parameter must receive a
+    gradient each step, or the reducer fails at the next one. During the head warm-up the
+    backbone runs without autograd (no activations kept, no backward through it); this term gives
+    each of its parameters a zero gradient at the cost of one sum per tensor, instead of DDP's
+    ``find_unused_parameters=True``, which walks the autograd graph every step of the whole run.
+    """
+    trainable = [param.sum() for param in module.parameters() if param.requires_grad]
+    return torch.stack(trainable).sum() * 0.0 if trainable else torch.zeros(())
+
+
 class DINO(BackboneTask):
     """Self-distillation with an EMA teacher and multi-crop (Caron et al. 2021), with R registers.
 
@@ -218,9 +231,12 @@ class DINO(BackboneTask):
         )
         return global_crops, local_crops
 
+    def backbone_frozen(self) -> bool:
+        """Whether this training step is one of the head warm-up's (only the heads train)."""
+        return self.training and self.global_step < self.hparams.head_warmup_steps
+
     def _student_out(self, global_crops: list[Tensor], local_crops: list[Tensor]) -> tuple[Tensor, Tensor]:
-        frozen = self.global_step < self.hparams.head_warmup_steps and self.training
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen()):
             cls = [self._global(self.student, torch.cat(group)) for group in (global_crops, local_crops) if group]
         cls = torch.cat(cls)
         return self.student_head(cls), cls
@@ -287,11 +303,25 @@ class DINO(BackboneTask):
         out = self._shared_step(batch["image"], self.global_step, self.crop_generator(self.global_step))
         require_finite(out["loss"], self.global_step)
         self.update_center(out["teacher_out"])
-        self.log("train/loss", out["loss"], prog_bar=True)
+        # The mean over the global batch (one scalar all-reduce), so N devices log what one device logs.
+        self.log("train/loss", out["loss"], prog_bar=True, sync_dist=True)
         self.log_dict(
             {f"train/{k}": out[k] for k in ("teacher_temp", "teacher_entropy", "teacher_batch_entropy", "feature_std")}
         )
+        if self.backbone_frozen():
+            return out["loss"] + zero_gradient_anchor(self.student)
         return out["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """During the head warm-up, drop the backbone's (zero) gradients after DDP has reduced them.
+
+        A parameter whose ``.grad`` is None is skipped by AdamW: no weight decay, no moment or step
+        count, so the backbone stays bit-identical and its optimiser state starts at the first step
+        after the warm-up, on one device as on many. Runs before gradient clipping.
+        """
+        if self.backbone_frozen():
+            for param in self.student.parameters():
+                param.grad = None
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """After each optimiser step (not each batch, so gradient accumulation is respected), move the teacher."""
