@@ -105,6 +105,23 @@ def _run_data_config(run_dir: Path | None) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and "class_path" in data else None
 
 
+def _without_data_flags(argv: list[str]) -> list[str]:
+    """``argv`` without ``--data`` and ``--data.*`` flags and their values.
+
+    A flag such as ``--data.init_args.test_split`` may only exist on the run's data class, so the
+    parse that finds the run must not see it (every flag takes one value, or ``--flag=value``).
+    """
+    kept, skip_value = [], False
+    for token in argv:
+        if skip_value:
+            skip_value = False
+        elif token == "--data" or token.startswith(("--data.", "--data=")):
+            skip_value = "=" not in token
+        else:
+            kept.append(token)
+    return kept
+
+
 def _output_dir(cfg: Namespace, resolved: ResolvedBackbone) -> Path:
     """--output, else the run folder, else ``runs/probe/<model>_r<R>``; ``_ttr`` appended with a test-time register."""
     if cfg.output is not None:
@@ -166,11 +183,11 @@ def main(argv: list[str]) -> None:
     """Entry point of ``regablate probe`` (errors surface as RegablateError / ArgumentError)."""
     argv = modernise(argv, "probe", RENAMED)
     parser = build_parser()
-    cfg = parser.parse_args(argv)
-    run_data = _run_data_config(run_folder(cfg.run, cfg.checkpoint))
+    located = parser.parse_args(_without_data_flags(argv))  # the run first: its data settings are the default
+    run_data = _run_data_config(run_folder(located.run, located.checkpoint))
     if run_data is not None:  # the run's own data become the default; --data / --data.* still override
         parser.set_defaults(data=run_data)
-        cfg = parser.parse_args(argv)
+    cfg = parser.parse_args(argv)
     init = parser.instantiate(cfg)
     datamodule, probe = init.data, init.probe
     where = ProbeDevice(accelerator=cfg.accelerator, devices=cfg.devices, precision=cfg.precision)
