@@ -17,7 +17,7 @@ from lightning import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from regablate.callbacks import RunConfig, RunSummary
+from regablate.callbacks import RunConfig, RunSummary, TimeLimitCheckpoint
 from regablate.errors import RegablateError
 from regablate.runs import find_checkpoint
 
@@ -36,6 +36,7 @@ class RegablateCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "best-{epoch}-{step}"})
         parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_lightning_class_args(TimeLimitCheckpoint, "time_limit")
         parser.link_arguments("data.init_args.img_size", "model.init_args.img_size")
 
     def before_instantiate_classes(self) -> None:
