@@ -11,8 +11,8 @@ someone started by hand is left running).
 
 For the requeue test, two settings shorten the wait between a requeue and the job's restart:
 ``AuthInfo=cred_expire=10`` (a requeued job may start only ``cred_expire`` seconds after its
-requeue; Slurm's default is 120 s) and ``SchedulerParameters=bf_interval=5`` (the backfill
-scheduler, which starts it, looks every 5 s instead of every 30 s).
+requeue; Slurm's default is 120 s) and ``SchedulerParameters=bf_interval=5,sched_interval=5``
+(the schedulers look at pending jobs every 5 s instead of every 30 and 60 s).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ TaskPlugin=task/none
 ReturnToService=2
 SlurmUser=root
 SelectType=select/cons_tres
-SchedulerParameters=bf_interval=5
+SchedulerParameters=bf_interval=5,sched_interval=5
 SelectTypeParameters=CR_Core
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none

@@ -143,6 +143,57 @@ def test_job_signalled_at_its_time_limit_is_requeued_and_resumes_to_the_same_res
 
 
 @pytest.mark.slow
+def test_a_job_out_of_requeues_saves_and_fails_with_the_reason(slurm, tmp_path, repo_on_path):
+    """``max_requeues: 0``: the signalled job saves ``last.ckpt`` and the run fails, saying why; a rerun resumes."""
+    marker = tmp_path / "held_at_step_2"
+    wait = {"class_path": "tests.signals.WaitForSignal", "init_args": {"step": 2, "marker": str(marker)}}
+    overrides = {"trainer.max_steps": 8, "trainer.val_check_interval": 4, "trainer.callbacks": [wait]}
+    grid = write_grid(tmp_path, "limit", overrides, {"max_requeues": 0, "slurm": SLURM})
+    sweeper = sweep_process(tmp_path / "runs", grid, "--launcher", "slurm")
+    try:
+        wait_for(marker, sweeper, timeout=240)
+        job = json.loads((tmp_path / "runs" / "limit" / "slurm" / "jobs.json").read_text())["r2"]["job_id"]
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+        output, _ = sweeper.communicate(timeout=300)
+    finally:
+        sweeper.kill()
+    assert sweeper.returncode == 2 and "1 of 1 runs failed: r2" in output
+    run = tmp_path / "runs" / "limit" / "r2"
+    failed = summary(run)
+    assert failed["stages/fit"] == "failed" and failed["stages/fit/exit_code"] == 3
+    assert failed["stages/fit/error"].startswith("time limit reached") and "stages/fit/requeues" not in failed
+    assert "(launcher.max_requeues)" in failed["stages/fit/error"]
+    status = run_regablate("sweep", str(grid), "--output", str(tmp_path / "runs"), "--status", "true").stdout
+    assert re.search(r"r2\s+failed\s+fit\s+\S+\s+-\s+exit 3; time limit reached", status), status
+    sweep(tmp_path / "runs", grid)  # the same grid again, here locally: it goes on from the saved step
+    resumed = summary(run)
+    assert resumed["stages/fit"] == "complete" and resumed["global_step"] == 8
+    last_start = (run / "sweep.log").read_text().split("stage fit: ")[-1].splitlines()[0]
+    assert "--ckpt_path last" in last_start
+
+
+@pytest.mark.slow
+def test_a_job_killed_without_results_fails_its_run(slurm, tmp_path, repo_on_path):
+    """A job that dies mid-fit (here SIGKILL, as on a node failure) leaves the queue without results."""
+    marker = tmp_path / "held_at_step_2"
+    wait = {"class_path": "tests.signals.WaitForSignal", "init_args": {"step": 2, "marker": str(marker)}}
+    grid = write_grid(tmp_path, "killed", {"trainer.callbacks": [wait]}, {"slurm": SLURM})
+    sweeper = sweep_process(tmp_path / "runs", grid, "--launcher", "slurm")
+    try:
+        wait_for(marker, sweeper, timeout=240)
+        job = json.loads((tmp_path / "runs" / "killed" / "slurm" / "jobs.json").read_text())["r2"]["job_id"]
+        subprocess.run(["scancel", "--signal=KILL", job], check=True, timeout=30)
+        output, _ = sweeper.communicate(timeout=120)
+    finally:
+        sweeper.kill()
+    assert sweeper.returncode == 2 and "[1/1] r2: FAILED" in output
+    failed = summary(tmp_path / "runs" / "killed" / "r2")
+    assert failed["stages/fit"] == "failed" and "stages/fit/exit_code" not in failed  # no process was seen to end
+    reason = f"slurm job {job} ended without finishing (time limit, scancel or node failure)"
+    assert failed["stages/fit/error"] == reason
+
+
+@pytest.mark.slow
 def test_grid_of_three_runs_two_at_a_time_with_status(slurm, tmp_path):
     grid = write_grid(tmp_path, "three", {"trainer.max_steps": 6}, {"max_parallel": 2, "slurm": SLURM}, [0, 1, 2])
     output = tmp_path / "runs"

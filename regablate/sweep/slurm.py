@@ -142,11 +142,15 @@ class SlurmRun:
                 return False
             remaining = self.job.pending_stages()
             if remaining and signalled():
-                return self.requeue(remaining[0].name, 0.0, EXIT_TIME_LIMIT)
+                return self.requeue(remaining[0].name, 0.0, None)
         return True
 
-    def requeue(self, stage: str, seconds: float, exit_code: int) -> bool:
-        """Put the job back into the queue, unless it has been requeued ``max_requeues`` times already."""
+    def requeue(self, stage: str, seconds: float, exit_code: int | None) -> bool:
+        """Put the job back into the queue, unless it has been requeued ``max_requeues`` times already.
+
+        ``exit_code`` is the stage's (``EXIT_TIME_LIMIT`` when the fit saved first), None when the
+        signal came between stages and ``stage``, the next one, has not started.
+        """
         run_dir = self.job.run_dir
         job_id = slurm_job_id()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
@@ -156,10 +160,13 @@ class SlurmRun:
             mark_finished(run_dir, stage, exit_code, seconds, reason=reason)
             return False
         requeues = int(read_summary(run_dir).get(f"{stage_key(stage)}/requeues", 0)) + 1
+        what = {EXIT_TIME_LIMIT: "saved and requeued", None: "requeued before it started"}.get(
+            exit_code, f"stopped (exit {exit_code}) and requeued"
+        )
         _log(
             run_dir,
-            f"time limit: stage {stage} saved and requeued ({restarts + 1} of at most {self.max_requeues} "
-            f"for slurm job {job_id}); it goes on from checkpoints/last.ckpt",
+            f"time limit: stage {stage} {what} ({restarts + 1} of at most {self.max_requeues} for slurm job "
+            f"{job_id}); it goes on from its last checkpoint",
         )
         mark_requeued(run_dir, stage, requeues, seconds)
         result = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True, timeout=60)
@@ -325,12 +332,12 @@ class SlurmLauncher:
         last_query = time.monotonic()
         while waiting:
             time.sleep(POLL_SECONDS)
+            tick = time.monotonic() - last_query >= SQUEUE_EVERY_S  # squeue and the summaries, now and then
             listed = None
-            if time.monotonic() - last_query >= SQUEUE_EVERY_S:
+            if tick:
                 listed, last_query = squeue_states([j.job_id for j in waiting]), time.monotonic()
             for slurm_job, job in list(waiting.items()):
-                count = _requeues(job)
-                if count > requeues[job.run.name]:
+                if tick and (count := _requeues(job)) > requeues[job.run.name]:
                     requeues[job.run.name] = count
                     self.on_event("requeued", job, count)
                 if _has_results(slurm_job):
@@ -341,7 +348,8 @@ class SlurmLauncher:
                         continue
                     self._vanished(slurm_job, job)
                 else:
-                    missing.pop(slurm_job.job_id, None)
+                    if listed is not None:
+                        missing.pop(slurm_job.job_id, None)
                     continue
                 del waiting[slurm_job]
                 ok = is_complete(job.run_dir, [stage.name for stage in job.stages])
