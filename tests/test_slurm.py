@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,24 +58,57 @@ def sweep(output: Path, grid: Path, *args: str, check: bool = True) -> subproces
     return run_regablate("sweep", str(grid), "--output", str(output), "--report", "false", *args, check=check)
 
 
-def sweep_process(output: Path, grid: Path, *args: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "regablate", "sweep", str(grid), "--output", str(output), "--report", "false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [*command, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+class Sweep:
+    """A ``regablate sweep`` process in the background, its output going to ``log``."""
+
+    def __init__(self, output: Path, grid: Path, log: Path, *args: str) -> None:
+        command = [sys.executable, "-m", "regablate", "sweep", str(grid), "--output", str(output), "--report", "false"]
+        self.log = log
+        with log.open("w") as handle:
+            self.process = subprocess.Popen(
+                [*command, *args],
+                cwd=REPO,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+            )
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, done: Callable[[], bool], what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert self.process.poll() is None, f"the sweep ended before {what}:\n{self.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s:\n{self.output()[-3000:]}"
+            time.sleep(0.2)
+
+    def finish(self, timeout: float) -> str:
+        """Wait for the sweep to end; its whole output."""
+        self.process.wait(timeout=timeout)
+        return self.output()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
 
 
 def summary(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, f"the sweep ended first:\n{process.stdout.read()[-3000:]}"
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout:.0f} s"
-        time.sleep(0.2)
+def signal_job(jobs: Path, signal_name: str) -> str:
+    """``scancel --signal`` to every task of the run's job (what ``sbatch --signal`` does near the limit)."""
+    job = json.loads(jobs.read_text())["r2"]["job_id"]
+    subprocess.run(["scancel", f"--signal={signal_name}", job], check=True, timeout=30)
+    return job
+
+
+def cancel_jobs(jobs: Path) -> None:
+    """Leave the shared cluster free: cancel whatever this test submitted (a held job would wait minutes)."""
+    if jobs.is_file():
+        ids = [entry["job_id"] for entry in json.loads(jobs.read_text()).values()]
+        subprocess.run(["scancel", *ids], timeout=30, check=False)
 
 
 @pytest.fixture
@@ -105,7 +140,11 @@ def test_two_task_job_is_one_ddp_world_with_the_loss_of_local_ddp(slurm, tmp_pat
 
 @pytest.mark.slow
 def test_job_signalled_at_its_time_limit_is_requeued_and_resumes_to_the_same_result(slurm, tmp_path, repo_on_path):
-    """Two DDP tasks held at step 2 of 8 (mid-epoch) are sent what ``--signal=USR1@60`` sends near the limit."""
+    """Two DDP tasks held at step 2 of 8 (mid-epoch) are sent what ``--signal=USR1@60`` sends near the limit.
+
+    The sweep that submitted the job dies first; the sweep run again waits for that job instead of
+    submitting the run twice.
+    """
     overrides = {**DDP, "trainer.max_steps": 8, "trainer.val_check_interval": 4}
     launcher = {
         "devices_per_run": 2,
@@ -115,15 +154,25 @@ def test_job_signalled_at_its_time_limit_is_requeued_and_resumes_to_the_same_res
     marker = tmp_path / "held_at_step_2"
     wait = {"class_path": "tests.signals.WaitForSignal", "init_args": {"step": 2, "marker": str(marker)}}
     held = write_grid(tmp_path, "held", {**overrides, "trainer.callbacks": [wait]}, launcher)
-    sweeper = sweep_process(tmp_path / "slurm", held, "--launcher", "slurm")
+    jobs = tmp_path / "slurm" / "held" / "slurm" / "jobs.json"
+    first = Sweep(tmp_path / "slurm", held, tmp_path / "first.log", "--launcher", "slurm")
+    second = None
     try:
-        wait_for(marker, sweeper, timeout=240)
-        job = json.loads((tmp_path / "slurm" / "held" / "slurm" / "jobs.json").read_text())["r2"]["job_id"]
-        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
-        output, _ = sweeper.communicate(timeout=400)
+        first.wait_for(marker.exists, "the fit held at step 2", timeout=240)
+        first.kill()  # the login session dies; the job goes on
+        job = json.loads(jobs.read_text())["r2"]["job_id"]
+        second = Sweep(tmp_path / "slurm", held, tmp_path / "second.log", "--launcher", "slurm")
+        attached = f"r2: slurm job {job} (from an earlier sweep, still RUNNING)"
+        second.wait_for(lambda: attached in second.output(), "the second sweep waiting for the job", timeout=120)
+        signal_job(jobs, "USR1")
+        output = second.finish(timeout=400)
     finally:
-        sweeper.kill()
-    assert sweeper.returncode == 0, output[-3000:]
+        for sweep_ in (first, second):
+            if sweep_ is not None:
+                sweep_.kill()
+        cancel_jobs(jobs)
+    assert second.process.returncode == 0, output[-3000:]
+    assert json.loads(jobs.read_text())["r2"]["job_id"] == job and len(list(jobs.parent.glob("*_submitted.pkl"))) == 1
     assert "r2: requeued at its time limit (1x so far)" in output and "[1/1] r2: complete" in output
     reference = write_grid(tmp_path, "reference", overrides, {"devices_per_run": 2})
     sweep(tmp_path / "local", reference)  # uninterrupted, 2 local DDP processes
@@ -149,15 +198,15 @@ def test_a_job_out_of_requeues_saves_and_fails_with_the_reason(slurm, tmp_path, 
     wait = {"class_path": "tests.signals.WaitForSignal", "init_args": {"step": 2, "marker": str(marker)}}
     overrides = {"trainer.max_steps": 8, "trainer.val_check_interval": 4, "trainer.callbacks": [wait]}
     grid = write_grid(tmp_path, "limit", overrides, {"max_requeues": 0, "slurm": SLURM})
-    sweeper = sweep_process(tmp_path / "runs", grid, "--launcher", "slurm")
+    sweeper = Sweep(tmp_path / "runs", grid, tmp_path / "sweep.log", "--launcher", "slurm")
     try:
-        wait_for(marker, sweeper, timeout=240)
-        job = json.loads((tmp_path / "runs" / "limit" / "slurm" / "jobs.json").read_text())["r2"]["job_id"]
-        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
-        output, _ = sweeper.communicate(timeout=300)
+        sweeper.wait_for(marker.exists, "the fit held at step 2", timeout=240)
+        signal_job(tmp_path / "runs" / "limit" / "slurm" / "jobs.json", "USR1")
+        output = sweeper.finish(timeout=300)
     finally:
         sweeper.kill()
-    assert sweeper.returncode == 2 and "1 of 1 runs failed: r2" in output
+        cancel_jobs(tmp_path / "runs" / "limit" / "slurm" / "jobs.json")
+    assert sweeper.process.returncode == 2 and "1 of 1 runs failed: r2" in output
     run = tmp_path / "runs" / "limit" / "r2"
     failed = summary(run)
     assert failed["stages/fit"] == "failed" and failed["stages/fit/exit_code"] == 3
@@ -178,15 +227,15 @@ def test_a_job_killed_without_results_fails_its_run(slurm, tmp_path, repo_on_pat
     marker = tmp_path / "held_at_step_2"
     wait = {"class_path": "tests.signals.WaitForSignal", "init_args": {"step": 2, "marker": str(marker)}}
     grid = write_grid(tmp_path, "killed", {"trainer.callbacks": [wait]}, {"slurm": SLURM})
-    sweeper = sweep_process(tmp_path / "runs", grid, "--launcher", "slurm")
+    sweeper = Sweep(tmp_path / "runs", grid, tmp_path / "sweep.log", "--launcher", "slurm")
     try:
-        wait_for(marker, sweeper, timeout=240)
-        job = json.loads((tmp_path / "runs" / "killed" / "slurm" / "jobs.json").read_text())["r2"]["job_id"]
-        subprocess.run(["scancel", "--signal=KILL", job], check=True, timeout=30)
-        output, _ = sweeper.communicate(timeout=120)
+        sweeper.wait_for(marker.exists, "the fit held at step 2", timeout=240)
+        job = signal_job(tmp_path / "runs" / "killed" / "slurm" / "jobs.json", "KILL")
+        output = sweeper.finish(timeout=120)
     finally:
         sweeper.kill()
-    assert sweeper.returncode == 2 and "[1/1] r2: FAILED" in output
+        cancel_jobs(tmp_path / "runs" / "killed" / "slurm" / "jobs.json")
+    assert sweeper.process.returncode == 2 and "[1/1] r2: FAILED" in output
     failed = summary(tmp_path / "runs" / "killed" / "r2")
     assert failed["stages/fit"] == "failed" and "stages/fit/exit_code" not in failed  # no process was seen to end
     reason = f"slurm job {job} ended without finishing (time limit, scancel or node failure)"
@@ -197,17 +246,18 @@ def test_a_job_killed_without_results_fails_its_run(slurm, tmp_path, repo_on_pat
 def test_grid_of_three_runs_two_at_a_time_with_status(slurm, tmp_path):
     grid = write_grid(tmp_path, "three", {"trainer.max_steps": 6}, {"max_parallel": 2, "slurm": SLURM}, [0, 1, 2])
     output = tmp_path / "runs"
-    sweeper = sweep_process(output, grid, "--launcher", "slurm")
+    sweeper = Sweep(output, grid, tmp_path / "sweep.log", "--launcher", "slurm")
     seen = []
     try:
-        while sweeper.poll() is None:
+        while sweeper.process.poll() is None:
             status = run_regablate("sweep", str(grid), "--output", str(output), "--status", "true", check=False)
             seen.append(status.stdout)
             time.sleep(1)
-        stdout = sweeper.stdout.read()
+        stdout = sweeper.output()
     finally:
         sweeper.kill()
-    assert sweeper.returncode == 0, stdout[-3000:]
+        cancel_jobs(output / "three" / "slurm" / "jobs.json")
+    assert sweeper.process.returncode == 0, stdout[-3000:]
     jobs = re.findall(r"(r\d): slurm job (\d+)_(\d)", stdout)
     assert sorted(run for run, _, _ in jobs) == ["r0", "r1", "r2"] and len({array for _, array, _ in jobs}) == 1
     script = next((output / "three" / "slurm").glob("*_submission.sh")).read_text()
@@ -281,7 +331,7 @@ def test_status_of_each_kind_of_run():
     failed = {"stages/fit": "complete", "stages/fit/seconds": 10.0, "stages/probe": "failed",
               "stages/probe/exit_code": 1, "stages/probe/log_tail": "...\nRuntimeError: out of memory"}  # fmt: skip
     gone = {"stages/fit": "running", "stages/fit/started": NOW - 60, "slurm/job_id": "5_2"}
-    local_dead = {"stages/fit": "running", "stages/fit/started": NOW - 60, "stages/fit/host": os.uname().nodename,
+    local_dead = {"stages/fit": "running", "stages/fit/started": NOW - 60, "stages/fit/host": socket.gethostname(),
                   "stages/fit/pid": 2**22 + 12345, "slurm/job_id": None}  # fmt: skip
     local_alive = {**local_dead, "stages/fit/pid": os.getpid()}
     cases = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 from lightning import Trainer
 from torch.utils.data import Dataset, DistributedSampler
@@ -42,4 +43,6 @@ def train_sampler(dataset: Dataset, batch_size: int, trainer: Trainer | None) ->
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if 0 < done < math.ceil(len(sampler) / batch_size):
             sampler.skip = done * batch_size
+            # Lightning warns next that "your dataloader is not resumable": it looks for a stateful loader, not this.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
     return sampler

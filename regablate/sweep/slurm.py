@@ -304,9 +304,8 @@ class SlurmLauncher:
             if entry and entry["job_id"] in alive:
                 slurm_job = submitit.SlurmJob(self.folder, entry["job_id"], tasks=tuple(range(entry["tasks"])))
                 waiting[slurm_job] = job
-                self.on_event(
-                    "start", job, f"slurm job {entry['job_id']} (still {alive[entry['job_id']]}, from an earlier sweep)"
-                )
+                state = alive[entry["job_id"]]
+                self.on_event("start", job, f"slurm job {entry['job_id']} (from an earlier sweep, still {state})")
             else:
                 fresh.append(job)
         if fresh:
