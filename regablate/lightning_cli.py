@@ -19,7 +19,7 @@ from lightning import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from regablate.callbacks import RunConfig, RunSummary
+from regablate.callbacks import RunConfig, RunSummary, TimeLimitCheckpoint
 from regablate.errors import RegablateError
 from regablate.runs import find_checkpoint, first_line
 
@@ -38,6 +38,7 @@ class RegablateCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "best-{epoch}-{step}"})
         parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_lightning_class_args(TimeLimitCheckpoint, "time_limit")
         parser.link_arguments("data.init_args.img_size", "model.init_args.img_size")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:

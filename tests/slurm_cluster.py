@@ -1,13 +1,24 @@
-"""A one-node Slurm cluster on this machine for the Slurm launcher's test (Debian's slurm-wlm + munge).
+"""A one-node Slurm cluster on this machine for the Slurm launcher's tests (Debian's slurm-wlm + munge).
 
 ``start()`` returns a handle to stop it, or raises ``Unavailable`` with the reason (not root,
-no apt-get, install or start-up failed): the test skips with that reason. A cluster that is
-already answering ``sinfo`` is used as it is and left running.
+no apt-get, install or start-up failed): the tests skip with that reason. A cluster that is
+already answering ``sinfo`` is used as it is.
+
+Several test sessions may share the one cluster (only one slurmctld can run): each session
+registers itself in ``USERS`` while it holds a handle, and ``stop()`` stops the daemons only when
+the last registered session lets go, and only daemons that a test session started (a cluster
+someone started by hand is left running).
+
+For the requeue test, two settings shorten the wait between a requeue and the job's restart:
+``AuthInfo=cred_expire=10`` (a requeued job may start only ``cred_expire`` seconds after its
+requeue; Slurm's default is 120 s) and ``SchedulerParameters=bf_interval=5,sched_interval=5``
+(the schedulers look at pending jobs every 5 s instead of every 30 and 60 s).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import socket
@@ -25,8 +36,40 @@ PID_FILES = {
 }
 
 
+STATE = Path("/run/regablate-slurm")  # shared by the test sessions on this machine
+USERS = STATE / "users"  # one file per session holding a handle, named by its pid
+STARTED_BY_TESTS = STATE / "started_by_tests"  # present while the daemons running are a test session's
+
+
 class Unavailable(Exception):
     """Slurm cannot be started here; the message says why."""
+
+
+@contextlib.contextmanager
+def _locked():
+    """One session at a time starts, joins or stops the cluster."""
+    USERS.mkdir(parents=True, exist_ok=True)
+    with (STATE / "lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _other_users() -> list[int]:
+    """Live sessions other than this one that hold a handle (stale files of dead sessions are removed)."""
+    alive = []
+    for path in USERS.glob("*"):
+        pid = int(path.name) if path.name.isdigit() else -1
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, ValueError, OverflowError):
+            path.unlink(missing_ok=True)
+            continue
+        except PermissionError:
+            pass
+        alive.append(pid)
+    return alive
 
 
 @dataclass
@@ -34,7 +77,20 @@ class LocalSlurm:
     started: list[str] = field(default_factory=list)
 
     def stop(self) -> None:
-        """Stop the daemons this handle started, newest first, by their pid files."""
+        """Let go of the cluster; the last session out stops the daemons a test session started."""
+        with _locked():
+            (USERS / str(os.getpid())).unlink(missing_ok=True)
+            if _other_users() or not STARTED_BY_TESTS.exists():
+                return
+            for daemon in reversed(list(PID_FILES)):
+                path = PID_FILES[daemon]
+                if path.is_file():
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(path.read_text().split()[0]), 15)
+            STARTED_BY_TESTS.unlink(missing_ok=True)
+
+    def _kill_started(self) -> None:
+        """A failed start: stop the daemons this handle started, newest first."""
         for daemon in reversed(self.started):
             path = PID_FILES[daemon]
             if path.is_file():
@@ -46,11 +102,21 @@ def _run(*command: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
-def _node_idle() -> bool:
+def _node_in(states: tuple[str, ...]) -> bool:
+    """Whether ``sinfo`` answers with a responding node in one of ``states`` (short names: idle, mix, ...)."""
     if shutil.which("sinfo") is None:
         return False
     result = _run("sinfo", "-h", "-o", "%t", timeout=10)
-    return result.returncode == 0 and any(state.strip().startswith("idle") for state in result.stdout.splitlines())
+    return result.returncode == 0 and any(state.strip() in states for state in result.stdout.splitlines())
+
+
+def _node_up() -> bool:
+    """The cluster answers and its node takes jobs (idle, or busy with another session's)."""
+    return _node_in(("idle", "mix", "alloc", "comp"))
+
+
+def _node_idle() -> bool:
+    return _node_in(("idle",))
 
 
 def install() -> None:
@@ -75,11 +141,13 @@ def write_config() -> None:
 ClusterName=local
 SlurmctldHost={host}
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 ReturnToService=2
 SlurmUser=root
 SelectType=select/cons_tres
+SchedulerParameters=bf_interval=5,sched_interval=5
 SelectTypeParameters=CR_Core
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
@@ -98,11 +166,16 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 
 
 def start(timeout: float = 30) -> LocalSlurm:
-    """Install (apt-get), configure and start munged, slurmctld and slurmd; wait for an idle node."""
-    if _node_idle():
-        return LocalSlurm()
-    if os.geteuid() != 0:
+    """Join the running cluster, or install (apt-get), configure and start munged, slurmctld and slurmd."""
+    if os.geteuid() != 0 and not _node_up():
         raise Unavailable("starting a local Slurm needs root")
+    with _locked():
+        cluster = LocalSlurm() if _node_up() else _start_daemons(timeout)
+        (USERS / str(os.getpid())).touch()
+    return cluster
+
+
+def _start_daemons(timeout: float) -> LocalSlurm:
     install()
     write_config()
     cluster = LocalSlurm()
@@ -116,13 +189,14 @@ def start(timeout: float = 30) -> LocalSlurm:
     for daemon, command in steps.items():
         result = _run(*command)
         if result.returncode != 0:
-            cluster.stop()
+            cluster._kill_started()
             raise Unavailable(f"{daemon} did not start: {(result.stderr or result.stdout).strip()[-300:]}")
         cluster.started.append(daemon)
     deadline = time.monotonic() + timeout
     while not _node_idle():
         if time.monotonic() > deadline:
-            cluster.stop()
+            cluster._kill_started()
             raise Unavailable(f"the local Slurm node is not idle after {timeout:.0f} s (see /var/log/slurm/)")
         time.sleep(0.5)
+    STARTED_BY_TESTS.touch()
     return cluster

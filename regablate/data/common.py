@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from regablate.data.resume import train_sampler
 from regablate.errors import RegablateError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,10 +36,10 @@ class SplitDataModule(L.LightningDataModule):
     Subclasses define ``dataset`` (and ``has_split`` when a split can be missing) and save
     ``batch_size`` and ``num_workers`` as hparams.
 
-    The training order is the same on any number of devices: under DDP, Lightning shuffles
-    with ``DistributedSampler(seed=PL_GLOBAL_SEED)`` and deals the permutation out to the
-    ranks; on one device the loader takes the same sampler with one replica, so N devices
-    see, step by step, the global batches that one device sees.
+    The training order is the same on any number of devices, and a run restored part-way
+    through an epoch goes on where it stopped: the training loader's sampler is
+    ``data.resume.train_sampler``, the ``DistributedSampler(seed=PL_GLOBAL_SEED)`` that Lightning
+    would insert, dealing one permutation out to the ranks.
     """
 
     def dataset(self, split: str) -> Dataset:
@@ -52,16 +52,12 @@ class SplitDataModule(L.LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         workers = self.hparams.num_workers
         dataset = self.dataset(split)
-        sampler = None
-        distributed = self.trainer is not None and self.trainer.world_size > 1
-        if split == "train" and not distributed:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        sampler = train_sampler(dataset, self.hparams.batch_size, self.trainer) if split == "train" else None
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
-            shuffle=split == "train" and sampler is None,
+            shuffle=False,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=False,

@@ -56,7 +56,12 @@ def _scene(split: str, index: int, size: int, seed: int) -> dict[str, np.ndarray
     """One scene as the uint8 RGB image, the class mask (0 background, c + 1) and depth (float32)."""
     scene = render_scene(seed, split, index, img_size=size, num_classes=NUM_CLASSES)
     image = (scene["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return {"image": image, "label": int(scene["label"]), "mask": scene["mask"].numpy(), "depth": scene["depth"].numpy()}
+    return {
+        "image": image,
+        "label": int(scene["label"]),
+        "mask": scene["mask"].numpy(),
+        "depth": scene["depth"].numpy(),
+    }
 
 
 def write_imagenet(folder: Path, sizes: dict[str, int], img_size: int, seed: int) -> None:
@@ -131,7 +136,7 @@ def prepare_rehearsal(
     nyu_test: int = 32,
     seed: int = 0,
 ) -> None:
-    """Write the inputs of configs/fig8/rehearsal.yaml (ImageNet, ADE20k, NYUd, an R = 0 backbone) in their real formats.
+    """Write the inputs of configs/fig8/rehearsal.yaml (ImageNet, ADE20k, NYUd, an R = 0 ViT) in their real formats.
 
     Args:
         output: folder to write (replaced as a whole, atomically): imagenet/, ade20k/, nyud/,

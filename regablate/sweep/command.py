@@ -4,22 +4,28 @@
     regablate sweep configs/fig8/cpu.yaml --dry_run true        # the plan, and each stage's data checked
     regablate sweep configs/fig8/cpu.yaml --only num_registers=4 --only seed_everything=0
     regablate sweep configs/fig8/paper.yaml --devices_per_run 8 --launcher slurm
+    regablate sweep configs/fig8/paper.yaml --launcher slurm --nodes_per_run 2   # 2 nodes x 8 GPUs per run
+    regablate sweep configs/fig8/paper.yaml --status true       # queued / running / finished / failed, ETA
 
 Runs land in ``<output>/<grid name>/<run>/``. Finished stages are never re-run, an interrupted
 run resumes from ``last.ckpt``, a failed run is recorded and the others go on; the command
 exits non-zero at the end when any run failed. Run the same command again to finish a grid.
 Before anything runs, a preflight checks every stage's data from metadata (``sweep.preflight``)
 and refuses to start a grid whose later stage could not load its data.
+On Slurm each run is one job of ``nodes_per_run x devices_per_run`` tasks whose fit is one DDP
+world, and a job near its time limit saves and requeues itself (``regablate.sweep.slurm``).
 """
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from jsonargparse import ArgumentParser
 from jsonargparse.typing import PositiveInt
 
@@ -28,11 +34,13 @@ from regablate.errors import RegablateError
 from regablate.report.command import write_report
 from regablate.runs import write_text_atomic
 from regablate.sweep.grid import Grid, Stage, load_grid
-from regablate.sweep.launch import LocalLauncher, RunJob, SlurmLauncher, device_slots, stage_command
+from regablate.sweep.launch import LocalLauncher, RunJob, device_slots, stage_command
 from regablate.sweep.preflight import StageReport, refusal
 from regablate.sweep.preflight import preflight as check_stages
 from regablate.sweep.resolve import resolve_config
+from regablate.sweep.slurm import DEFAULT_MAX_REQUEUES, DEFAULT_SIGNAL_DELAY_S, JobShape, SlurmLauncher
 from regablate.sweep.state import CONFIG_FILE, LOG_FILE, mark_finished, mark_running
+from regablate.sweep.status import collect, format_status
 
 RENAMED = (
     Renamed("--dry-run", "--dry_run", "true"),
@@ -48,10 +56,12 @@ def sweep(
     only: list[str] | None = None,
     max_parallel: PositiveInt | None = None,
     devices_per_run: PositiveInt | None = None,
+    nodes_per_run: PositiveInt | None = None,
     launcher: Literal["local", "slurm"] = "local",
     dry_run: bool = False,
     report: bool = True,
     preflight: bool = True,
+    status: bool = False,
 ) -> None:
     """Run a register-count grid (see configs/fig8/): every run, its probes, then the Figure 8 report.
 
@@ -60,11 +70,13 @@ def sweep(
         output: runs folder; the grid writes <output>/<grid name>/.
         only: keep runs whose axis KEY=VALUE (repeatable; KEY may be the last part, e.g. num_registers=4).
         max_parallel: runs at once (default: the grid's, else 1).
-        devices_per_run: devices of each run (sets trainer.devices; GPUs are packed per run).
+        devices_per_run: devices of each run (sets trainer.devices; GPUs are packed per run; on Slurm: tasks per node).
+        nodes_per_run: nodes of each run on Slurm (sets trainer.num_nodes; default: the grid's, else 1).
         launcher: local processes, or Slurm jobs through submitit.
         dry_run: print the plan and the preflight, run nothing.
         report: write the report when the runs end.
         preflight: check every stage's data (metadata only) first; refuse to start if one cannot load.
+        status: print each run's state (queued, running, finished, failed) and an ETA, run nothing.
     """
     only = list(only or [])
     loaded = load_grid(grid)
@@ -73,14 +85,38 @@ def sweep(
         raise RegablateError(f"--only {' '.join(only)} matches no run of {grid}; axes: {', '.join(loaded.axes)}")
     max_parallel = max_parallel or loaded.launcher.get("max_parallel") or 1
     devices_per_run = devices_per_run or loaded.launcher.get("devices_per_run")
+    nodes_per_run = nodes_per_run or loaded.launcher.get("nodes_per_run") or 1
     experiment = Path(output) / loaded.name
-    plan = make_plan(loaded, runs, experiment, devices_per_run)
+    if status:
+        print(format_status(loaded, experiment, collect(loaded, runs, experiment), max_parallel), flush=True)
+        return
+    if nodes_per_run > 1 and launcher != "slurm":
+        raise RegablateError(
+            f"nodes_per_run {nodes_per_run} needs --launcher slurm: a local sweep runs each run on this machine"
+        )
+    shape = job_shape(launcher, nodes_per_run, devices_per_run)
+    plan = make_plan(loaded, runs, experiment, devices_per_run, shape)
     started = time.perf_counter()
     pending = {job.run.name: job.pending_stages() for job in plan.jobs}
     reports = check_stages(loaded, plan.resolved, pending) if preflight else []
     seconds = time.perf_counter() - started
+    progress = Progress(total=len(plan.jobs) + len(plan.complete) + len(plan.invalid), done=len(plan.complete))
+    chosen: LocalLauncher | SlurmLauncher | None = None
+    if shape is not None and plan.jobs and not (dry_run and shutil.which("sbatch") is None):
+        chosen = SlurmLauncher(
+            experiment / "slurm",
+            loaded.launcher.get("slurm") or {},
+            shape=shape,
+            max_parallel=max_parallel,
+            max_requeues=int(loaded.launcher.get("max_requeues", DEFAULT_MAX_REQUEUES)),
+            gpus=bool(devices_per_run) and uses_gpus(plan),
+            on_event=progress.on_event,
+        )
+        chosen.check()  # a job Slurm would never run is refused before anything is written or submitted
     if dry_run:
         print_plan(loaded, plan, experiment, max_parallel, devices_per_run, launcher)
+        if shape is not None:
+            print(slurm_plan(shape, max_parallel, loaded, checked=chosen is not None))
     refused = refusal(reports)
     if dry_run or refused is not None:
         print_preflight(reports, seconds)
@@ -89,7 +125,6 @@ def sweep(
     if dry_run:
         return
     write_configs(plan)
-    progress = Progress(total=len(plan.jobs) + len(plan.complete) + len(plan.invalid), done=len(plan.complete))
     for job, message in plan.invalid:
         record_invalid(job, message)
         progress.on_event("done", job, False)
@@ -98,11 +133,7 @@ def sweep(
         f"{len(plan.jobs)} to run -> {experiment}/",
         flush=True,
     )
-    if launcher == "slurm":
-        chosen: LocalLauncher | SlurmLauncher = SlurmLauncher(
-            experiment / "slurm", loaded.launcher.get("slurm") or {}, max_parallel, devices_per_run, progress.on_event
-        )
-    else:
+    if chosen is None:
         chosen = LocalLauncher(
             device_slots(max_parallel, devices_per_run, _num_gpus(devices_per_run)), progress.on_event
         )
@@ -147,8 +178,29 @@ class Plan:
     invalid: list[tuple[RunJob, str]] = field(default_factory=list)
 
 
-def make_plan(grid: Grid, runs: list, experiment: Path, devices_per_run: int | None) -> Plan:
-    """Resolve the config of every run with work left and write it into its folder (not in a dry run)."""
+def job_shape(launcher: str, nodes_per_run: int, devices_per_run: int | None) -> JobShape | None:
+    """A Slurm run's job: one task per device on each node; None for a local sweep (its runs start their own ranks)."""
+    if launcher != "slurm":
+        return None
+    return JobShape(nodes=nodes_per_run, tasks_per_node=devices_per_run or 1)
+
+
+def uses_gpus(plan: Plan) -> bool:
+    """Whether any run may use GPUs (not all on ``trainer.accelerator: cpu``): its Slurm job then asks for them."""
+    accelerators = {
+        str((yaml.safe_load(text).get("trainer") or {}).get("accelerator")) for text in plan.resolved.values()
+    }
+    return accelerators != {"cpu"}
+
+
+def make_plan(
+    grid: Grid, runs: list, experiment: Path, devices_per_run: int | None, shape: JobShape | None = None
+) -> Plan:
+    """Resolve the config of every run with work left and write it into its folder (not in a dry run).
+
+    A Slurm job of several tasks fits one DDP world across them: its runs get ``trainer.devices``
+    (tasks per node) and ``trainer.num_nodes`` of the job's shape.
+    """
     plan = Plan()
     for run in runs:
         run_dir = experiment / run.name
@@ -164,6 +216,9 @@ def make_plan(grid: Grid, runs: list, experiment: Path, devices_per_run: int | N
         }
         if devices_per_run:
             overrides["trainer.devices"] = devices_per_run
+        if shape is not None and shape.tasks > 1:
+            overrides["trainer.devices"] = shape.tasks_per_node
+            overrides["trainer.num_nodes"] = shape.nodes
         try:
             plan.resolved[run.name] = resolve_config(grid.base, overrides)
         except RegablateError as err:
@@ -194,6 +249,19 @@ def record_invalid(job: RunJob, message: str) -> None:
     with (job.run_dir / LOG_FILE).open("a") as log:
         log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} invalid config: {message}\n")
     mark_finished(job.run_dir, stage, 2, 0.0)
+
+
+def slurm_plan(shape: JobShape, max_parallel: int, grid: Grid, checked: bool) -> str:
+    """The dry run's account of the Slurm jobs it would submit."""
+    settings = grid.launcher.get("slurm") or {}
+    delay = settings.get("slurm_signal_delay_s", DEFAULT_SIGNAL_DELAY_S)
+    requeues = grid.launcher.get("max_requeues", DEFAULT_MAX_REQUEUES)
+    check = "sbatch --test-only accepts one run's job" if checked else "not checked: sbatch not found here"
+    return (
+        f"slurm: each run one job of {shape.describe()} (one per device; the fit is one DDP world across them), "
+        f"a job array {max_parallel} at once; SIGUSR1 {delay} s before the time limit saves and requeues a job, "
+        f"at most {requeues} times; {check}"
+    )
 
 
 def print_plan(grid: Grid, plan: Plan, experiment: Path, max_parallel: int, devices: int | None, launcher: str) -> None:
@@ -228,6 +296,9 @@ class Progress:
 
     def on_event(self, event: str, job: RunJob, detail: Any) -> None:
         name = job.run.name
+        if event == "requeued":
+            print(f"[{self.done}/{self.total}] {name}: requeued at its time limit ({detail}x so far)", flush=True)
+            return
         if event == "start":
             self.run_started.setdefault(name, time.perf_counter())
             self.running.add(name)

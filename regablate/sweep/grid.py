@@ -15,7 +15,7 @@ A grid file has a top-level ``grid:`` key::
       stages:                           # run in order, each as its own process
         - {name: fit, command: fit}
         - {name: probe, command: probe, args: [--probe.cls_steps, "300"]}   # "{grid_dir}": this file's folder
-      launcher: {max_parallel: 1, devices_per_run: null, slurm: {...}}
+      launcher: {max_parallel: 1, devices_per_run: null, nodes_per_run: 1, max_requeues: 3, slurm: {...}}
       report: {images: null, num_images: 2, paper: false}
 
 An axis named by a dotted key takes a list of values; any key works, so a new backbone option
@@ -56,7 +56,7 @@ GRID_KEYS = {
     "extends",
     "stage_args",
 }
-LAUNCHER_KEYS = {"max_parallel", "devices_per_run", "slurm"}
+LAUNCHER_KEYS = {"max_parallel", "devices_per_run", "nodes_per_run", "max_requeues", "slurm"}
 REPORT_KEYS = {"images", "num_images", "paper", "enabled"}
 
 

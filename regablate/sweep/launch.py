@@ -1,10 +1,10 @@
-"""Running a grid's runs: each stage of each run as its own ``python -m regablate`` process.
+"""Running a grid's runs on this machine: each stage of each run as its own ``python -m regablate`` process.
 
 One process per stage keeps ranks and seeds clean: LightningCLI and Lightning's DDP launcher
 re-execute ``sys.argv``, so a run must own its process. ``LocalLauncher`` packs runs onto this
 machine (``max_parallel`` at a time, ``devices_per_run`` GPUs each, through
-``CUDA_VISIBLE_DEVICES``); ``SlurmLauncher`` submits one Slurm job per run with submitit, and
-the job runs the same stages through the same ``run_stages``.
+``CUDA_VISIBLE_DEVICES``). ``StageProcess``, ``stage_command`` and ``stage_env`` are shared with
+the Slurm launcher (``regablate.sweep.slurm``), whose jobs run the same stages the same way.
 """
 
 from __future__ import annotations
@@ -23,14 +23,7 @@ from typing import Any, TextIO
 
 from regablate.errors import RegablateError
 from regablate.sweep.grid import LIGHTNING_COMMANDS, PlannedRun, Stage
-from regablate.sweep.state import (
-    COMPLETE,
-    LOG_FILE,
-    mark_finished,
-    mark_running,
-    resumable_checkpoint,
-    stage_state,
-)
+from regablate.sweep.state import COMPLETE, LOG_FILE, mark_finished, mark_running, resumable_checkpoint, stage_state
 
 POLL_SECONDS = 0.2
 
@@ -67,13 +60,28 @@ def stage_command(job: RunJob, stage: Stage) -> list[str]:
 
 
 class StageProcess:
-    """One running stage: its process, its log file, and when it started."""
+    """One running stage: its process, its log file, and when it started.
 
-    def __init__(self, job: RunJob, stage: Stage, env: dict[str, str]) -> None:
-        self.job, self.stage = job, stage
-        mark_running(job.run_dir, stage.name, job.run.axes)
-        command = stage_command(job, stage)
-        self.log: TextIO = open(job.run_dir / LOG_FILE, "a")  # noqa: SIM115 - closed in finish()
+    ``record`` (the default) marks the stage running now and finished in ``finish``; a Slurm
+    task other than task 0 runs its share of a stage without touching the run's state, into a
+    log of its own (``log``).
+    """
+
+    def __init__(
+        self,
+        job: RunJob,
+        stage: Stage,
+        env: dict[str, str],
+        *,
+        extra_args: tuple[str, ...] = (),
+        log: str = LOG_FILE,
+        record: bool = True,
+    ) -> None:
+        self.job, self.stage, self.record = job, stage, record
+        if record:
+            mark_running(job.run_dir, stage.name, job.run.axes)
+        command = [*stage_command(job, stage), *extra_args]
+        self.log: TextIO = open(job.run_dir / log, "a")  # noqa: SIM115 - closed in finish()
         self.log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} stage {stage.name}: {' '.join(command)}\n")
         self.log.flush()
         self.started = time.perf_counter()
@@ -84,35 +92,38 @@ class StageProcess:
     def poll(self) -> int | None:
         return self.process.poll()
 
+    def wait(self) -> int:
+        return self.process.wait()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def close_log(self, exit_code: int, note: str = "") -> None:
+        self.log.write(f"==== stage {self.stage.name} exited {exit_code} after {self.seconds:.1f} s{note}\n")
+        self.log.close()
+
     def finish(self, exit_code: int) -> None:
         """Close the log and record the stage's end in the run's summary."""
-        seconds = time.perf_counter() - self.started
-        self.log.write(f"==== stage {self.stage.name} exited {exit_code} after {seconds:.1f} s\n")
-        self.log.close()
-        mark_finished(self.job.run_dir, self.stage.name, exit_code, seconds)
+        seconds = self.seconds
+        self.close_log(exit_code)
+        if self.record:
+            mark_finished(self.job.run_dir, self.stage.name, exit_code, seconds)
 
 
-def run_stages(job: RunJob, env: dict[str, str] | None = None) -> bool:
-    """Run ``job``'s unfinished stages one after another (the body of a Slurm job); True when all complete."""
-    env = stage_env(env)
-    for stage in job.pending_stages():
-        process = StageProcess(job, stage, env)
-        exit_code = process.process.wait()
-        process.finish(exit_code)
-        if exit_code != 0:
-            return False
-    return True
-
-
-def stage_env(base: dict[str, str] | None = None, cuda_devices: str | None = None) -> dict[str, str]:
+def stage_env(
+    base: dict[str, str] | None = None, cuda_devices: str | None = None, slurm_world: bool = False
+) -> dict[str, str]:
     """The environment of a stage process.
 
-    ``SLURM_JOB_NAME=interactive`` stops Lightning from taking the Slurm job's single task for
-    its DDP world: inside a job the run starts its own ranks, as it does on a workstation.
+    Inside a Slurm job, a stage sees no Slurm world unless ``slurm_world``: with
+    ``SLURM_JOB_NAME=interactive`` Lightning ignores the job's tasks and starts its own ranks, as
+    on a workstation. The fit of a multi-task job keeps the Slurm variables, and Lightning's
+    ``SLURMEnvironment`` takes the job's tasks (``SLURM_PROCID``, ``SLURM_NTASKS``) as its DDP ranks.
     """
     env = dict(os.environ if base is None else base)
     env.pop("PL_GLOBAL_SEED", None)  # set in the sweep by config resolution; each run seeds itself
-    if "SLURM_JOB_ID" in env:
+    if "SLURM_JOB_ID" in env and not slurm_world:
         env["SLURM_JOB_NAME"] = "interactive"
     if cuda_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = cuda_devices
@@ -166,53 +177,6 @@ class LocalLauncher:
     def _start(self, job: RunJob, stage: Stage, devices: str | None) -> StageProcess:
         self.on_event("start", job, stage)
         return StageProcess(job, stage, stage_env(cuda_devices=devices))
-
-
-class SlurmLauncher:
-    """One Slurm job per run through submitit; ``max_parallel`` caps the job array's running jobs."""
-
-    def __init__(
-        self,
-        folder: Path,
-        settings: dict[str, Any],
-        max_parallel: int | None,
-        devices_per_run: int | None,
-        on_event: Callable[[str, RunJob, Any], None],
-    ) -> None:
-        import submitit
-
-        self.executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-        parameters = {"tasks_per_node": 1, "nodes": 1, **settings}
-        if devices_per_run and "gpus_per_node" not in settings:
-            parameters["gpus_per_node"] = devices_per_run
-        if max_parallel:
-            parameters["slurm_array_parallelism"] = max_parallel
-        self.executor.update_parameters(**parameters)
-        self.on_event = on_event
-
-    def run(self, jobs: list[RunJob]) -> dict[str, bool]:
-        self.executor.update_parameters(name=f"regablate-{jobs[0].run_dir.parent.name}" if jobs else "regablate")
-        with self.executor.batch():
-            submitted = [self.executor.submit(run_stages, job) for job in jobs]
-        for job, slurm_job in zip(jobs, submitted):
-            self.on_event("start", job, f"slurm job {slurm_job.job_id}")
-        results: dict[str, bool] = {}
-        waiting = dict(zip(submitted, jobs))
-        while waiting:
-            time.sleep(POLL_SECONDS * 5)
-            for slurm_job, job in list(waiting.items()):
-                if not slurm_job.done():
-                    continue
-                del waiting[slurm_job]
-                try:
-                    ok = bool(slurm_job.result())
-                except Exception as err:  # noqa: BLE001 - a job that died is a failed run, reported, not raised
-                    with (job.run_dir / LOG_FILE).open("a") as log:
-                        log.write(f"==== slurm job {slurm_job.job_id} failed: {err}\n")
-                    ok = False
-                results[job.run.name] = ok
-                self.on_event("done", job, ok)
-        return results
 
 
 def _die_with_parent() -> None:
