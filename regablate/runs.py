@@ -83,9 +83,9 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def update_summary(run_dir: str | Path, values: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``values`` into the run's summary and write it atomically."""
-    summary = {**read_summary(run_dir), **values}
+def update_summary(run_dir: str | Path, values: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Merge ``values`` into the run's summary, less the keys in ``drop``, and write it atomically."""
+    summary = {key: value for key, value in read_summary(run_dir).items() if key not in drop} | values
     write_json_atomic(Path(run_dir) / SUMMARY_FILE, summary)
     return summary
 

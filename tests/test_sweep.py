@@ -336,3 +336,20 @@ def test_bad_extending_grids_get_one_clear_error(tmp_path, body, message):
     path.write_text(f"grid:\n  name: child\n{extends}{body}")
     with pytest.raises(RegablateError, match=message):
         load_grid(path)
+
+
+def test_a_stage_that_succeeds_on_retry_keeps_no_trace_of_the_failure(tmp_path):
+    from regablate.runs import read_summary
+    from regablate.sweep.state import mark_finished
+
+    (tmp_path / "sweep.log").write_text("regablate: error: data: Option 'test_split' is not accepted\n")
+    mark_finished(tmp_path, "probe", 2, 1.0, reason="bad flag")
+    failed = read_summary(tmp_path)
+    assert failed["stages/probe"] == "failed" and failed["stages/probe/exit_code"] == 2
+    assert "test_split" in failed["stages/probe/log_tail"] and failed["stages/probe/error"] == "bad flag"
+    mark_finished(tmp_path, "probe", 0, 2.0)
+    assert read_summary(tmp_path) == {
+        "stages/probe": "complete",
+        "stages/probe/seconds": 2.0,
+        "stages/probe/ended": read_summary(tmp_path)["stages/probe/ended"],
+    }

@@ -29,3 +29,4 @@ RESERVED_FOLDERS = ("hparams", "slurm")
 TRAINED_SERIES, TTR_SERIES = "trained registers", "+ test-time register"
 # Axes that are the figure's x axis and its error bars, not series of their own.
 SEED_AXIS, REGISTER_AXIS = "axis/seed_everything", "axis/model.init_args.num_registers"
+SERIES_AXIS = "axis/series"  # the runs of a grid's further series (grid.series) carry their name

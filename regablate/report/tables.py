@@ -17,6 +17,7 @@ from regablate.report.paper import (
     REGISTER_AXIS,
     RESERVED_FOLDERS,
     SEED_AXIS,
+    SERIES_AXIS,
     TABLE_EXTRA,
     TRAINED_SERIES,
     TTR_SERIES,
@@ -54,6 +55,16 @@ def group_axes(rows: list[dict[str, Any]]) -> list[str]:
     return sorted({k for row in rows for k in row if k.startswith("axis/")} - {SEED_AXIS, REGISTER_AXIS})
 
 
+def series_label(row: dict[str, Any], axes: list[str]) -> str:
+    """``series=continued`` reads ``continued`` (a grid's further series); runs without an axis leave it out."""
+    parts = [
+        str(row[axis]) if axis == SERIES_AXIS else f"{axis.rsplit('.', 1)[-1]}={row[axis]}"
+        for axis in axes
+        if row.get(axis) is not None
+    ]
+    return ", ".join(parts) or TRAINED_SERIES
+
+
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, list[float]]]]:
     """series label -> register count -> metric -> the values of its seeds (runs whose fit completed)."""
     axes = group_axes(rows)
@@ -62,7 +73,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, list[
         registers = row.get("num_registers")
         if registers is None or row.get("status") != "complete":
             continue
-        label = ", ".join(f"{axis.rsplit('.', 1)[-1]}={row.get(axis)}" for axis in axes) or TRAINED_SERIES
+        label = series_label(row, axes)
         if row.get("test_time_registers"):  # a `probe --test_time_registers` folder beside its run
             label = TTR_SERIES if label == TRAINED_SERIES else f"{label}, {TTR_SERIES}"
         for key, value in row.items():

@@ -33,7 +33,7 @@ from regablate.commands import Renamed, function_arguments, modernise, tool_pars
 from regablate.errors import RegablateError
 from regablate.report.command import write_report
 from regablate.runs import write_text_atomic
-from regablate.sweep.grid import Grid, Stage, load_grid
+from regablate.sweep.grid import EXPERIMENT, Grid, Stage, load_grid, with_needs
 from regablate.sweep.launch import LocalLauncher, RunJob, device_slots, stage_command
 from regablate.sweep.preflight import StageReport, refusal
 from regablate.sweep.preflight import preflight as check_stages
@@ -83,6 +83,7 @@ def sweep(
     runs = [run for run in loaded.runs if run.matches(_filters(only))]
     if not runs:
         raise RegablateError(f"--only {' '.join(only)} matches no run of {grid}; axes: {', '.join(loaded.axes)}")
+    runs = with_needs(runs, loaded.runs)  # a run continued from another brings that one along
     max_parallel = max_parallel or loaded.launcher.get("max_parallel") or 1
     devices_per_run = devices_per_run or loaded.launcher.get("devices_per_run")
     nodes_per_run = nodes_per_run or loaded.launcher.get("nodes_per_run") or 1
@@ -137,7 +138,7 @@ def sweep(
         chosen = LocalLauncher(
             device_slots(max_parallel, devices_per_run, _num_gpus(devices_per_run)), progress.on_event
         )
-    chosen.run(plan.jobs)
+    run_after_needs(chosen, plan, progress)
     if report and loaded.report.get("enabled", True):
         paths = write_report(experiment, grid=loaded)
         print(f"report: {', '.join(str(p) for p in paths)}", flush=True)
@@ -204,12 +205,12 @@ def make_plan(
     plan = Plan()
     for run in runs:
         run_dir = experiment / run.name
-        job = RunJob(run, run_dir, run_dir / CONFIG_FILE, grid.stages)
+        job = RunJob(run, run_dir, run_dir / CONFIG_FILE, grid.stages_of(run))
         if not job.pending_stages():
             plan.complete.append(job)
             continue
         overrides = {
-            **run.overrides,
+            **{key: _in_experiment(value, experiment) for key, value in run.overrides.items()},
             "trainer.logger.init_args.save_dir": str(experiment.parent),
             "trainer.logger.init_args.name": grid.name,
             "trainer.logger.init_args.version": run.name,
@@ -220,12 +221,38 @@ def make_plan(
             overrides["trainer.devices"] = shape.tasks_per_node
             overrides["trainer.num_nodes"] = shape.nodes
         try:
-            plan.resolved[run.name] = resolve_config(grid.base, overrides)
+            plan.resolved[run.name] = resolve_config(grid.base_of(run), overrides)
         except RegablateError as err:
             plan.invalid.append((job, str(err)))
             continue
         plan.jobs.append(job)
     return plan
+
+
+def _in_experiment(value: Any, experiment: Path) -> Any:
+    return value.replace("{" + EXPERIMENT + "}", str(experiment)) if isinstance(value, str) else value
+
+
+def run_after_needs(launcher: LocalLauncher | SlurmLauncher, plan: Plan, progress: Progress) -> None:
+    """Launch the plan's jobs in waves: a run starts once every run it needs is complete.
+
+    A run whose needed run failed (or could not be planned) fails without starting, naming it.
+    """
+    complete = {job.run.name for job in plan.complete}
+    failed = {job.run.name for job, _ in plan.invalid}
+    waiting = list(plan.jobs)
+    while waiting:
+        blocked = [job for job in waiting if set(job.run.needs) & failed]
+        for job in blocked:
+            names = ", ".join(sorted(set(job.run.needs) & failed))
+            record_failure(job, f"it needs run {names}, which failed: fix that run and sweep again")
+            progress.on_event("done", job, False)
+            failed.add(job.run.name)
+        ready = [job for job in waiting if set(job.run.needs) <= complete]
+        waiting = [job for job in waiting if job not in ready and job not in blocked]
+        if ready:
+            for name, ok in launcher.run(ready).items():
+                (complete if ok else failed).add(name)
 
 
 def print_preflight(reports: list[StageReport], seconds: float) -> None:
@@ -244,11 +271,16 @@ def write_configs(plan: Plan) -> None:
 
 def record_invalid(job: RunJob, message: str) -> None:
     """A run whose config does not resolve fails at its first stage, with the reason in its log."""
+    record_failure(job, f"invalid config: {message}", exit_code=2)
+
+
+def record_failure(job: RunJob, message: str, exit_code: int | None = None) -> None:
+    """Fail a run at its first pending stage without starting it; the reason goes into its log and summary."""
     stage = job.pending_stages()[0].name
     mark_running(job.run_dir, stage, job.run.axes)
     with (job.run_dir / LOG_FILE).open("a") as log:
-        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} invalid config: {message}\n")
-    mark_finished(job.run_dir, stage, 2, 0.0)
+        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+    mark_finished(job.run_dir, stage, exit_code, 0.0, reason=None if exit_code is not None else message)
 
 
 def slurm_plan(shape: JobShape, max_parallel: int, grid: Grid, checked: bool) -> str:
@@ -278,8 +310,9 @@ def print_plan(grid: Grid, plan: Plan, experiment: Path, max_parallel: int, devi
         print(f"  {job.run.name}: INVALID: {message}")
     for job in plan.jobs:
         stages = job.pending_stages()
-        state = "resume" if len(stages) < len(grid.stages) or (job.run_dir / "checkpoints").is_dir() else "new"
-        print(f"  {job.run.name}: {state}, {' -> '.join(s.name for s in stages)}")
+        state = "resume" if len(stages) < len(job.stages) or (job.run_dir / "checkpoints").is_dir() else "new"
+        after = f", after {', '.join(job.run.needs)}" if job.run.needs else ""
+        print(f"  {job.run.name}: {state}{after}, {' -> '.join(s.name for s in stages)}")
         print(f"    $ {' '.join(_short_command(job, stages[0]))}")
 
 

@@ -31,6 +31,7 @@ cluster grid is written this way, so the two cannot drift apart.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,14 @@ GRID_KEYS = {
     "description",
     "extends",
     "stage_args",
+    "series",
 }
 LAUNCHER_KEYS = {"max_parallel", "devices_per_run", "nodes_per_run", "max_requeues", "slurm"}
+EXPERIMENT = "experiment"  # {experiment} in a grid value: the grid's runs folder, <output>/<grid name>
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
+RUN_REFERENCE = re.compile(r"\{experiment\}/([^/\s]+)")
+SERIES_KEYS = {"base", "overrides", "axes", "stages", "description"}
+SERIES_AXIS = "series"  # the axis a further series' runs carry: its name
 REPORT_KEYS = {"images", "num_images", "paper", "enabled"}
 
 
@@ -76,6 +83,9 @@ class PlannedRun:
     name: str
     axes: dict[str, Any]
     overrides: dict[str, Any]
+    needs: tuple[str, ...] = ()  # runs of the grid whose folders the overrides refer to: they run first
+    base: list[Path] | None = None  # a series' own run configs (None: the grid's)
+    stages: list[Stage] | None = None  # a series' own stages, a subset of the grid's (None: all)
 
     def matches(self, filters: dict[str, str]) -> bool:
         """``--only`` filters: an axis named by its full key or its last component, value as text."""
@@ -98,7 +108,14 @@ class Grid:
     stages: list[Stage]
     launcher: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    series: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> its spec (SERIES_KEYS)
     runs: list[PlannedRun] = field(default_factory=list)
+
+    def base_of(self, run: PlannedRun) -> list[Path]:
+        return run.base if run.base is not None else self.base
+
+    def stages_of(self, run: PlannedRun) -> list[Stage]:
+        return run.stages if run.stages is not None else self.stages
 
 
 def is_grid_file(data: Any) -> bool:
@@ -109,8 +126,29 @@ def is_grid_file(data: Any) -> bool:
 def load_grid(path: str | Path) -> Grid:
     """Read and check a grid file (and the grid it extends) and expand its axes (errors name the file and the key)."""
     grid = _read_grid(Path(path), seen=())
-    grid.runs = expand(grid.axes, grid.overrides)
+    runs = expand(grid.axes, grid.overrides)
+    for name, spec in grid.series.items():
+        runs += _series_runs(grid, name, spec)
+    grid.runs = link(runs)
     return grid
+
+
+def _series_runs(grid: Grid, name: str, spec: dict[str, Any]) -> list[PlannedRun]:
+    """The runs of one further series: the grid's axes and overrides with the series' merged over them.
+
+    Each run is named ``<run>_<series>`` and carries the axis ``series: <name>`` (the report's series label).
+    """
+    axes = {**grid.axes, **spec.get("axes", {})}
+    runs = expand(axes, {**grid.overrides, **spec.get("overrides", {})}, link_runs=False)
+    stages = None
+    if "stages" in spec:
+        by_name = {stage.name: stage for stage in grid.stages}
+        stages = [by_name[stage] for stage in by_name if stage in spec["stages"]]
+    for run in runs:
+        run.name = f"{run.name}_{name}"
+        run.axes = {**run.axes, SERIES_AXIS: name}
+        run.base, run.stages = spec.get("base"), stages
+    return runs
 
 
 def _read_grid(path: Path, seen: tuple[Path, ...]) -> Grid:
@@ -147,9 +185,10 @@ def _read_grid(path: Path, seen: tuple[Path, ...]) -> Grid:
             base=_base_configs(path, spec["base"]),
             overrides=dict(spec.get("overrides") or {}),
             axes=_check_axes(path, spec["axes"]),
-            stages=_parse_stages(path, spec["stages"]),
+            stages=(stages := _parse_stages(path, spec["stages"])),
             launcher=launcher,
             report=report,
+            series=_parse_series(path, spec.get("series"), stages),
         )
     if "stages" in spec:
         raise RegablateError(
@@ -169,7 +208,34 @@ def _read_grid(path: Path, seen: tuple[Path, ...]) -> Grid:
         stages=_changed_stages(path, parent.stages, spec.get("stage_args") or {}),
         launcher={**parent.launcher, **launcher, **({"slurm": slurm} if slurm else {})},
         report={**parent.report, **report},
+        series={**parent.series, **_parse_series(path, spec.get("series"), parent.stages)},
     )
+
+
+def _parse_series(path: Path, series: Any, stages: list[Stage]) -> dict[str, dict[str, Any]]:
+    """``grid.series``: name -> {base, overrides, axes, stages}, checked, with paths made absolute."""
+    if series is None:
+        return {}
+    if not isinstance(series, dict) or not all(isinstance(spec, dict) for spec in series.values()):
+        raise RegablateError(f"{path}: grid.series maps series names to {{base, overrides, axes, stages}}")
+    parsed = {}
+    names = [stage.name for stage in stages]
+    for name, spec in series.items():
+        _check_keys(path, f"grid.series.{name}", spec, SERIES_KEYS)
+        chosen = _as_list(spec.get("stages", names))
+        unknown = [stage for stage in chosen if stage not in names]
+        if unknown:
+            raise RegablateError(
+                f"{path}: grid.series.{name}.stages names no stage {', '.join(map(str, unknown))}; stages: "
+                f"{', '.join(names)}"
+            )
+        parsed[str(name)] = {
+            **({"base": _base_configs(path, spec["base"])} if "base" in spec else {}),
+            "overrides": dict(spec.get("overrides") or {}),
+            "axes": _check_axes(path, spec["axes"]) if "axes" in spec else {},
+            **({"stages": chosen} if "stages" in spec else {}),
+        }
+    return parsed
 
 
 def _base_configs(path: Path, base: Any) -> list[Path]:
@@ -215,8 +281,14 @@ def _grid_dir(path: Path, value: Any) -> str:
     return str(value).replace("{grid_dir}", str(path.parent.resolve()))
 
 
-def expand(axes: dict[str, Any], overrides: dict[str, Any]) -> list[PlannedRun]:
-    """The product of ``axes`` in file order (the last axis varies fastest), one run per point."""
+def expand(axes: dict[str, Any], overrides: dict[str, Any], link_runs: bool = True) -> list[PlannedRun]:
+    """The product of ``axes`` in file order (the last axis varies fastest), one run per point.
+
+    Text values may name the run's axis values (``{seed_everything}``, ``{num_registers}``: the
+    last key component; a bundle axis by its name) and ``{experiment}``, the grid's runs folder.
+    A run whose values name ``{experiment}/<other run>`` needs that run: it starts once the other
+    is complete (e.g. continued pretraining from ``{experiment}/r0_s{seed_everything}/checkpoints/last.ckpt``).
+    """
     choices = [
         list(values.items()) if isinstance(values, dict) else [(v, v) for v in values] for values in axes.values()
     ]
@@ -227,12 +299,82 @@ def expand(axes: dict[str, Any], overrides: dict[str, Any]) -> list[PlannedRun]:
         run_overrides = dict(overrides)
         for axis, (_, value) in zip(axes, point):
             run_overrides.update(value if isinstance(axes[axis], dict) else {axis: value})
+        known = {**values, **{axis.rsplit(".", 1)[-1]: value for axis, value in values.items()}}
+        run_overrides = {key: _filled(key, value, known) for key, value in run_overrides.items()}
         runs.append(PlannedRun(run_name(values, bundles), values, run_overrides))
+    return link(runs) if link_runs else runs
+
+
+def link(runs: list[PlannedRun]) -> list[PlannedRun]:
+    """Check the runs' folder names are distinct, find what each needs, and order them by it."""
     names = [run.name for run in runs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise RegablateError(f"the axes give several runs the same folder name: {', '.join(duplicates)}")
-    return runs
+    for run in runs:
+        run.needs = _needs(run, set(names))
+    return _in_dependency_order(runs)
+
+
+def _filled(key: str, value: Any, known: dict[str, Any]) -> Any:
+    """A text value with the run's axis values put in; ``{experiment}`` is left for the plan."""
+    if not isinstance(value, str):
+        return value
+
+    def fill(match: re.Match) -> str:
+        name = match.group(1)
+        if name == EXPERIMENT:
+            return match.group(0)
+        if name not in known:
+            raise RegablateError(
+                f"grid value of {key} names {{{name}}}, which is no axis; known: "
+                f"{', '.join('{' + k + '}' for k in [EXPERIMENT, *known])}"
+            )
+        return str(known[name])
+
+    return PLACEHOLDER.sub(fill, value)
+
+
+def _needs(run: PlannedRun, names: set[str]) -> tuple[str, ...]:
+    """The other runs whose folders ``run``'s values name as ``{experiment}/<run>``."""
+    needs = []
+    for key, value in run.overrides.items():
+        for other in RUN_REFERENCE.findall(value) if isinstance(value, str) else ():
+            if other not in names:
+                raise RegablateError(f"run {run.name}: {key} names {{experiment}}/{other}, which is no run of the grid")
+            if other == run.name:
+                raise RegablateError(f"run {run.name}: {key} names its own folder: a run cannot need itself")
+            if other not in needs:
+                needs.append(other)
+    return tuple(needs)
+
+
+def _in_dependency_order(runs: list[PlannedRun]) -> list[PlannedRun]:
+    """The runs in file order, except that a run comes after the runs it needs."""
+    ordered: list[PlannedRun] = []
+    placed: set[str] = set()
+    waiting = list(runs)
+    while waiting:
+        ready = [run for run in waiting if set(run.needs) <= placed]
+        if not ready:
+            raise RegablateError(f"runs need each other in a circle: {', '.join(run.name for run in waiting)}")
+        ordered += ready
+        placed |= {run.name for run in ready}
+        waiting = [run for run in waiting if run.name not in placed]
+    return ordered
+
+
+def with_needs(selected: list[PlannedRun], runs: list[PlannedRun]) -> list[PlannedRun]:
+    """``selected`` (e.g. by ``--only``) plus every run they need, directly or not, in grid order."""
+    by_name = {run.name: run for run in runs}
+    wanted = {run.name for run in selected}
+    frontier = list(wanted)
+    while frontier:
+        for need in by_name[frontier.pop()].needs:
+            if need not in wanted:
+                wanted.add(need)
+                frontier.append(need)
+    return [run for run in runs if run.name in wanted]
 
 
 def run_name(values: dict[str, Any], bundles: set[str] = frozenset()) -> str:

@@ -71,6 +71,9 @@ def mark_running(run_dir: Path, stage: str, axes: dict[str, Any]) -> None:
     update_summary(run_dir, values)
 
 
+FAILURE_KEYS = ("log_tail", "exit_code", "error")  # stages/<name>/...: what a failed attempt leaves
+
+
 def mark_finished(run_dir: Path, stage: str, exit_code: int | None, seconds: float, reason: str | None = None) -> None:
     """Record the stage's end: ``complete`` after exit code 0, else ``failed`` with the log's tail.
 
@@ -79,14 +82,14 @@ def mark_finished(run_dir: Path, stage: str, exit_code: int | None, seconds: flo
     """
     key = stage_key(stage)
     values: dict[str, Any] = {f"{key}/seconds": round(seconds, 3), f"{key}/ended": round(time.time(), 3)}
-    if exit_code == 0:
-        values[key] = COMPLETE
-    else:
-        values.update({key: FAILED, f"{key}/log_tail": log_tail(run_dir)})
-        if exit_code is not None:
-            values[f"{key}/exit_code"] = exit_code
-        if reason is not None:
-            values[f"{key}/error"] = reason
+    if exit_code == 0:  # an earlier attempt's failure no longer describes the stage
+        update_summary(run_dir, {**values, key: COMPLETE}, drop=tuple(f"{key}/{k}" for k in FAILURE_KEYS))
+        return
+    values.update({key: FAILED, f"{key}/log_tail": log_tail(run_dir)})
+    if exit_code is not None:
+        values[f"{key}/exit_code"] = exit_code
+    if reason is not None:
+        values[f"{key}/error"] = reason
     update_summary(run_dir, values)
 
 

@@ -157,7 +157,6 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
 def collect(grid: Grid, runs: list[PlannedRun], experiment: Path, now: float | None = None) -> list[RunStatus]:
     """Every run's status, asking ``squeue`` once (and ``sacct`` for the jobs it no longer lists)."""
     now = time.time() if now is None else now
-    stages = [stage.name for stage in grid.stages]
     summaries = {run.name: read_summary(experiment / run.name) for run in runs}
     recorded = {name: entry["job_id"] for name, entry in read_jobs(experiment / "slurm").items()}
     jobs = {run.name: recorded.get(run.name) or summaries[run.name].get(SLURM_JOB_KEY) for run in runs}
@@ -165,7 +164,12 @@ def collect(grid: Grid, runs: list[PlannedRun], experiment: Path, now: float | N
     queue = squeue_states(job_ids) if job_ids else None
     gone = [job for job in job_ids if queue is not None and job not in queue]
     ended = sacct_states(gone)
-    return [run_status(run.name, summaries[run.name], stages, jobs[run.name], queue, ended, now) for run in runs]
+    return [
+        run_status(
+            run.name, summaries[run.name], [s.name for s in grid.stages_of(run)], jobs[run.name], queue, ended, now
+        )
+        for run in runs
+    ]
 
 
 def eta_seconds(statuses: list[RunStatus], parallel: int) -> tuple[float, float] | None:
