@@ -53,13 +53,17 @@ AUTO = "auto"
 RENAMED = (Renamed("--no_cache", "--cache", "false"), Renamed("--cache", "--cache", "true"))
 
 
-def probe_options(output: str | None = None, cache: bool = True, test_time_registers: str | None = None) -> None:
+def probe_options(
+    output: str | None = None, cache: bool = True, test_time_registers: str | None = None, dataset: str | None = None
+) -> None:
     """The probe command's own flags (the model, data and protocol have theirs).
 
     Args:
         output: results folder (default: the run folder, else runs/probe/<model>_r<R>).
         cache: reuse and store the extracted features in OUTPUT/probe_cache.
         test_time_registers: 'auto' or a register_neurons.json: probe with one test-time register added.
+        dataset: name of the probed data in summary.json (default: the data's path); the report overlays the paper's
+            values on imagenet-1k, ade20k and nyud.
     """
 
 
@@ -165,6 +169,7 @@ def main(argv: list[str]) -> None:
         data_config=cfg.data.as_dict(),
         use_cache=cfg.cache,
         source=source,
+        dataset=cfg.dataset,
     )
     if cfg.test_time_registers is not None:  # a finished row of its own in a grid's report
         update_summary(output_dir, {"status": "complete"})

@@ -64,14 +64,17 @@ class LinearClassifierGrid(nn.Module):
     """``G`` feature groups x ``L`` learning rates of linear classifiers in one weight tensor.
 
     Inputs come stacked as (G, B, width), narrower groups zero-padded to ``width``: a padded
-    input dimension gets zero gradient, so its weights stay at their zero start and each head
-    is exactly a linear classifier on its own features. Each head's gradient is scaled by its
+    input dimension contributes nothing and gets zero gradient, so its weights never move and each
+    head is exactly a linear classifier on its own features. Weights start at zero, or drawn from
+    N(0, ``init_std``) (DINOv2's linear heads: 0.01); biases at zero. Each head's gradient is scaled by its
     learning rate, so one SGD optimiser (lr 1, momentum) trains every head at its own rate.
     """
 
-    def __init__(self, groups: int, width: int, num_classes: int, lrs: Sequence[float]) -> None:
+    def __init__(self, groups: int, width: int, num_classes: int, lrs: Sequence[float], init_std: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(groups, len(lrs), width, num_classes))
+        if init_std:
+            nn.init.normal_(self.weight, std=init_std)
         self.bias = nn.Parameter(torch.zeros(groups, len(lrs), num_classes))
         self.register_buffer("lrs", torch.tensor(lrs, dtype=torch.float32))
         self.weight.register_hook(lambda grad: grad * self.lrs[None, :, None, None])

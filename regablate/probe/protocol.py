@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from regablate.errors import RegablateError
+from regablate.probe.dinov2.settings import DINOv2Settings
 from regablate.probe.features import FeatureSet
 from regablate.probe.heads import (
     DepthHead,
@@ -58,9 +59,15 @@ class ProbeReport:
 
 @dataclass
 class LinearProbe:
-    """Frozen-feature probes on cached features.
+    """Frozen-feature probes: ``fast`` (heads on cached features, this class) or ``dinov2`` (DINOv2's protocols).
+
+    ``protocol: dinov2`` runs ``regablate.probe.dinov2`` with the ``dinov2`` settings for the
+    classification, segmentation and depth probes; ``probes``, ``ignore_index``, ``seed`` and the
+    LOST settings apply to both protocols, the other settings here to ``fast`` only.
 
     Args:
+        protocol: fast (cached features, the CPU grid's default) or dinov2 (DINOv2's protocols, the paper's).
+        dinov2: settings of the dinov2 protocol (defaults: DINOv2's).
         lrs: learning-rate grid of the classification heads (SGD, momentum 0.9, cosine).
         cls_steps: steps of the classification heads.
         seg_steps: steps of the segmentation head (AdamW, cosine).
@@ -77,6 +84,8 @@ class LinearProbe:
         seed: seed of head initialisation, mini-batch order and the sampled pixels.
     """
 
+    protocol: Literal["fast", "dinov2"] = "fast"
+    dinov2: DINOv2Settings = field(default_factory=DINOv2Settings)
     lrs: Sequence[float] = DEFAULT_LRS
     cls_steps: int = 300
     seg_steps: int = 400
@@ -139,10 +148,10 @@ class LinearProbe:
                 elif probe == "depth":
                     self._depth(train, test, report)
                 else:
-                    self._lost(test, patch_size, report)
-        report.protocol["settings"] = {
-            k: list(v) if isinstance(v, (list, tuple)) else v for k, v in asdict(self).items()
-        }
+                    self.lost(test, patch_size, report)
+        report.metrics["probe/protocol"] = "fast"
+        settings = {k: v for k, v in asdict(self).items() if k != "dinov2"}
+        report.protocol["settings"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in settings.items()}
         return report
 
     def _classify(
@@ -262,7 +271,8 @@ class LinearProbe:
             "optimizer": "AdamW weight decay 1e-4, cosine",
         }
 
-    def _lost(self, test: FeatureSet, patch_size: tuple[int, int], report: ProbeReport) -> None:
+    def lost(self, test: FeatureSet, patch_size: tuple[int, int], report: ProbeReport) -> None:
+        """LOST on the test features into ``report`` (no training: the same under either protocol)."""
         if test.keys is None:
             report.skipped["lost"] = "the features hold no attention keys"
             log.warning("skipping the lost probe: %s", report.skipped["lost"])

@@ -19,6 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from regablate.errors import RegablateError
 from regablate.models.fingerprint import weights_fingerprint
 from regablate.probe.cache import FeatureCache
+from regablate.probe.dinov2.runner import run_dinov2
 from regablate.probe.features import Extractor, FeatureSet, extract_split
 from regablate.probe.protocol import LinearProbe, ProbeReport
 from regablate.runs import read_summary, update_summary, write_json_atomic
@@ -26,6 +27,13 @@ from regablate.runs import read_summary, update_summary, write_json_atomic
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# The headline metric of each probe.
+PROBE_METRICS = {
+    "cls": "probe/cls_top1",
+    "seg": "probe/seg_miou",
+    "depth": "probe/depth_rmse",
+    "lost": "probe/lost_corloc",
+}
 PROBE_FILE = "probe.json"
 CACHE_FOLDER = "probe_cache"
 
@@ -52,11 +60,12 @@ def load_features(
     extractor: Extractor,
     datamodule: LightningDataModule,
     cache: FeatureCache | None,
+    splits_wanted: tuple[str, ...] = SPLITS,
 ) -> dict[str, FeatureSet]:
-    """Features of train, val and test: read from ``cache`` where present, else extracted and stored."""
+    """Features of ``splits_wanted``: read from ``cache`` where present, else extracted and stored."""
     hparams = getattr(datamodule, "hparams", {})
     splits = {}
-    for split in SPLITS:
+    for split in splits_wanted:
         features = cache.load(split) if cache is not None else None
         if features is None:
             loader = DataLoader(
@@ -86,11 +95,14 @@ def run_probe(
     data_config: dict[str, Any],
     use_cache: bool = True,
     source: dict[str, Any] | None = None,
+    dataset: str | None = None,
 ) -> ProbeReport:
     """Probe ``extractor``'s frozen features on ``datamodule`` and write the results to ``output_dir``.
 
     ``data_config`` (with the extractor's weights) keys the feature cache in
-    ``output_dir/probe_cache``; ``source`` describes the backbone in ``probe.json``.
+    ``output_dir/probe_cache``; ``source`` describes the backbone in ``probe.json``; ``dataset``
+    names the data in the summary (``probe/<probe>_dataset``; default: from ``data_config``).
+    The dinov2 protocol reads ``extractor.model`` (a ``ViTExtractor``'s backbone).
     """
     output_dir = Path(output_dir)
     fingerprint = weights_fingerprint(extractor) if hasattr(extractor, "state_dict") else None
@@ -102,16 +114,42 @@ def run_probe(
             )
         cache = FeatureCache(output_dir / CACHE_FOLDER, fingerprint, data_config)
     started = time.perf_counter()
-    splits = load_features(extractor, datamodule, cache)
-    report = probe.run(
-        splits,
-        patch_size=patch_size,
-        num_classes=getattr(datamodule, "num_classes", None),
-        num_seg_classes=getattr(datamodule, "num_seg_classes", None),
-    )
+    if probe.protocol == "dinov2":
+        report = run_dinov2(
+            extractor.model,
+            datamodule,
+            probe.dinov2,
+            probes=probe.probes,
+            seed=probe.seed,
+            ignore_index=probe.ignore_index,
+        )
+        if "lost" in probe.probes:  # LOST trains nothing: its one protocol, on the test split's features
+            probe.lost(load_features(extractor, datamodule, cache, ("test",))["test"], patch_size, report)
+    else:
+        splits = load_features(extractor, datamodule, cache)
+        report = probe.run(
+            splits,
+            patch_size=patch_size,
+            num_classes=getattr(datamodule, "num_classes", None),
+            num_seg_classes=getattr(datamodule, "num_seg_classes", None),
+        )
+    report.metrics.update(dataset_keys(report.metrics, dataset or data_name(data_config)))
     report.metrics["probe/seconds"] = round(time.perf_counter() - started, 3)
     write_outputs(output_dir, report, {"source": source or {}, "data": data_config, "weights": fingerprint})
     return report
+
+
+def data_name(data_config: dict[str, Any]) -> str:
+    """A name for the probed data: a data module's ``path`` (and ``name``), else its class name."""
+    args = data_config.get("init_args") or {}
+    if args.get("path"):
+        return f"{args['path']}:{args['name']}" if args.get("name") else str(args["path"])
+    return str(data_config.get("class_path", "unknown")).rpartition(".")[2]
+
+
+def dataset_keys(metrics: dict[str, Any], name: str) -> dict[str, str]:
+    """``probe/<probe>_dataset``: the data each probe that ran was measured on (the report matches it to the paper)."""
+    return {f"probe/{probe}_dataset": name for probe, key in PROBE_METRICS.items() if key in metrics}
 
 
 def write_outputs(output_dir: Path, report: ProbeReport, details: dict[str, Any]) -> None:
