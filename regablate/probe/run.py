@@ -124,7 +124,12 @@ def run_probe(
             ignore_index=probe.ignore_index,
         )
         if "lost" in probe.probes:  # LOST trains nothing: its one protocol, on the test split's features
-            probe.lost(load_features(extractor, datamodule, cache, ("test",))["test"], patch_size, report)
+            test = load_features(extractor, datamodule, cache, ("test",))["test"]
+            if test.box is None:
+                report.skipped["lost"] = "the data have no 'box' in test"
+                log.warning("skipping the lost probe: %s", report.skipped["lost"])
+            else:
+                probe.lost(test, patch_size, report)
     else:
         splits = load_features(extractor, datamodule, cache)
         report = probe.run(
