@@ -54,6 +54,28 @@ def main(args: list[str] | None = None) -> None:
         _fail(str(user_error))
 
 
+def run_script(function: Callable[..., None], argv: list[str] | None = None) -> None:
+    """Entry point of a ``scripts/*.py`` tool: its flags from ``function``'s signature, in the tools' style.
+
+    Bad flags and ``RegablateError`` end it with one line, ``NAME: error: ...``, and exit code 2.
+    """
+    from regablate.commands import function_arguments, tool_parser
+
+    prog = function.__name__
+    parser = tool_parser(prog, (function.__doc__ or "").strip().splitlines()[0])
+    parser.prog = prog
+    parser.add_function_arguments(function, as_positional=True)
+    try:
+        function(**function_arguments(parser.parse_args(argv)))
+    except ArgumentError as err:
+        _fail(parser_message(str(err)), prog)
+    except Exception as err:
+        user_error = _find_user_error(err)
+        if user_error is None:
+            raise
+        _fail(str(user_error), prog)
+
+
 def _tools_help() -> str:
     lines = [f"  regablate {name} ...  {help_text}" for name, (_, help_text) in TOOLS.items()]
     return "more commands (each has --help):\n" + "\n".join(lines)
@@ -70,12 +92,11 @@ def _find_user_error(err: BaseException | None) -> RegablateError | None:
     return None
 
 
-_RESTRICTION = re.compile(
-    r"Parser key \"([\w.]+)\":.*?Not of type (\w+): does not conform to restriction ([^-]+?)\s*(?:- |Given)"
-    r".*?Given value: (\S+)"
-)
+_KEY = re.compile(r'Parser key "([\w.]+)"')
+_RESTRICTION = re.compile(r"Not of type (\w+): (?:(\S+) )?does not conform to restriction (.+?)(?= - | Given|$)")
+_GIVEN = re.compile(r"Given value: (\S+)")
 _SUBCLASS = re.compile(
-    r"Parser key \"(\w+)\".*?Problem with given class_path '([^']+)': (.*?)(?: - Expected a <class 'NoneType'>|$)"
+    r"Parser key \"([\w.]+)\".*?Problem with given class_path '([^']+)': (.*?)(?: - Expected a <class 'NoneType'>|$)"
 )
 
 
@@ -83,15 +104,21 @@ def parser_message(message: str) -> str:
     """jsonargparse's report on a bad argument, shortened to the part that names the problem.
 
     A constrained number says which flag, the value and the constraint
-    (``--max_parallel: 0 is not a PositiveInt (v>0)``); a subclass argument names its class.
+    (``--max_parallel: 0 is not a PositiveInt (v>0)``, ``--model.init_args.lr: -1 is not a PositiveFloat
+    (v>0)`` for an argument of a class given by ``class_path``); a subclass argument names its class.
     """
     message = " ".join(message.split())
     restriction = _RESTRICTION.search(message)
-    if restriction:
-        key, type_name, rule, value = restriction.groups()
+    keys = _KEY.findall(message[: restriction.start()]) if restriction else []
+    if keys:
+        type_name, value, rule = restriction.groups()
+        key = keys[-1]  # the innermost key names the argument
         owner = _SUBCLASS.search(message)
-        if owner and not key.startswith(owner.group(1) + "."):
+        if owner and len(keys) > 1 and not key.startswith(owner.group(1) + "."):
             key = f"{owner.group(1)}.init_args.{key}"
+        if value is None:
+            given = _GIVEN.search(message, restriction.end())
+            value = given.group(1) if given else "the value"
         return f"--{key}: {value} is not a {type_name} ({rule.strip()})"
     match = _SUBCLASS.search(message)
     if match:
@@ -100,6 +127,6 @@ def parser_message(message: str) -> str:
     return message
 
 
-def _fail(message: str) -> None:
-    print(f"regablate: error: {' '.join(message.split())}", file=sys.stderr)
+def _fail(message: str, prog: str = "regablate") -> None:
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
     raise SystemExit(2)

@@ -8,18 +8,20 @@ defaults to ``r<num_registers>_s<seed>`` so that re-running a config lands in th
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import Namespace
 from lightning import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from regablate.callbacks import RunConfig, RunSummary
 from regablate.errors import RegablateError
-from regablate.runs import find_checkpoint
+from regablate.runs import find_checkpoint, first_line
 
 DESCRIPTION = "Fine-tune and ablate register tokens in Vision Transformers."
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -37,6 +39,14 @@ class RegablateCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "best-{epoch}-{step}"})
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.link_arguments("data.init_args.img_size", "model.init_args.img_size")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, then refuse a ``ckpt_path`` file that is no Lightning checkpoint before Lightning reads it."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_lightning_checkpoint(Path(ckpt_path))
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -57,10 +67,33 @@ class RegablateCLI(LightningCLI):
         if ckpt_path in ("best", "last") and self.subcommand != "fit" and run_dir is not None:
             # Lightning knows "best" only inside the process that trained; the run folder knows it always.
             config.ckpt_path = str(find_checkpoint(run_dir, ckpt_path))
+            check_lightning_checkpoint(Path(config.ckpt_path))
         elif ckpt_path not in ("best", "last", "hpc", "registry") and not Path(ckpt_path).is_file():
             raise RegablateError(
                 f"ckpt_path not found: {ckpt_path} (give a .ckpt file, or best/last of the run folder)"
             )
+
+
+def check_lightning_checkpoint(path: Path) -> None:
+    """Refuse, in one line, a file that is not a Lightning checkpoint (Lightning's loader would end in a traceback).
+
+    ``torch.load(mmap=True)`` maps the tensors instead of reading them, so this reads only the small
+    pickled structure of the file, not a multi-GB checkpoint a second time.
+    """
+    hint = "give a .ckpt that regablate fit wrote, or best/last of the run folder"
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise RegablateError(f"ckpt_path {path} is not a checkpoint (not a torch.save archive); {hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - whatever the loader trips on, the file is the user's
+        raise RegablateError(
+            f"ckpt_path {path} is a corrupt or foreign checkpoint ({type(err).__name__}: {first_line(err)}); {hint}"
+        ) from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise RegablateError(
+            f"ckpt_path {path} holds weights, not a Lightning checkpoint (no state_dict) to resume; "
+            f"to start from these weights use --model.init_args.checkpoint {path}"
+        )
 
 
 def build_cli(

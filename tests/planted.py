@@ -6,8 +6,14 @@
 * Block ``onset``'s MLP: hidden ``units`` (default: unit 0) fire only on the marker and together
   write ``NORM`` into channel ``CHANNEL``, so the planted tokens get ~40x the median norm from that
   block on, in one channel: these units are the model's "register neurons".
-* Last block: the query bias and the key weights of channel ``CHANNEL`` point the same way, so
-  every token attends to the planted tokens: an attention sink, as real artifacts are.
+* Last block (unless ``sink=False``): the query bias and the key weights of channel ``CHANNEL``
+  point the same way, so every token attends to the planted tokens: an attention sink, as real
+  artifacts are; an attention pool (``map`` models) gets the same edit, so its query looks at them too.
+  With ``sink=False`` the planted tokens are high-norm tokens that draw no attention, like the
+  large foreground features of a small ViT trained hard.
+
+``tiny_vit`` builds the 4-block model with a class token, or without one (``class_token=False``,
+``global_pool`` avg or map: the layouts of average-pooled ViTs and SigLIP).
 """
 
 from __future__ import annotations
@@ -24,14 +30,18 @@ CORNERS = (0, 7, 56, 63)
 MARKER, CHANNEL, NORM = 5, 11, 100.0
 
 
-def tiny_vit(num_registers: int = 2, seed: int = 0) -> VisionTransformer:
+def tiny_vit(num_registers: int = 2, seed: int = 0, **layout) -> VisionTransformer:
     torch.manual_seed(seed)
-    return build_backbone(MODEL, num_registers, **SIZES)
+    return build_backbone(MODEL, num_registers, **SIZES, **layout)
 
 
 @torch.no_grad()
 def plant_artifacts(
-    model: VisionTransformer, onset: int = 1, positions: tuple[int, ...] = CORNERS, units: tuple[int, ...] = (0,)
+    model: VisionTransformer,
+    onset: int = 1,
+    positions: tuple[int, ...] = CORNERS,
+    units: tuple[int, ...] = (0,),
+    sink: bool = True,
 ) -> VisionTransformer:
     dim = model.embed_dim
     model.patch_embed.proj.weight[MARKER] = 0.0
@@ -45,8 +55,15 @@ def plant_artifacts(
     mlp.fc1.bias[units] = -15.0
     mlp.fc2.weight[:, units] = 0.0
     mlp.fc2.weight[CHANNEL, units] = NORM / 10.0 / len(units)
+    if not sink:
+        return model
     attn = model.blocks[-1].attn
     direction = torch.full((dim,), 4.0 / attn.head_dim**0.5)
     attn.qkv.bias[:dim] = direction  # every query points along `direction`
     attn.qkv.weight[dim : 2 * dim, CHANNEL] = direction  # keys of tokens big in CHANNEL do too
+    pool = model.attn_pool
+    if pool is not None:  # the pool's latent query, on the final (normed) tokens
+        pool.q.weight.zero_()
+        pool.q.bias.copy_(direction)
+        pool.kv.weight[:dim, CHANNEL] = direction
     return model

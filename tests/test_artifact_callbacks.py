@@ -81,8 +81,16 @@ def test_monitor_fragment_keeps_the_callbacks_of_the_config_before_it(capsys):
         assert name in printed
 
 
-def test_monitor_and_attention_maps_find_planted_artifacts(tmp_path):
-    kwargs = {k: v for k, v in SIZES.items() if k != "img_size"}
+LAYOUTS = {
+    "cls": {},
+    "avg": {"class_token": False, "global_pool": "avg"},
+    "map": {"class_token": False, "global_pool": "map"},
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_monitor_and_attention_maps_find_planted_artifacts(tmp_path, layout):
+    kwargs = {**{k: v for k, v in SIZES.items() if k != "img_size"}, **LAYOUTS[layout]}
     model = Classification(model_name=MODEL, num_registers=2, num_classes=4, img_size=32, model_kwargs=kwargs)
     plant_artifacts(model.backbone, onset=1)
     monitor, maps = OutlierNormMonitor(num_images=8), AttentionMaps(num_images=4)
@@ -95,15 +103,19 @@ def test_monitor_and_attention_maps_find_planted_artifacts(tmp_path):
     assert all(stats[f"artifacts/outlier_frac/block_{b:02d}"] == pytest.approx(4 / 64) for b in (1, 2, 3))
     assert stats["artifacts/outlier_onset_block"] == 1.0
     assert stats["artifacts/outlier_attention_lift"] > 5
+    assert ("artifacts/cls_register_attention" in stats) == (layout == "cls")
     accumulator = events(tmp_path / "planted" / "v")
     assert {"attention/cls", "artifacts/outlier_positions"} <= set(accumulator.Tags()["images"])
+    grid = accumulator.Images("attention/cls")[-1]
+    assert (grid.width, grid.height) == (4 * 34 + 2, 4 * 34 + 2)  # image, global query, 2 registers; 4 rows
     # The callbacks measured the first validation images, the same in both.
     assert torch.equal(monitor.batch["image"][:4], maps.batch["image"])
     assert model.backbone.blocks[-1].attn.fused_attn, "training keeps the fused attention"
 
 
-def test_training_batch_readings_find_planted_artifacts_at_every_step(tmp_path):
-    kwargs = {k: v for k, v in SIZES.items() if k != "img_size"}
+@pytest.mark.parametrize("layout", ["cls", "avg"])
+def test_training_batch_readings_find_planted_artifacts_at_every_step(tmp_path, layout):
+    kwargs = {**{k: v for k, v in SIZES.items() if k != "img_size"}, **LAYOUTS[layout]}
     model = Classification(model_name=MODEL, num_registers=2, num_classes=4, img_size=32, model_kwargs=kwargs, lr=1e-9)
     plant_artifacts(model.backbone, onset=1)
     monitor = OutlierNormMonitor(every_n_steps=None, train_batch_every_n_steps=1, histograms=False)

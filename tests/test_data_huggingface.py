@@ -53,8 +53,10 @@ def test_image_folder_loads_with_classes_and_carved_validation(tmp_path):
     dm = HFDataModule(str(folder), img_size=16, batch_size=3, val_fraction=0.25)
     assert (dm.num_classes, dm.img_size, dm.mean, dm.std) == (3, 16, IMAGENET_MEAN, IMAGENET_STD)
     assert (len(dm.splits["train"]), len(dm.splits["val"])) == (9, 3)
-    assert dm.splits["test"] is dm.splits["val"]
-    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader(), dm.predict_dataloader()):
+    assert dm.has_split("train") and dm.has_split("val") and not dm.has_split("test")
+    with pytest.raises(RegablateError, match="no test split"):
+        dm.test_dataloader()
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
         batch = next(iter(loader))
         assert batch.keys() == {"image", "label"}
         assert batch["image"].shape == (3, 3, 16, 16) and batch["image"].dtype == torch.float32
@@ -77,7 +79,8 @@ def test_image_folder_with_split_folders_uses_them(tmp_path):
     write_image_folder(tmp_path / "data" / "validation", per_class=2)
     dm = HFDataModule(str(tmp_path / "data"), img_size=16)
     assert dm.num_classes == 3
-    assert (len(dm.splits["train"]), len(dm.splits["val"]), len(dm.splits["test"])) == (9, 6, 6)
+    assert (len(dm.splits["train"]), len(dm.splits["val"])) == (9, 6)
+    assert not dm.has_split("test"), "the validation data must not stand in for a missing test split"
 
 
 def test_saved_dataset_dict_maps_columns_and_keeps_its_splits(tmp_path):
@@ -136,12 +139,14 @@ def test_forced_local_source_needs_the_folder(tmp_path):
 
 def test_empty_image_folder_is_a_user_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RegablateError, match="no images found"):
+    with pytest.raises(RegablateError, match="no data files found"):
         HFDataModule(str(tmp_path / "empty"))
 
 
 def test_unreachable_hub_dataset_is_a_user_error():
-    with pytest.raises(RegablateError, match="cannot load dataset someone/no-such-dataset"):
+    with pytest.raises(
+        RegablateError, match="cannot reach the Hugging Face Hub for someone/no-such-dataset and it is not in the cache"
+    ):
         HFDataModule("someone/no-such-dataset")
 
 
@@ -153,3 +158,70 @@ def test_missing_train_split_and_bad_arguments_are_user_errors(tmp_path):
         HFDataModule(str(folder), val_fraction=1.0)
     with pytest.raises(RegablateError, match="img_size"):
         HFDataModule(str(folder), img_size=2)
+
+
+def save_splits(tmp_path, **sizes):
+    path = tmp_path / "splits"
+    datasets.DatasetDict({split: datasets.Dataset.from_dict(rows(n)) for split, n in sizes.items()}).save_to_disk(
+        str(path)
+    )
+    return str(path)
+
+
+COLUMNS = {"image_column": "img", "label_column": "fine_label"}
+
+
+@pytest.mark.parametrize("name", ["val", "validation"])
+def test_a_validation_split_named_val_or_validation_is_found(tmp_path, name):
+    path = save_splits(tmp_path, train=6, **{name: 3})
+    for wanted in ("validation", "val"):
+        dm = HFDataModule(path, val_split=wanted, **COLUMNS)
+        assert len(dm.splits["val"]) == 3 and len(dm.splits["train"]) == 6
+
+
+def test_a_missing_validation_split_is_an_error_unless_a_hold_out_is_asked_for(tmp_path):
+    path = save_splits(tmp_path, train=10, test=4)
+    with pytest.raises(
+        RegablateError, match=r"no split 'validation' \(splits: train, test\); set val_split .*val_fraction"
+    ):
+        HFDataModule(path, **COLUMNS)
+    with pytest.raises(RegablateError, match="val_split is null"):
+        HFDataModule(path, val_split=None, **COLUMNS)
+    dm = HFDataModule(path, val_fraction=0.2, **COLUMNS)
+    assert (len(dm.splits["train"]), len(dm.splits["val"]), len(dm.splits["test"])) == (8, 2, 4)
+    held_out = sorted([*dm.splits["train"]["id"], *dm.splits["val"]["id"]])
+    assert held_out == list(range(10)), "the hold-out comes from train, never from test"
+
+
+def test_no_test_split_means_no_test_data(tmp_path):
+    path = save_splits(tmp_path, train=6, validation=3, test=2)
+    assert HFDataModule(path, **COLUMNS).has_split("test")
+    dm = HFDataModule(path, test_split=None, **COLUMNS)
+    assert not dm.has_split("test") and dm.has_split("val") and set(dm.splits) == {"train", "val"}
+    with pytest.raises(RegablateError, match=r"no test split \(splits: train, val\)"):
+        dm.dataset("test")
+
+
+@pytest.mark.parametrize(
+    "name, script", [("scene_parse_150", "prepare_ade20k.py"), ("sayakpaul/nyu_depth_v2", "prepare_nyud.py")]
+)
+def test_a_known_script_based_hub_dataset_names_its_preparation_script(name, script):
+    with pytest.raises(RegablateError, match=rf"{name} is a script-based Hub dataset.*scripts/{script}"):
+        HFDataModule(name)
+
+
+def test_hub_errors_become_one_line(monkeypatch):
+    def script_based(*args, **kwargs):
+        raise RuntimeError("Dataset scripts are no longer supported, but found some_set.py")
+
+    monkeypatch.setattr(datasets, "load_dataset", script_based)
+    with pytest.raises(RegablateError, match="someone/some_set is a script-based Hub dataset.*parquet or webdataset"):
+        HFDataModule("someone/some_set")
+
+    def gated(*args, **kwargs):
+        message = "Dataset 'ILSVRC/imagenet-1k' is a gated dataset on the Hub. You must be authenticated to access it."
+        raise datasets.exceptions.DatasetNotFoundError(message)
+
+    monkeypatch.setattr(datasets, "load_dataset", gated)
+    with pytest.raises(RegablateError, match=r"ILSVRC/imagenet-1k is a gated dataset .*log in \(hf auth login"):
+        HFDataModule("ILSVRC/imagenet-1k")

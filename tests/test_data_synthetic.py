@@ -161,8 +161,113 @@ def test_workers_render_the_same_samples_as_the_main_process():
         ({"num_workers": -1}, "num_workers"),
         ({"seed": -1}, "seed"),
         ({"hue_jitter": 0.7}, "hue_jitter"),
+        ({"min_objects": 4, "max_objects": 3}, "min_objects"),
+        ({"label": "colour"}, "label"),
+        ({"label": "count", "num_classes": 4, "max_objects": 6}, "max_objects <= num_classes"),
+        ({"object_size": (0.1, 0.05)}, "object_size"),
+        ({"object_size": (0.1, 0.4)}, "object_size"),
     ],
 )
 def test_bad_arguments_raise_a_user_error(kwargs, match):
     with pytest.raises(RegablateError, match=match):
         SyntheticScenes(**kwargs)
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_scattered_scenes_count_every_object_exactly(index):
+    scene = render_scene(
+        3,
+        "train",
+        index,
+        img_size=32,
+        num_classes=16,
+        min_objects=2,
+        max_objects=6,
+        object_size=(0.06, 0.1),
+        label="count",
+    )
+    classes = scene["mask"].unique()
+    classes = classes[classes > 0]
+    # No overlap: every object drawn is visible, so the mask's classes are the objects.
+    assert 1 <= len(classes) <= 6
+    assert scene["label"].item() == len(classes) - 2
+    for c in classes:  # objects are apart: each one's pixels form one compact blob within its radius bound
+        rows, cols = (scene["mask"] == c).nonzero(as_tuple=True)
+        assert rows.max() - rows.min() <= 2 * 1.25 * 0.1 * 32 + 1
+        assert cols.max() - cols.min() <= 2 * 1.25 * 0.1 * 32 + 1
+
+
+def test_scattered_scenes_leave_more_background_than_the_default_layout():
+    default = torch.stack([render_scene(0, "val", i)["mask"] for i in range(64)])
+    scattered = torch.stack(
+        [render_scene(0, "val", i, object_size=(0.06, 0.1), max_objects=6)["mask"] for i in range(64)]
+    )
+    assert (scattered == 0).float().mean() > (default == 0).float().mean() + 0.05
+
+
+def test_largest_label_and_default_layout_are_the_defaults():
+    for index in range(5):
+        a = render_scene(1, "train", index)
+        b = render_scene(1, "train", index, min_objects=1, object_size=None, label="largest")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_count_label_datamodule_has_one_class_per_object_count():
+    dm = SyntheticScenes(
+        num_classes=16,
+        min_objects=1,
+        max_objects=6,
+        object_size=(0.06, 0.1),
+        label="count",
+        train_size=64,
+        val_size=64,
+        test_size=8,
+        batch_size=64,
+    )
+    assert dm.num_classes == 6 and dm.num_seg_classes == 17
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["label"].min() >= 0 and batch["label"].max() <= 5
+    assert len(batch["label"].unique()) >= 4  # counts vary
+    # the box is the largest object's: inside the image and non-empty
+    assert (batch["box"][:, 2] > batch["box"][:, 0]).all() and (batch["box"][:, 3] > batch["box"][:, 1]).all()
+
+
+def test_count_label_trains_a_classifier_with_its_own_num_classes(tmp_path):
+    # The data's num_classes (object classes, 16) and the model's (counts, 6) differ: Lightning's
+    # hparams merge must not see two num_classes of different values.
+    from lightning import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from regablate.tasks import Classification
+
+    dm = SyntheticScenes(
+        num_classes=16,
+        max_objects=6,
+        object_size=(0.07, 0.12),
+        label="count",
+        train_size=8,
+        val_size=4,
+        test_size=4,
+        batch_size=4,
+    )
+    model = Classification(
+        model_name="vit_tiny_patch16_224",
+        num_registers=1,
+        num_classes=6,
+        img_size=32,
+        model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+        warmup_steps=0,
+    )
+    trainer = Trainer(
+        max_steps=1,
+        logger=TensorBoardLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, dm)
+    assert trainer.global_step == 1
+    assert dm.hparams["num_object_classes"] == 16 and "num_classes" not in dm.hparams

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import REPO, TINY_MODEL, run_regablate, write_source_checkpoint
@@ -67,6 +68,42 @@ def test_dino_ddp_matches_one_process(tmp_path):
     # Crops are drawn for the global batch and dealt out like the samples: the same crops, the same model.
     assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-3)
     assert two["train/teacher_momentum"] == pytest.approx(one["train/teacher_momentum"])
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def test_dino_head_warmup_under_ddp_matches_one_process_step_by_step(tmp_path):
+    """The issue's command: 2 warm-up steps (backbone frozen), then 3 steps that train it, on 2 ranks."""
+    extra = ("--model.init_args.head_warmup_steps", "2", "--trainer.max_steps", "5")
+    one = fit("tiny_dino.yaml", tmp_path, "one", 1, *extra)
+    two = fit("tiny_dino.yaml", tmp_path, "two", 2, *extra)
+    assert two["status"] == one["status"] == "complete" and two["global_step"] == one["global_step"] == 5
+    # train/loss is the global batch's mean: step by step, 2 ranks give what one process gives.
+    losses_one, losses_two = (scalars(tmp_path / name / "r2_s0", "train/loss") for name in ("one", "two"))
+    assert sorted(losses_one) == sorted(losses_two) == [0, 1, 2, 3, 4]
+    for step, loss in losses_one.items():
+        assert losses_two[step] == pytest.approx(loss, rel=1e-4), step
+    weights = [
+        torch.load(tmp_path / name / "r2_s0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for name in ("one", "two")
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        got = weights[1][key]
+        if key.endswith("attn.qkv.bias"):
+            # The key bias's true gradient is 0 (softmax ignores a shift shared by all keys): what it
+            # gets is float noise, which differs between 1 and 2 processes and which Adam scales up to
+            # steps of ~lr. Every other parameter must agree.
+            width = value.shape[0] // 3
+            value, got = torch.cat([value[:width], value[2 * width :]]), torch.cat([got[:width], got[2 * width :]])
+        torch.testing.assert_close(got, value, rtol=1e-4, atol=1e-6, msg=key)
+    # Steps 2-4 trained the backbone: the student moved away from the frozen teacher's start.
+    student = {k: v for k, v in weights[0].items() if k.startswith("student.")}
+    assert any(not torch.equal(v, weights[0]["backbone." + k[len("student.") :]]) for k, v in student.items())
 
 
 def test_monitor_under_ddp_writes_its_summary(tmp_path):

@@ -1,23 +1,27 @@
-"""`regablate inspect`: planted artifacts found, an untouched model cleared, bad input in one line."""
+"""`regablate inspect`: planted artifacts found, an untouched model cleared, ViTs without a class token,
+image folders with masks and the verdict they allow, bad input in one line."""
 
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 
 from regablate.cli import main
+from regablate.data.images import fit_masks, image_files, load_images, read_masks
 from tests.planted import MODEL, SIZES, plant_artifacts, tiny_vit
 
 SIZE_ARGS = [f"--{k}={v}" for k, v in SIZES.items()]
 
 
-def weights(tmp_path: Path, planted: bool) -> Path:
+def weights(tmp_path: Path, planted: bool, **plant) -> Path:
     model = tiny_vit()
     if planted:
-        plant_artifacts(model, onset=1)
+        plant_artifacts(model, onset=1, **plant)
     path = tmp_path / ("planted.safetensors" if planted else "plain.safetensors")
     save_file(model.state_dict(), str(path))
     return path
@@ -57,6 +61,8 @@ def test_inspect_finds_planted_artifacts_and_writes_every_output(tmp_path, capsy
     assert Image.open(out / "attention.png").size == (4 * 34 + 2, 8 * 34 + 2)
     assert "outlier fraction : 6.25%" in printed and "outliers start at: block 1 of 0-3" in printed
     assert "max/median norm" in printed and "verdict          : register-style artifacts" in printed
+    assert stats["verdict"]["label"] == "register-style" and stats["verdict"]["background_test"] == "run"
+    assert Image.open(out / "outliers.png").size == (8 * 34 + 2, 34 + 2)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder left"
 
 
@@ -66,7 +72,8 @@ def test_inspect_clears_an_untouched_model_and_replaces_its_earlier_output(tmp_p
     inspect(tmp_path, checkpoint, "--threshold", "absolute", "--threshold_value", "1000")
     printed = capsys.readouterr().out
     assert "verdict          : no artifacts" in printed and "outliers start at: no block" in printed
-    assert json.loads((tmp_path / "out" / "stats.json").read_text())["threshold"] == "absolute"
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["threshold"] == "absolute" and stats["verdict"]["label"] == "no outliers"
 
 
 def test_inspect_reads_an_image_folder(tmp_path, capsys):
@@ -80,6 +87,8 @@ def test_inspect_reads_an_image_folder(tmp_path, capsys):
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["num_images"] == 3 and "artifacts/outlier_background_share" not in stats
     assert stats["artifacts/outlier_frac/block_02"] == pytest.approx(4 / 64)
+    assert stats["masks"] is None and stats["verdict"]["background_test"].startswith("not run: no masks")
+    assert "background       : not run: no masks" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -135,3 +144,185 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, capsys, case, 
     assert leftovers == ({"out"} if case == "not-inspect-out" else set())
     if case == "not-inspect-out":
         assert [p.name for p in (tmp_path / "out").iterdir()] == ["thesis.tex"]
+
+
+# --- image folders with masks ---------------------------------------------------------------------
+
+# Patches (4 px) inside the object square of every scene below (pixels 8..23): rows 3-4, columns 3-4.
+OBJECT_PATCHES = (27, 28, 35, 36)
+
+
+def scenes_with_masks(tmp_path: Path, count: int = 8) -> tuple[Path, list[np.ndarray]]:
+    """Photos of a smooth background with one textured object square (pixels 8..23), and their masks."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    masks = []
+    for index in range(count):
+        image = np.empty((32, 32, 3), dtype=np.uint8)
+        image[:] = rng.integers(40, 200, 3)  # one colour per photo: every background patch alike
+        image[8:24, 8:24] = rng.integers(0, 255, (16, 16, 3))
+        mask = np.zeros((32, 32), dtype=bool)
+        mask[8:24, 8:24] = True
+        Image.fromarray(image).save(folder / f"photo_{index}.png")
+        masks.append(mask)
+    return folder, masks
+
+
+def write_png_masks(folder: Path, masks: list[np.ndarray]) -> Path:
+    folder.mkdir()
+    for index, mask in enumerate(masks):
+        Image.fromarray((mask * 7).astype(np.uint8)).save(folder / f"photo_{index}.png")  # any non-zero = object
+    return folder
+
+
+def test_masks_of_an_image_folder_give_the_background_test_and_a_register_style_verdict(tmp_path, capsys):
+    photos, masks = scenes_with_masks(tmp_path)
+    mask_folder = write_png_masks(tmp_path / "masks", masks)
+    inspect(tmp_path, weights(tmp_path, planted=True), "--images", str(photos), "--masks", str(mask_folder))
+    printed = capsys.readouterr().out
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    # 16 of 64 patches are object: the planted corners are all background.
+    assert stats["artifacts/patch_background_share"] == pytest.approx(48 / 64)
+    assert stats["artifacts/outlier_background_share"] == 1.0 and stats["masks"] == str(mask_folder)
+    verdict = stats["verdict"]
+    assert verdict["label"] == "register-style" and verdict["background_test"] == "run"
+    assert {name: test["side"] for name, test in verdict["tests"].items()} == {
+        "background": "for",
+        "attention": "for",
+        "input redundancy": "for",
+        "channels": "for",
+    }
+    assert "background       : 100% of them sit on background (all patches 75%) [for, x2]" in printed
+    assert "verdict          : register-style artifacts (score +6 of 6; for: background, attention" in printed
+
+
+@pytest.mark.parametrize("layout", ["per-stem", "stack"])
+def test_high_norm_foreground_tokens_with_npz_masks_are_not_register_style(tmp_path, capsys, layout):
+    photos, masks = scenes_with_masks(tmp_path)
+    npz = tmp_path / "masks.npz"
+    if layout == "per-stem":
+        np.savez(npz, **{f"photo_{i}": mask for i, mask in enumerate(masks)})
+    else:
+        np.savez(npz, masks=np.stack(masks))
+    checkpoint = weights(tmp_path, planted=True, positions=OBJECT_PATCHES, sink=False)
+    inspect(tmp_path, checkpoint, "--images", str(photos), "--masks", str(npz))
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["artifacts/outlier_frac"] == pytest.approx(4 / 64) and stats["artifacts/outlier_background_share"] == 0
+    verdict = stats["verdict"]
+    assert verdict["label"] == "not register-style" and verdict["score"] < 0
+    assert verdict["tests"]["background"]["side"] == "against" and verdict["tests"]["attention"]["side"] == "against"
+    assert "verdict          : high-norm tokens, not register-style" in capsys.readouterr().out
+
+
+def test_masks_follow_their_images_through_resize_and_crop(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    mask = np.zeros((48, 64), dtype=bool)  # landscape: resized to 32 px high, then centre-cropped to 32 x 32
+    mask[10:30, 20:50] = True
+    Image.fromarray(np.repeat(mask[..., None] * 255, 3, axis=2).astype(np.uint8)).save(folder / "x.png")
+    files = image_files(folder, 4)
+    images = load_images(files, (32, 32), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    np.savez(tmp_path / "m.npz", x=mask)
+    loaded = fit_masks(read_masks(tmp_path / "m.npz", folder, files), (32, 32))
+    assert loaded.shape == (1, 32, 32) and loaded.dtype == torch.int64 and set(loaded.unique().tolist()) == {0, 1}
+    # The white object of the image and its mask cover the same pixels (up to the antialiased edge).
+    assert ((images[0, 0] > 0.5).long() != loaded[0]).float().mean() < 0.04
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no mask for image {tmp}/photos/photo_3.png: expected {tmp}/masks/photo_3.png"),
+        ("size", "the mask of {tmp}/photos/photo_0.png is 16x16 pixels but the image is 32x32"),
+        ("no-images", "--masks needs --images"),
+        ("npz-key", "has no mask for image {tmp}/photos/photo_0.png (no key 'photo_0')"),
+        ("not-a-mask-source", "is neither a folder nor an .npz file"),
+    ],
+)
+def test_bad_masks_fail_in_one_line_and_write_nothing(tmp_path, capsys, case, message):
+    photos, masks = scenes_with_masks(tmp_path, count=4)
+    checkpoint = weights(tmp_path, planted=False)
+    if case == "missing":
+        source = write_png_masks(tmp_path / "masks", masks[:3])
+    elif case == "size":
+        source = write_png_masks(tmp_path / "masks", [m[:16, :16] for m in masks])
+    elif case == "npz-key":
+        source = tmp_path / "masks.npz"
+        np.savez(source, other=masks[0])
+    else:
+        source = tmp_path / "masks.txt"
+        source.write_text("not masks")
+    extra = ["--masks", str(source)] if case == "no-images" else ["--images", str(photos), "--masks", str(source)]
+    with pytest.raises(SystemExit) as exit_info:
+        inspect(tmp_path, checkpoint, *extra)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message.format(tmp=tmp_path) in error[0], error
+    assert not (tmp_path / "out").exists()
+
+
+# --- ViTs without a class token ---------------------------------------------------------------------
+
+
+def test_the_issue_command_on_an_avg_pool_vit_without_class_token(tmp_path, capsys):
+    """The new user's command of issue 17, on a 6-block avg-pool ViT without a class token saved as safetensors."""
+    torch.manual_seed(0)
+    sizes = {"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 6, "num_heads": 4}
+    source = timm.create_model("vit_tiny_patch16_224", class_token=False, global_pool="avg", **sizes)
+    save_file(source.state_dict(), str(tmp_path / "model.safetensors"))
+    photos, _ = scenes_with_masks(tmp_path)
+    main(
+        [
+            "inspect",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--checkpoint",
+            str(tmp_path / "model.safetensors"),
+            "--pretrained",
+            "false",
+            "--num_registers",
+            "0",
+            *(f"--{key}={value}" for key, value in sizes.items()),
+            "--images",
+            str(photos),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["class_token"] is False and stats["num_registers"] == 0 and stats["num_images"] == 8
+    assert {f"artifacts/outlier_frac/block_{b:02d}" for b in range(6)} <= set(stats)
+    assert stats["verdict"]["label"] in ("no outliers", "register-style", "not register-style")
+    assert Image.open(tmp_path / "out" / "attention.png").size == (2 * 34 + 2, 8 * 34 + 2)  # image, global query
+    assert "outlier fraction :" in capsys.readouterr().out
+
+
+def test_inspect_a_siglip_model_with_registers_finds_planted_artifacts(tmp_path, capsys):
+    model = plant_artifacts(tiny_vit(2, class_token=False, global_pool="map"), onset=1)
+    path = tmp_path / "siglip.safetensors"
+    save_file(model.state_dict(), str(path))
+    photos, masks = scenes_with_masks(tmp_path)
+    np.savez(tmp_path / "masks.npz", masks=np.stack(masks))
+    main(
+        [
+            "inspect",
+            "--model",
+            "vit_base_patch16_siglip_224",
+            "--checkpoint",
+            str(path),
+            "--num_registers",
+            "2",
+            *SIZE_ARGS,
+            "--images",
+            str(photos),
+            "--masks",
+            str(tmp_path / "masks.npz"),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["class_token"] is False and stats["verdict"]["label"] == "register-style"
+    assert stats["artifacts/outlier_onset_block"] == 1 and "artifacts/patch_register_attention" in stats
+    assert "verdict          : register-style artifacts" in capsys.readouterr().out

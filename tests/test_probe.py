@@ -146,6 +146,7 @@ def test_rerun_reads_the_cache_and_gives_the_same_result(trained_run, tmp_path, 
     probe(str(trained_run), "--cache", "false", "--output", str(tmp_path / "fresh"))
     assert {k: summary(tmp_path / "fresh")[k] for k in keys} == {k: before[k] for k in keys}
     assert not (tmp_path / "fresh" / "probe_cache").exists()
+    assert not (tmp_path / "fresh" / ".probe_features").exists(), "the scratch store is deleted"
 
 
 def test_a_cache_written_by_another_backbone_is_refused(trained_run, random_probe, tmp_path, capsys):
@@ -153,7 +154,7 @@ def test_a_cache_written_by_another_backbone_is_refused(trained_run, random_prob
     shutil.copytree(trained_run, run)
     ours = next((run / "probe_cache").iterdir())
     foreign = next((random_probe / "probe_cache").iterdir())
-    shutil.copy(foreign / "train.safetensors", ours / "train.safetensors")
+    shutil.copy(foreign / "train" / "cls.safetensors", ours / "train" / "cls.safetensors")
     with pytest.raises(SystemExit) as exit_info:
         probe(str(run))
     assert exit_info.value.code == 2
@@ -238,7 +239,9 @@ def test_data_without_a_probes_columns_skip_it_with_a_warning(tmp_path, offline_
         "seg": [Image.fromarray((rng.random((16, 16)) > 0.5).astype(np.uint8)) for _ in range(n)],
     }
     datasets.DatasetDict(
-        train=datasets.Dataset.from_dict(rows(24)), validation=datasets.Dataset.from_dict(rows(8))
+        train=datasets.Dataset.from_dict(rows(24)),
+        validation=datasets.Dataset.from_dict(rows(8)),
+        test=datasets.Dataset.from_dict(rows(8)),
     ).save_to_disk(str(tmp_path / "saved"))
     data = HFDataModule(str(tmp_path / "saved"), mask_column="seg", img_size=16, batch_size=8)
     extractor = OracleExtractor(1)

@@ -6,6 +6,7 @@ its evaluations run on), independently of the implementation under test.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -18,6 +19,7 @@ from PIL import Image
 
 from regablate.cli import main
 from regablate.data import HFDataModule, SyntheticScenes
+from regablate.data.nyud import depth_png
 from regablate.models import build_backbone, extract_features
 from regablate.probe import LinearProbe, ViTExtractor, run_probe
 from regablate.probe.dinov2 import DINOv2Settings
@@ -26,7 +28,6 @@ from regablate.probe.dinov2.classification import ClassifierGrid, head_grid
 from regablate.probe.dinov2.data import IGNORE, raw_dataset
 from regablate.probe.dinov2.depth import (
     LinearDepthHead,
-    eval_region,
     grouped_sigloss,
     image_rmse,
     linear_normalise,
@@ -36,7 +37,7 @@ from regablate.probe.dinov2.depth import (
 from regablate.probe.dinov2.runner import run_dinov2
 from regablate.probe.dinov2.schedules import warmup_cosine, warmup_poly
 from regablate.probe.dinov2.segmentation import SegmentationProbe, slide_windows
-from regablate.probe.dinov2.settings import DINOV2_LRS, EIGEN_CROP, NYU_TRAIN_CROP, frame_region
+from regablate.probe.dinov2.settings import DINOV2_LRS, NYU_TRAIN_CROP, frame_region
 from regablate.probe.dinov2.views import SegmentationLabels, SegmentationTrainView, rescale_size
 from tests.conftest import TINY, tiny_fit_args
 
@@ -117,25 +118,27 @@ def test_depth_head_equals_dinov2s_upsample_then_conv_order():
     assert float(ours.min()) >= 0.001 and float(ours.max()) <= 10.0
 
 
-def test_the_eigen_crop_on_nyud_frames_and_scaled_frames():
-    # Monocular-Depth-Estimation-Toolbox nyu.py eval_mask: eval_mask[45:471, 41:601] = 1 on 480 x 640.
-    region = eval_region(480, 640, EIGEN_CROP)
-    reference = torch.zeros(480, 640, dtype=torch.bool)
+def test_the_eigen_crop_of_prepared_nyud_is_what_the_depth_protocol_scores():
+    # Monocular-Depth-Estimation-Toolbox depth/datasets/nyu.py (dinov2's NYUd evaluation), on 480 x 640:
+    #   eval_mask = np.zeros(valid_mask.shape); eval_mask[45:471, 41:601] = 1
+    #   valid_mask = (gt > min_depth_eval) & (gt < max_depth_eval) & eval_mask   (1e-3, 10)
+    reference = np.zeros((480, 640), dtype=bool)
     reference[45:471, 41:601] = True
-    assert torch.equal(region, reference)
-    assert frame_region(NYU_TRAIN_CROP, 480, 640) == (45, 472, 43, 608)  # NYUCrop: img[45:472, 43:608]
-    assert frame_region(EIGEN_CROP, 48, 64) == (4, 47, 4, 60)  # the same fractions of a smaller frame
-    assert bool(eval_region(10, 10, None).all())
-    # Only pixels inside the crop with min_depth < gt < max_depth count; an image without any is NaN.
-    truth = torch.full((480, 640), 2.0)
-    truth[100, 100] = 20.0  # beyond max_depth
-    prediction = truth.clone()
+    png, invalid = depth_png(np.full((480, 640), 2000.0), eigen_crop=True)  # the data's Eigen crop: 0 outside
+    stored = np.asarray(Image.open(io.BytesIO(png))).astype(np.float32) * 0.001
+    assert np.array_equal(stored > 0, reference) and invalid == 480 * 640 - 426 * 560
+    truth = torch.from_numpy(stored)
+    truth[100, 100] = 20.0  # beyond max_depth_eval
+    prediction = torch.full((480, 640), 2.0)
     prediction[0, 0] = 100.0  # outside the crop
     prediction[100, 100] = 0.0
     prediction[200, 300] = 5.0  # inside: error 3 on one pixel of the 426 x 560 - 1 scored
     expected = math.sqrt(9.0 / (426 * 560 - 1))
-    assert image_rmse(prediction, truth, region, 0.001, 10.0) == pytest.approx(expected, rel=1e-4)
-    assert math.isnan(image_rmse(prediction, torch.zeros(480, 640), region, 0.001, 10.0))
+    assert image_rmse(prediction, truth, 0.001, 10.0) == pytest.approx(expected, rel=1e-4)
+    assert math.isnan(image_rmse(prediction, torch.zeros(480, 640), 0.001, 10.0))
+    # The training crop (NYUCrop in depth/datasets/pipelines/transforms.py: img[45:472, 43:608]) is the protocol's.
+    assert frame_region(NYU_TRAIN_CROP, 480, 640) == (45, 472, 43, 608)
+    assert frame_region(NYU_TRAIN_CROP, 48, 64) == (4, 47, 4, 61)  # the same fractions of a smaller frame
 
 
 # --- classification: the 52 heads -------------------------------------------------------------------
@@ -372,6 +375,7 @@ def trained_run(tmp_path_factory):
     return next((tmp / "runs" / "tiny").iterdir())
 
 
+@pytest.mark.slow  # the trained backbone: a 120-step fit (~65 s here)
 def test_fast_and_dinov2_top1_agree_on_a_trained_backbone(trained_run, tmp_path):
     main(["probe", str(trained_run), *DATA, "--probe.probes", "[cls]", "--output", str(tmp_path / "fast")])
     main(
@@ -411,6 +415,7 @@ def test_fast_and_dinov2_top1_agree_on_a_trained_backbone(trained_run, tmp_path)
     assert selected["scaled_lr"] == pytest.approx(selected["lr"] * 32 / 256) == dinov2["probe/cls_lr"]
 
 
+@pytest.mark.slow  # the trained backbone: a 120-step fit (~65 s here)
 def test_lost_runs_beside_the_dinov2_protocol_on_the_test_split_only(trained_run, tmp_path, monkeypatch):
     from regablate.probe import run as probe_run
 

@@ -267,3 +267,72 @@ def test_test_time_register_results_are_a_series_of_their_own():
     assert table["trained registers"][0]["probe/cls_top1"] == [0.5]
     assert table["+ test-time register"][0]["probe/cls_top1"] == [0.6]
     assert "| + test-time register | 0 | 1 |" in results_markdown("grid", rows)
+
+
+def test_a_grid_that_extends_another_runs_its_stages_with_its_own_sizes(tmp_path):
+    parent = micro_grid(
+        tmp_path,
+        "parent",
+        """  overrides: {trainer.max_steps: 100, trainer.val_check_interval: 50}
+  axes:
+    model.init_args.num_registers: [0, 1, 2]
+    seed_everything: [0, 1]
+  stages:
+    - {name: fit, command: fit}
+    - name: probe
+      command: probe
+      args: [--probe.cls_steps, "12500", --probe.probes, "[cls]", --data.init_args.path, x]
+  launcher: {max_parallel: 4, slurm: {timeout_min: 2880, mem_gb: 480}}
+  report: {paper: true}
+""",
+    )
+    child = tmp_path / "sub" / "rehearsal.yaml"
+    child.parent.mkdir()
+    child.write_text(
+        f"""grid:
+  extends: {parent}
+  name: rehearsal
+  overrides: {{trainer.max_steps: 4}}
+  axes: {{seed_everything: [0]}}
+  stage_args:
+    probe: {{--probe.cls_steps: 5, --data.init_args.path: "{{grid_dir}}/data", --probe.batch_size: 8}}
+  launcher: {{max_parallel: 1, slurm: {{timeout_min: 5}}}}
+"""
+    )
+    grid, base = load_grid(child), load_grid(parent)
+    assert grid.name == "rehearsal" and grid.base == base.base
+    assert [(s.name, s.command) for s in grid.stages] == [(s.name, s.command) for s in base.stages]
+    assert grid.stages[1].args == (
+        *(
+            "--probe.cls_steps",
+            "5",
+            "--probe.probes",
+            "[cls]",
+            "--data.init_args.path",
+            f"{child.parent.resolve()}/data",
+        ),
+        *("--probe.batch_size", "8"),
+    )
+    assert grid.overrides == {"trainer.max_steps": 4, "trainer.val_check_interval": 50}
+    assert grid.axes == {"model.init_args.num_registers": [0, 1, 2], "seed_everything": [0]}
+    assert [run.name for run in grid.runs] == ["r0_s0", "r1_s0", "r2_s0"]
+    assert grid.launcher == {"max_parallel": 1, "slurm": {"timeout_min": 5, "mem_gb": 480}}
+    assert grid.report == {"paper": True}
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("  stages: [{command: fit}]\n", "a grid that extends another runs its stages"),
+        ("  stage_args: {probe: {--x: 1}}\n", "grid.stage_args names no stage probe; stages: fit"),
+        ("  extends: loop.yaml\n", "goes round in a circle"),
+    ],
+)
+def test_bad_extending_grids_get_one_clear_error(tmp_path, body, message):
+    micro_grid(tmp_path, "parent", "  axes: {seed_everything: [0]}\n  stages: [{command: fit}]\n")
+    (tmp_path / "loop.yaml").write_text("grid:\n  name: loop\n  extends: loop.yaml\n")
+    path = tmp_path / "child.yaml"
+    extends = "" if "extends" in body else "  extends: parent.yaml\n"
+    path.write_text(f"grid:\n  name: child\n{extends}{body}")
+    with pytest.raises(RegablateError, match=message):
+        load_grid(path)

@@ -1,4 +1,4 @@
-"""Pictures of artifacts: attention-map grids, outlier-position maps, norm histograms.
+"""Pictures of artifacts: attention-map grids, outlier-position maps, outliers on each image, norm histograms.
 
 Grids are ``(3, H, W)`` float tensors in [0, 1] (TensorBoard's ``add_image`` and
 ``torchvision.utils.save_image`` take them as they are); histograms are matplotlib figures.
@@ -47,7 +47,7 @@ def colorize(maps: Tensor, size: tuple[int, int], *, per_map_scale: bool = True)
 def attention_grid(images: Tensor, maps: Tensor) -> Tensor:
     """One row per image: the image, its CLS attention map, then one map per register.
 
-    ``images``: ``(B, 3, H, W)`` in [0, 1]; ``maps``: ``(B, 1 + R, h, w)`` from ``artifacts.cls_attention_maps``.
+    ``images``: ``(B, 3, H, W)`` in [0, 1]; ``maps``: ``(B, 1 + R, h, w)`` from ``stats.query_attention_maps``.
     """
     b, columns = maps.shape[:2]
     tiles = colorize(maps.flatten(0, 1), tuple(images.shape[-2:])).view(b, columns, 3, *images.shape[-2:])
@@ -61,6 +61,24 @@ def position_grid(positions: dict[int, Tensor], tile: int = 64) -> Tensor:
     return make_grid(
         colorize(maps, (tile, tile), per_map_scale=False), nrow=min(8, len(maps)), padding=2, pad_value=1.0
     )
+
+
+def outlier_grid(
+    images: Tensor, outliers: Tensor, grid: tuple[int, int], segmentation: Tensor | None = None, per_row: int = 8
+) -> Tensor:
+    """Each image with its outlier patches in red and, when its mask is known, its background dimmed.
+
+    ``images``: ``(B, 3, H, W)`` in [0, 1]; ``outliers``: ``(B, N)`` bool; ``segmentation``: ``(B, H, W)``
+    with 0 for background. Shows, image by image, whether the outliers sit on objects or around them.
+    """
+    b, _, height, width = images.shape
+    tiles = images.detach().cpu().float()
+    if segmentation is not None:
+        tiles = torch.where((segmentation.cpu() == 0)[:, None], tiles * 0.35, tiles)
+    marked = F.interpolate(outliers.cpu().view(b, 1, *grid).float(), size=(height, width), mode="nearest") > 0
+    red = torch.tensor([1.0, 0.1, 0.1]).view(1, 3, 1, 1)
+    tiles = torch.where(marked, 0.4 * tiles + 0.6 * red, tiles)
+    return make_grid(tiles, nrow=min(per_row, b), padding=2, pad_value=1.0)
 
 
 def norm_histogram(norms: Tensor, cutoff: float, block: int, threshold: str) -> Figure:

@@ -9,7 +9,8 @@ takes one model and a few images, no training:
 3. keep the ``top_k`` units, as ``(block, unit)`` pairs.
 
 Applying them appends one token to the sequence, zero and without position embedding, after the
-trained registers: ``[CLS, REG_1..REG_R, TTR, PATCHES]``. ``num_prefix_tokens`` grows by one, so
+trained registers: ``[CLS, REG_1..REG_R, TTR, PATCHES]`` (``[REG_1..REG_R, TTR, PATCHES]`` without a
+class token). ``num_prefix_tokens`` grows by one, so
 everything that slices the prefix off (timm, ``extract_features``, the probes, the artifact scan)
 treats the extra token as one more register and no patch-level head ever sees it, while
 ``num_reg_tokens`` still counts the trained registers. In each hooked block, per image, each
@@ -39,6 +40,7 @@ from regablate.artifacts.stats import Threshold
 from regablate.errors import RegablateError
 from regablate.models.backbone import block_index, eval_mode, extract_features
 from regablate.models.fingerprint import weights_fingerprint
+from regablate.models.layout import TokenLayout
 from regablate.runs import write_json_atomic
 
 FORMAT = 1
@@ -171,13 +173,13 @@ def find_register_neurons(
     depth = len(model.blocks)
     outlier_block, max_block = search.blocks(depth)
     threshold = Threshold(search.threshold, search.threshold_value)
-    num_prefix = model.num_prefix_tokens
+    patches = TokenLayout.of(model).patches
     with torch.no_grad(), eval_mode(model):
         tokens = extract_features(model, images, blocks=[outlier_block]).blocks[outlier_block]
-        mask = stats.outlier_mask(stats.token_norms(tokens[:, num_prefix:]), threshold)
+        mask = stats.outlier_mask(stats.token_norms(tokens[:, patches]), threshold)
         scores: dict[int, Tensor] = {}
         handles = [
-            _fc2(model, b).register_forward_pre_hook(_scorer(scores, b, mask, num_prefix)) for b in range(max_block + 1)
+            _fc2(model, b).register_forward_pre_hook(_scorer(scores, b, mask, patches)) for b in range(max_block + 1)
         ]
         try:
             if mask.any():
@@ -203,9 +205,9 @@ def find_register_neurons(
     )
 
 
-def _scorer(scores: dict[int, Tensor], block: int, mask: Tensor, num_prefix: int) -> Callable[..., None]:
+def _scorer(scores: dict[int, Tensor], block: int, mask: Tensor, patches: slice) -> Callable[..., None]:
     def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        hidden = inputs[0][:, num_prefix:]  # (B, N, units) of the patch tokens
+        hidden = inputs[0][:, patches]  # (B, N, units) of the patch tokens
         scores[block] = hidden[mask].abs().float().mean(dim=0).cpu()
 
     return hook
@@ -257,7 +259,8 @@ def add_test_time_register(model: VisionTransformer, neurons: RegisterNeurons | 
     if hasattr(model, ATTRIBUTE):
         raise RegablateError("the model already has a test-time register")
     neurons.check(model, source)
-    register = RegisterNeuronHooks(neurons, position=model.num_prefix_tokens).to(model.cls_token.device)
+    position = TokenLayout.of(model).num_prefix  # after the class token and the trained registers
+    register = RegisterNeuronHooks(neurons, position=position).to(model.pos_embed.device)
     register.handles = [
         model.norm_pre.register_forward_pre_hook(register.insert_token),
         *(_fc2(model, block).register_forward_pre_hook(register.mover(block)) for block in register.blocks),

@@ -10,6 +10,11 @@ timm's fused attention (SDPA) never materialises attention probabilities, so the
 runs its unfused path for this pass only (``fused_attn`` is switched back afterwards), and a
 hook on its ``attn_drop`` (the identity in eval mode) reads the probabilities. Training keeps
 the fused kernel.
+
+Attention maps show where the global query looks: the class token's row, or for a ViT without
+one, the attention pool's latent query over the final patch tokens (``map`` models such as
+SigLIP; recomputed from the pool's own projections by :func:`pool_attention`) or the attention
+the patches receive from the patch queries (``avg``/``max`` pooling); then one map per register.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from regablate.artifacts import stats
 from regablate.artifacts.stats import Threshold
 from regablate.errors import RegablateError
 from regablate.models.backbone import block_index, eval_mode, extract_features
+from regablate.models.layout import TokenLayout
 
 
 @dataclass
@@ -35,13 +41,16 @@ class ArtifactScan:
     ``stats``: flat ``artifacts/...`` numbers (see ``stats.flatten_statistics``);
     ``patch_norms``: block -> ``(B, N)`` patch-token norms; ``cutoffs``: block -> outlier norm cutoff;
     ``outlier_positions``: block -> ``(h, w)`` share of images in which each position is an outlier;
-    ``attention_maps``: ``(B, 1 + R, h, w)`` last-block attention of CLS and each register to the patches.
+    ``outliers``: ``(B, N)`` the last block's outlier patches of each image;
+    ``attention_maps``: ``(B, 1 + R, h, w)`` attention of the global query (see the module docstring)
+    and of each register to the patches.
     """
 
     stats: dict[str, float]
     patch_norms: dict[int, Tensor]
     cutoffs: dict[int, float]
     outlier_positions: dict[int, Tensor]
+    outliers: Tensor
     attention_maps: Tensor
     grid: tuple[int, int]
 
@@ -63,9 +72,12 @@ def scan(
     depth = len(model.blocks)
     wanted = measured_blocks(depth, blocks)
     grid = tuple(model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
-    num_prefix = model.num_prefix_tokens
+    layout = TokenLayout.of(model)
     with torch.no_grad(), eval_mode(model), _captured(model) as captured:
         features = extract_features(model, images, blocks=wanted)
+        pooled_map = None
+        if model.attn_pool is not None:  # a map model's global query: the pool's latent(s), head mean
+            pooled_map = pool_attention(model.attn_pool, features.patches).mean(dim=(1, 2))
     per_block = features.blocks  # keyed by the wanted indices, 0..depth-1
     last = depth - 1
     background = None
@@ -74,8 +86,8 @@ def scan(
 
     block_stats, masks, norms, cutoffs = {}, {}, {}, {}
     for block, tokens in sorted(per_block.items()):
-        block_stats[block], masks[block] = stats.block_statistics(tokens, num_prefix, threshold, background)
-        norms[block] = stats.token_norms(tokens[:, num_prefix:])
+        block_stats[block], masks[block] = stats.block_statistics(tokens, layout, threshold, background)
+        norms[block] = stats.token_norms(tokens[:, layout.patches])
         cutoffs[block] = threshold.cutoff(norms[block]).item()
     attention = captured["attention"]
     last_only = stats.outlier_evidence(
@@ -85,19 +97,34 @@ def scan(
         grid=grid,
         attention=attention,
         attention_input=captured["last_input"],
-        num_prefix=num_prefix,
+        layout=layout,
         threshold=threshold,
         background=background,
     )
-    last_only.update(stats.register_attention(attention, num_prefix))
+    last_only.update(stats.register_attention(attention, layout))
     return ArtifactScan(
         stats=stats.flatten_statistics(block_stats, last_only),
         patch_norms={b: n.cpu() for b, n in norms.items()},
         cutoffs=cutoffs,
         outlier_positions={b: stats.position_frequency(m, grid).cpu() for b, m in masks.items()},
-        attention_maps=stats.cls_attention_maps(attention, num_prefix, grid).cpu(),
+        outliers=masks[last].cpu(),
+        attention_maps=stats.query_attention_maps(attention, layout, grid, pooled_map).cpu(),
         grid=grid,
     )
+
+
+def pool_attention(pool: nn.Module, patches: Tensor) -> Tensor:
+    """Attention probabilities of timm's ``AttentionPoolLatent`` queries over ``patches`` ``(B, N, D)``.
+
+    Returns ``(B, heads, latents, N)``. The pool's own forward runs the fused kernel and keeps no
+    probabilities, so they are computed here from its projections, as its unfused path computes them.
+    """
+    b, n, _ = patches.shape
+    x = patches if pool.pos_embed is None else patches + pool.pos_embed.unsqueeze(0).to(patches.dtype)
+    q = pool.q(pool.latent).reshape(1, pool.latent_len, pool.num_heads, pool.head_dim).transpose(1, 2)
+    k = pool.kv(x).reshape(b, n, 2, pool.num_heads, pool.head_dim)[:, :, 0].transpose(1, 2)
+    q, k = pool.q_norm(q), pool.k_norm(k)
+    return ((q * pool.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
 def measured_blocks(depth: int, blocks: Sequence[int] | None) -> list[int]:

@@ -4,7 +4,8 @@ Everything here works on tensors that a capture pass produced (see ``regablate.a
 and returns tensors or flat ``{"artifacts/...": float}`` dicts, so the training monitor, the
 attention-map callback, ``regablate inspect`` and the probes all compute the same numbers.
 
-Token layout is regablate's ``[CLS, REG_1..REG_R, PATCH_1..PATCH_N]``. Outliers are always
+Token layout is regablate's ``[CLS, REG_1..REG_R, PATCH_1..PATCH_N]``, without the CLS for ViTs
+that have none; functions that slice it take the model's ``TokenLayout``. Outliers are always
 patch tokens: the paper measures patch norms, and registers are *meant* to hold high norms.
 
 Telling register-style artifacts from other high-norm tokens (Darcet et al., Sec. 2 and Fig. 5):
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from regablate.errors import RegablateError
+from regablate.models.layout import TokenLayout
 
 THRESHOLD_MODES = ("relative", "absolute", "percentile")
 # Relative: 4x the block's median patch norm. Artifacts sit near 10x (Fig. 3); normal tokens rarely
@@ -144,10 +146,27 @@ def attention_received(attention: Tensor, keys: Tensor) -> float:
     return mass[queries].mean().item() if queries.any() else 0.0
 
 
-def cls_attention_maps(attention: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
-    """Head-mean attention of CLS and of each register to the patches: ``(B, 1 + R, h, w)``."""
-    to_patches = attention.float().mean(dim=1)[:, :num_prefix, num_prefix:]
-    return to_patches.reshape(attention.shape[0], num_prefix, *grid)
+def query_attention_maps(
+    attention: Tensor, layout: TokenLayout, grid: tuple[int, int], pool_attention: Tensor | None = None
+) -> Tensor:
+    """Head-mean attention to the patches of the global query and of each register: ``(B, 1 + R, h, w)``.
+
+    The global query is the class token. A ViT without one has none in its blocks, so the first
+    map is what its global feature looks at: ``pool_attention`` ``(B, N)`` when given (the
+    attention pool's latent query of a ``map`` model, see ``regablate.artifacts.scan``), else the
+    attention each patch receives from the patch queries, averaged over them (an avg-pooled model
+    weighs every patch alike, so that is where its attention, and so its global feature, goes).
+    """
+    mean = attention.float().mean(dim=1)  # (B, T queries, T keys)
+    to_patches = mean[:, :, layout.patches]
+    if layout.has_cls:
+        first = to_patches[:, layout.cls_index]
+    elif pool_attention is not None:
+        first = pool_attention.float()
+    else:
+        first = to_patches[:, layout.patches].mean(dim=1)
+    maps = torch.cat([first[:, None], to_patches[:, layout.registers]], dim=1)
+    return maps.reshape(attention.shape[0], maps.shape[1], *grid)
 
 
 def onset_block(fractions: dict[int, float], min_fraction: float = ONSET_MIN_FRACTION) -> int | None:
@@ -164,14 +183,14 @@ def block_key(name: str, block: int, prefix: str = "artifacts") -> str:
     return f"{prefix}/{name}/block_{block:02d}"
 
 
-def norm_statistics(norms: Tensor, num_prefix: int, threshold: Threshold) -> tuple[list[dict[str, float]], Tensor]:
+def norm_statistics(norms: Tensor, layout: TokenLayout, threshold: Threshold) -> tuple[list[dict[str, float]], Tensor]:
     """Statistics of ``K`` blocks' ``(K, B, T)`` token norms, one dict per block, and the ``(K, B, N)`` outlier masks.
 
     Keys (no prefix): ``outlier_frac``, ``norm_max_over_median``, ``patch_norm_median`` and, with
     registers, ``register_norm_mean`` / ``register_norm_max``. All blocks are computed together
     and leave the device in one transfer (a GPU waits once per measurement, not once per number).
     """
-    patch_norms = norms[..., num_prefix:].float()
+    patch_norms = norms[..., layout.patches].float()
     mask = patch_norms > threshold.cutoffs(patch_norms)[:, None, None]
     flat = patch_norms.flatten(1)
     median = flat.median(dim=1).values
@@ -180,8 +199,8 @@ def norm_statistics(norms: Tensor, num_prefix: int, threshold: Threshold) -> tup
         "norm_max_over_median": flat.max(dim=1).values / median.clamp_min(1e-12),
         "patch_norm_median": median,
     }
-    if num_prefix > 1:
-        register_norms = norms[..., 1:num_prefix].float().flatten(1)
+    if layout.num_all_registers:
+        register_norms = norms[..., layout.registers].float().flatten(1)
         columns["register_norm_mean"] = register_norms.mean(dim=1)
         columns["register_norm_max"] = register_norms.max(dim=1).values
     rows = torch.stack(list(columns.values()), dim=1).tolist()
@@ -189,17 +208,17 @@ def norm_statistics(norms: Tensor, num_prefix: int, threshold: Threshold) -> tup
 
 
 def block_statistics(
-    tokens: Tensor, num_prefix: int, threshold: Threshold, background: Tensor | None = None
+    tokens: Tensor, layout: TokenLayout, threshold: Threshold, background: Tensor | None = None
 ) -> tuple[dict[str, float], Tensor]:
     """Statistics of one block's ``(B, T, D)`` residual stream, and its ``(B, N)`` outlier mask.
 
     The keys of ``norm_statistics``, and for blocks with outliers ``outlier_channel_concentration``
     and, given a ``(B, N)`` ``background`` mask, ``outlier_background_share``.
     """
-    per_block, masks = norm_statistics(token_norms(tokens)[None], num_prefix, threshold)
+    per_block, masks = norm_statistics(token_norms(tokens)[None], layout, threshold)
     stats, mask = per_block[0], masks[0]
     if mask.any():
-        stats["outlier_channel_concentration"] = channel_concentration(tokens[:, num_prefix:][mask]).mean().item()
+        stats["outlier_channel_concentration"] = channel_concentration(tokens[:, layout.patches][mask]).mean().item()
         if background is not None:
             stats["outlier_background_share"] = background[mask].float().mean().item()
     return stats, mask
@@ -213,7 +232,7 @@ def outlier_evidence(
     grid: tuple[int, int],
     attention: Tensor,
     attention_input: Tensor,
-    num_prefix: int,
+    layout: TokenLayout,
     threshold: Threshold,
     background: Tensor | None = None,
 ) -> dict[str, float]:
@@ -228,16 +247,16 @@ def outlier_evidence(
     """
     cosine = neighbour_cosine(embeddings, grid)
     stats = {"patch_neighbour_cosine": cosine.mean().item()}
-    patches = last_tokens[:, num_prefix:]
+    patches = last_tokens[:, layout.patches]
     if (~last_mask).any():
         stats["patch_channel_concentration"] = channel_concentration(patches[~last_mask]).mean().item()
     if background is not None:
         stats["patch_background_share"] = background.float().mean().item()
     if last_mask.any():
         stats["outlier_neighbour_cosine"] = cosine[last_mask].mean().item()
-    entering = outlier_mask(token_norms(attention_input[:, num_prefix:]), threshold)
+    entering = outlier_mask(token_norms(attention_input[:, layout.patches]), threshold)
     if entering.any():
-        keys = F.pad(entering, (num_prefix, 0))
+        keys = F.pad(entering, (layout.num_prefix, 0))
         share = attention_received(attention, keys)
         stats["outlier_attention_share"] = share
         # Uniform attention from a non-outlier query spreads over all T tokens.
@@ -245,11 +264,16 @@ def outlier_evidence(
     return stats
 
 
-def register_attention(attention: Tensor, num_prefix: int) -> dict[str, float]:
-    """``cls_register_attention``: the share of CLS attention (head mean) that goes to registers."""
-    if num_prefix <= 1:
+def register_attention(attention: Tensor, layout: TokenLayout) -> dict[str, float]:
+    """The share of attention (head mean) that goes to the registers: ``cls_register_attention`` from
+    the class token, ``patch_register_attention`` from the patches (averaged over them)."""
+    if not layout.num_all_registers:
         return {}
-    return {"cls_register_attention": attention.float().mean(dim=1)[:, 0, 1:num_prefix].sum(-1).mean().item()}
+    to_registers = attention.float().mean(dim=1)[:, :, layout.registers].sum(-1)  # (B, T) per query
+    stats = {"patch_register_attention": to_registers[:, layout.patches].mean().item()}
+    if layout.has_cls:
+        stats["cls_register_attention"] = to_registers[:, layout.cls_index].mean().item()
+    return stats
 
 
 def flatten_statistics(

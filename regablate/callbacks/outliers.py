@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning import LightningModule, Trainer
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ from regablate.artifacts.stats import (
 )
 from regablate.callbacks.fixed_images import FixedImagesCallback, tensorboards
 from regablate.errors import RegablateError
+from regablate.models.layout import TokenLayout
 from regablate.runs import update_summary
 
 TRAIN_BATCH_PREFIX = "artifacts/train_batch"
@@ -44,6 +46,7 @@ class OutlierNormMonitor(FixedImagesCallback):
       ``regablate.artifacts.outlier_evidence``): ``artifacts/outlier_background_share`` (when the
       data has masks), ``artifacts/outlier_neighbour_cosine``, ``artifacts/outlier_channel_concentration``,
       ``artifacts/outlier_attention_share`` / ``_lift``, with ``artifacts/patch_*`` baselines, and
+      with registers ``artifacts/patch_register_attention`` and (with a class token)
       ``artifacts/cls_register_attention``;
     * TensorBoard only: histograms ``artifacts/patch_norms/block_NN`` and the image
       ``artifacts/outlier_positions`` (how often each patch position is an outlier, a tile per block).
@@ -75,13 +78,13 @@ class OutlierNormMonitor(FixedImagesCallback):
 
     def __init__(
         self,
-        every_n_steps: int | None = 100,
-        num_images: int = 16,
+        every_n_steps: PositiveInt | None = 100,
+        num_images: PositiveInt = 16,
         threshold: str = "relative",
-        threshold_value: float | None = None,
+        threshold_value: PositiveFloat | None = None,
         blocks: Sequence[int] | None = None,
         histograms: bool = True,
-        train_batch_every_n_steps: int | None = None,
+        train_batch_every_n_steps: PositiveInt | None = None,
     ) -> None:
         super().__init__(num_images, every_n_steps)
         if train_batch_every_n_steps is not None and train_batch_every_n_steps < 1:
@@ -126,12 +129,12 @@ class OutlierNormMonitor(FixedImagesCallback):
         if self._tap is not None:
             norms, self._tap = self._tap.close(), None
             if norms:
-                self.log_train_batch(trainer, pl_module.backbone.num_prefix_tokens, norms)
+                self.log_train_batch(trainer, TokenLayout.of(pl_module.backbone), norms)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    def log_train_batch(self, trainer: Trainer, num_prefix: int, norms: dict[int, Tensor]) -> None:
+    def log_train_batch(self, trainer: Trainer, layout: TokenLayout, norms: dict[int, Tensor]) -> None:
         blocks = sorted(norms)
-        per_block, _ = norm_statistics(torch.stack([norms[block] for block in blocks]), num_prefix, self.threshold)
+        per_block, _ = norm_statistics(torch.stack([norms[block] for block in blocks]), layout, self.threshold)
         stats = flatten_statistics(dict(zip(blocks, per_block)), {}, prefix=TRAIN_BATCH_PREFIX)
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=self.last_train_batch_step)

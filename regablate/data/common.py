@@ -33,7 +33,8 @@ def check_loader_args(
 class SplitDataModule(L.LightningDataModule):
     """Loaders over ``self.dataset(split)`` for splits train/val/test (predict uses test).
 
-    Subclasses define ``dataset`` and save ``batch_size`` and ``num_workers`` as hparams.
+    Subclasses define ``dataset`` (and ``has_split`` when a split can be missing) and save
+    ``batch_size`` and ``num_workers`` as hparams.
 
     The training order is the same on any number of devices: under DDP, Lightning shuffles
     with ``DistributedSampler(seed=PL_GLOBAL_SEED)`` and deals the permutation out to the
@@ -43,6 +44,10 @@ class SplitDataModule(L.LightningDataModule):
 
     def dataset(self, split: str) -> Dataset:
         raise NotImplementedError
+
+    def has_split(self, split: str) -> bool:
+        """Whether ``split`` (train, val or test) exists; data modules without a test split answer False for it."""
+        return True
 
     def _loader(self, split: str) -> DataLoader:
         workers = self.hparams.num_workers

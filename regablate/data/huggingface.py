@@ -1,62 +1,29 @@
-"""Hugging Face ``datasets`` as a DataModule: a hub name, a local image folder, or a saved dataset."""
+"""Hugging Face ``datasets`` as a DataModule: a Hub name, a saved dataset, or a local folder of data files."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any, Literal
 
 import datasets
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD, SplitDataModule, check_loader_args, require
+from regablate.data.dense import PadToSquare, as_target, clean_depth
+from regablate.data.sources import Source, load_splits
 from regablate.errors import RegablateError
+from regablate.hparams import make_hyperparameters_plain
 
-Source = Literal["auto", "hub", "imagefolder", "disk"]
 BoxFormat = Literal["xyxy", "xywh"]
-
-
-def _looks_local(path: str) -> bool:
-    # Hub ids are "name" or "owner/name"; anything else with a separator is a file path.
-    return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
-
-
-def _resolve_source(path: str, source: Source) -> Source:
-    if source == "hub" or (source == "auto" and not os.path.exists(path) and not _looks_local(path)):
-        return "hub"
-    if not os.path.isdir(path):
-        raise RegablateError(
-            f"data folder not found: {path} (give an existing image folder or a folder written by "
-            "Dataset.save_to_disk, or a Hugging Face Hub dataset name)"
-        )
-    if source == "auto":
-        saved = any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
-        return "disk" if saved else "imagefolder"
-    return source
-
-
-def _load(path: str, name: str | None, data_dir: str | None, source: Source) -> datasets.DatasetDict:
-    """Load all splits as a DatasetDict; a single saved Dataset becomes the only split, ``train``."""
-    path = os.path.expanduser(path)
-    source = _resolve_source(path, source)
-    try:
-        if source == "disk":
-            loaded = datasets.load_from_disk(path)
-        elif source == "imagefolder":
-            loaded = datasets.load_dataset("imagefolder", data_dir=path)
-        else:
-            loaded = datasets.load_dataset(path, name, data_dir=data_dir)
-    except datasets.data_files.EmptyDatasetError as e:
-        raise RegablateError(f"no images found in {path} (put images in one sub-folder per class)") from e
-    except (FileNotFoundError, ConnectionError) as e:
-        hint = "check the name, the network and HF_HUB_OFFLINE" if source == "hub" else "check the folder"
-        raise RegablateError(f"cannot load dataset {path} ({source}): {e} ({hint})") from e
-    return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+EvalResize = Literal["crop", "pad"]
+# Names of the validation split, tried in this order when ``val_split`` is one of them.
+VAL_NAMES = ("validation", "val")
 
 
 def _hold_out(train: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -72,6 +39,14 @@ def _hold_out(train: datasets.Dataset, fraction: float, seed: int) -> tuple[data
     return train.select(order[n_val:], keep_in_memory=True), train.select(order[:n_val], keep_in_memory=True)
 
 
+def find_split(available: list[str], wanted: str | None) -> str | None:
+    """``wanted`` if present; for a validation split named ``validation`` or ``val``, the other name too."""
+    if wanted is None:
+        return None
+    candidates = VAL_NAMES if wanted in VAL_NAMES else (wanted,)
+    return next((name for name in candidates if name in available), None)
+
+
 def _rgb(image: Any) -> Image.Image:
     image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     return image if image.mode == "RGB" else image.convert("RGB")
@@ -82,8 +57,11 @@ class BatchTransform:
 
     ``columns`` maps each batch key to its dataset column. Masks, depth maps and boxes go
     through the image's transform with it as ``tv_tensors`` (one random draw for all: the
-    same crop and flip; masks and depth resized nearest-neighbour), then only the image is
-    scaled and normalised. A class rather than a closure, so DataLoader workers can pickle it.
+    same crop and flip; masks and depth resized nearest-neighbour, padding filled with the
+    ignore value and invalid depth), then only the image is scaled and normalised. Depth is
+    stored value x ``depth_scale``, with non-finite, non-positive and beyond-``max_depth``
+    pixels set to 0 (invalid: never trained on, never scored). A class rather than a closure,
+    so DataLoader workers can pickle it.
     """
 
     def __init__(
@@ -92,11 +70,13 @@ class BatchTransform:
         transform: Callable[..., Any],
         depth_scale: float = 1.0,
         box_format: BoxFormat = "xyxy",
+        max_depth: float | None = None,
     ) -> None:
         self.columns = columns
         self.transform = transform
         self.depth_scale = depth_scale
         self.box_format = box_format
+        self.max_depth = max_depth
 
     def __call__(self, rows: dict[str, list]) -> dict[str, list]:
         keys = [key for key in ("image", "label", "mask", "depth", "box") if key in self.columns]
@@ -114,17 +94,15 @@ class BatchTransform:
 
     def _sample(self, row: dict[str, Any]) -> dict[str, Any]:
         sample: dict[str, Any] = {"image": _rgb(row["image"])}
+        width, height = sample["image"].size
         if "label" in row:
             sample["label"] = row["label"]
         if "mask" in row:
-            sample["mask"] = tv_tensors.Mask(
-                torch.from_numpy(_plane(row["mask"], self.columns["mask"]).astype(np.int64))
-            )
+            sample["mask"] = as_target(self._plane(row, "mask", (height, width)), "mask")
         if "depth" in row:
-            depth = _plane(row["depth"], self.columns["depth"]).astype(np.float32) * self.depth_scale
-            sample["depth"] = tv_tensors.Mask(torch.from_numpy(depth))
+            depth = clean_depth(self._plane(row, "depth", (height, width)), self.depth_scale, self.max_depth)
+            sample["depth"] = as_target(depth, "depth")
         if "box" in row:
-            width, height = sample["image"].size
             box = torch.as_tensor(row["box"], dtype=torch.float32).reshape(-1)
             if box.numel() != 4:
                 raise RegablateError(
@@ -135,15 +113,20 @@ class BatchTransform:
             )
         return sample
 
-
-def _plane(value: Any, column: str) -> np.ndarray:
-    """A mask or depth map (PIL image, nested list or array) as a 2-D array."""
-    array = np.asarray(value)
-    if array.ndim != 2:
-        raise RegablateError(
-            f"column '{column}' holds arrays of shape {array.shape}; masks and depth maps must be 2-D (H, W)"
-        )
-    return array
+    def _plane(self, row: dict[str, Any], key: str, size: tuple[int, int]) -> np.ndarray:
+        """A mask or depth map (PIL image of any mode, nested list or array) as a 2-D array of the image's size."""
+        array = np.asarray(row[key])
+        column = self.columns[key]
+        if array.ndim != 2:
+            raise RegablateError(
+                f"column '{column}' holds arrays of shape {array.shape}; masks and depth maps must be 2-D (H, W)"
+            )
+        if array.shape != size:
+            raise RegablateError(
+                f"column '{column}' holds a {array.shape[0]}x{array.shape[1]} map for a {size[0]}x{size[1]} image; "
+                "masks and depth maps must have their image's size"
+            )
+        return array
 
 
 class HFDataModule(SplitDataModule):
@@ -155,29 +138,45 @@ class HFDataModule(SplitDataModule):
     ``depth`` (B, img_size, img_size) float32 and ``box`` (B, 4) xyxy pixels, all cropped and
     flipped with the image (ADE20k-/VOC-style masks, NYUd-style depth, one box per image).
     ``label_column=None`` serves datasets without class labels (dense tasks only).
-    Without a validation split, ``val_fraction`` of train is held out (seeded); without a
-    test split, test uses the validation data.
+
+    Splits: ``val_split`` ``validation`` or ``val`` finds either name; without a validation
+    split, ``val_fraction`` of train is held out (seeded) if it is set, and it is an error if
+    not. A missing test split (or ``test_split=None``) leaves no ``test`` split:
+    ``has_split("test")`` says so, and the validation data never stand in for it.
 
     Args:
-        path: A hub dataset name (e.g. ``ILSVRC/imagenet-1k``), a folder of images in one
-            sub-folder per class (or ``train/``, ``validation/``, ``test/`` folders of those),
-            or a folder written by ``save_to_disk``.
+        path: A Hub dataset name (e.g. ``ILSVRC/imagenet-1k``, parquet or webdataset), a folder
+            written by ``save_to_disk`` (``scripts/prepare_*.py`` write those), or a folder of
+            data files ``datasets`` reads: parquet, webdataset shards (``.tar``), images in one
+            sub-folder per class (or ``train/``, ``validation/``, ``test/`` folders of those).
         name: Hub dataset configuration name, if it has several.
-        data_dir: ``data_dir`` passed to ``load_dataset`` for hub datasets.
+        data_dir: ``data_dir`` passed to ``load_dataset`` (a sub-folder of the data files).
         source: How to read ``path``: ``auto`` picks ``disk`` for a saved dataset folder,
-            ``imagefolder`` for another folder and ``hub`` otherwise.
-        image_column: Column holding the images.
-        label_column: Column holding the integer class labels (``None``: no labels).
-        mask_column: Column of segmentation masks (2-D images or arrays of class ids).
-        depth_column: Column of depth maps (2-D images or arrays), multiplied by ``depth_scale``.
+            ``folder`` for another folder (format inferred by ``datasets``) and ``hub``
+            otherwise; ``imagefolder`` forces images in class sub-folders.
+        image_column: Column holding the images (``jpg`` in webdataset shards).
+        label_column: Column holding the integer class labels (``cls`` in webdataset shards; ``None``: no labels).
+        mask_column: Column of segmentation masks (2-D images, e.g. mode L PNGs, or arrays of class ids).
+        depth_column: Column of depth maps (2-D images, e.g. float32 or 16-bit PNGs, or arrays),
+            multiplied by ``depth_scale``.
         box_column: Column of one box per image (4 numbers, in ``box_format``).
-        num_seg_classes: Classes in the masks, ignore value excluded (``None``: probes count them).
-        depth_scale: Factor from stored depth values to the depth unit (NYUd PNGs in mm: 0.001).
+        num_seg_classes: Class ids in the masks, 0..N-1 (ADE20k: 151 ids, 0 = "other"); an
+            ignore value outside that range (255) is not counted. ``None``: probes count them.
+        ignore_index: Mask value of unlabelled pixels (VOC: 255, ADE20k: 0): padding gets it.
+            Give the probe the same (``--probe.ignore_index``).
+        depth_scale: Factor from stored depth values to metres (16-bit PNGs in mm: 0.001).
+        max_depth: Depth beyond this (in metres, after ``depth_scale``) is invalid, like
+            non-finite and non-positive depth: set to 0, never trained on or scored (NYUd: 10).
         box_format: ``xyxy`` (corners) or ``xywh`` (COCO) pixels of the stored boxes.
         train_split: Split to train on.
-        val_split: Split to validate on; ``None`` or absent: carve it from train.
-        test_split: Split to test on; ``None`` or absent: use the validation data.
-        val_fraction: Share of train held out when there is no validation split.
+        val_split: Split to validate on (``validation`` and ``val`` find each other); ``None``:
+            hold out ``val_fraction`` of train.
+        test_split: Split to test on; ``None`` or absent: no test split.
+        val_fraction: Share of train held out when there is no validation split; ``None``: none
+            (a missing validation split is then an error).
+        eval_resize: Evaluation geometry: ``crop`` resizes the short side to 1.14 x img_size and
+            takes the centre (ImageNet's protocol); ``pad`` resizes the long side to img_size and
+            pads to a square (every pixel of a dense target is scored, padding is not).
         img_size: Side of the square crops fed to the model.
         batch_size: Samples per batch.
         num_workers: DataLoader worker processes.
@@ -198,26 +197,34 @@ class HFDataModule(SplitDataModule):
         mask_column: str | None = None,
         depth_column: str | None = None,
         box_column: str | None = None,
-        num_seg_classes: int | None = None,
-        depth_scale: float = 1.0,
+        num_seg_classes: PositiveInt | None = None,
+        ignore_index: int = 255,
+        depth_scale: PositiveFloat = 1.0,
+        max_depth: PositiveFloat | None = None,
         box_format: BoxFormat = "xyxy",
         train_split: str = "train",
         val_split: str | None = "validation",
         test_split: str | None = "test",
-        val_fraction: float = 0.1,
-        img_size: int = 224,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
+        val_fraction: OpenUnitInterval | None = None,
+        eval_resize: EvalResize = "crop",
+        img_size: PositiveInt = 224,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 0,
+        seed: NonNegativeInt = 0,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         hflip: bool = True,
     ) -> None:
         super().__init__()
         check_loader_args(img_size, batch_size, num_workers, mean, std)
-        require(0.0 < val_fraction < 1.0, f"val_fraction must be between 0 and 1, got {val_fraction}")
+        require(
+            val_fraction is None or 0.0 < val_fraction < 1.0,
+            f"val_fraction must be between 0 and 1, got {val_fraction}",
+        )
+        require(max_depth is None or max_depth > 0, f"max_depth must be positive, got {max_depth}")
         self.save_hyperparameters()
-        self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
+        make_hyperparameters_plain(self)
+        self.img_size, self.mean, self.std = int(img_size), tuple(mean), tuple(std)
         require(depth_scale > 0, f"depth_scale must be positive, got {depth_scale}")
         require(
             num_seg_classes is None or num_seg_classes >= 1,
@@ -233,10 +240,11 @@ class HFDataModule(SplitDataModule):
         }
         self.columns = {key: column for key, column in mapped.items() if column is not None}
 
-        splits = _load(path, name, data_dir, source)
+        splits = load_splits(path, name, data_dir, source)
+        available = list(splits)
         require(
             train_split in splits,
-            f"split '{train_split}' not found in {path}; splits: {', '.join(splits)} (set train_split)",
+            f"split '{train_split}' not found in {path}; splits: {', '.join(available)} (set train_split)",
         )
         train = splits[train_split]
         for column in self.columns.values():
@@ -247,12 +255,25 @@ class HFDataModule(SplitDataModule):
             )
         self.num_classes = self._count_classes(train, label_column) if label_column is not None else None
 
-        if val_split in splits:
-            val = splits[val_split]
-        else:
-            rank_zero_info(f"{path}: no split '{val_split}', holding out {val_fraction:.0%} of '{train_split}'")
+        val_name = find_split(available, val_split)
+        if val_name is not None:
+            val = splits[val_name]
+        elif val_fraction is not None:
+            rank_zero_info(f"{path}: no validation split, holding out {val_fraction:.0%} of '{train_split}'")
             train, val = _hold_out(train, val_fraction, seed)
-        self.splits = {"train": train, "val": val, "test": splits.get(test_split, val)}
+        else:
+            wanted = f"no split '{val_split}'" if val_split is not None else "val_split is null"
+            raise RegablateError(
+                f"{path}: {wanted} (splits: {', '.join(available)}); set val_split to one of them, "
+                "or val_fraction to hold out a share of train"
+            )
+        self.splits = {"train": train, "val": val}
+        test_name = find_split(available, test_split)
+        if test_name is not None:
+            self.splits["test"] = splits[test_name]
+
+    def has_split(self, split: str) -> bool:
+        return split in self.splits
 
     @staticmethod
     def _count_classes(train: datasets.Dataset, column: str) -> int:
@@ -270,6 +291,8 @@ class HFDataModule(SplitDataModule):
         if train:
             geometry = [v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True)]
             geometry += [v2.RandomHorizontalFlip()] if self.hparams.hflip else []
+        elif self.hparams.eval_resize == "pad":
+            geometry = [v2.Resize(None, max_size=size, antialias=True), PadToSquare(size, self.hparams.ignore_index)]
         else:
             geometry = [v2.Resize(int(size * 1.14), antialias=True), v2.CenterCrop(size)]
         boxes = [v2.ConvertBoundingBoxFormat("XYXY"), v2.ClampBoundingBoxes()] if "box" in self.columns else []
@@ -283,7 +306,10 @@ class HFDataModule(SplitDataModule):
         ``augment`` (default: only for train) picks the random crop and flip over the
         deterministic resize and centre crop; frozen-feature probes extract with ``False``.
         """
+        require(split in self.splits, f"this dataset has no {split} split (splits: {', '.join(self.splits)})")
         augment = split == "train" if augment is None else augment
         hp = self.hparams
-        transform = BatchTransform(self.columns, self._transform(train=augment), hp.depth_scale, hp.box_format)
+        transform = BatchTransform(
+            self.columns, self._transform(train=augment), hp.depth_scale, hp.box_format, hp.max_depth
+        )
         return self.splits[split].with_transform(transform, columns=list(self.columns.values()))

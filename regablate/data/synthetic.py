@@ -15,12 +15,15 @@ import math
 import zlib
 from collections.abc import Callable
 from functools import lru_cache
+from typing import Literal
 
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
 from torch.utils.data import Dataset
 
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD, SplitDataModule, check_loader_args, require
+from regablate.hparams import make_hyperparameters_plain
 
 # Shape tests on rotated coordinates (u, v) in units of the object's radius. Every shape
 # fits in a disc of radius _REACH, which bounds the window each object is drawn in.
@@ -37,9 +40,14 @@ _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     ),
 }
 SHAPES = tuple(_SHAPES)
+HueJitter = restricted_number_type("HueJitter", float, [(">=", 0), ("<=", 0.5)], docstring="a hue shift in [0, 0.5]")
 TEXTURES = ("solid", "stripes", "checker", "dots")
 _REACH = 1.25  # the square's corner: 0.85 * sqrt(2)
 _DARK = 0.5  # brightness of the dark parts of a texture
+_GAP = 1.3  # scattered layout: centres at least this many summed radii apart
+_PLACEMENT_TRIES = 50  # scattered layout: random positions tried per object before giving up on it
+Label = Literal["largest", "count"]
+LABELS = ("largest", "count")
 
 
 def class_identity(c: int, num_classes: int) -> tuple[str, str, float]:
@@ -85,12 +93,20 @@ def render_scene(
     num_classes: int = 10,
     max_objects: int = 3,
     hue_jitter: float = 0.03,
+    min_objects: int = 1,
+    object_size: tuple[float, float] | None = None,
+    label: Label = "largest",
 ) -> dict[str, torch.Tensor]:
     """Render one scene, deterministically from ``(seed, split, index)`` (all ints >= 0).
 
+    ``min_objects``..``max_objects`` objects (at most ``num_classes``); ``object_size``: ``None``
+    for the default layout, or ``(lo, hi)`` fractions of the side for the scattered one, where a
+    scene may hold fewer objects than drawn when no free place is found (never fewer than one).
+
     Returns a dict of tensors:
       ``image`` float32 (3, H, W) in [0, 1], not normalised;
-      ``label`` int64 scalar: class of the object with the most visible pixels;
+      ``label`` int64 scalar: class of the object with the most visible pixels (``"largest"``),
+      or the number of objects minus ``min_objects`` (``"count"``);
       ``mask`` int64 (H, W): 0 background, ``c + 1`` for a visible pixel of class ``c``;
       ``depth`` float32 (H, W): background a ground plane 6-12 units away, farther towards the
       top; each object a constant depth in [1, 5] (brighter when nearer), always nearer;
@@ -101,12 +117,21 @@ def render_scene(
     half its size, and objects have distinct classes, so the labelled class always covers
     the most pixels in ``mask``, by a clear margin (at least 1.5x the next, in tests).
     """
-    scene = _render(seed, split, index, img_size, num_classes, max_objects, hue_jitter)
+    scene = _render(seed, split, index, img_size, num_classes, max_objects, hue_jitter, min_objects, object_size, label)
     return {key: torch.from_numpy(value) for key, value in scene.items()}
 
 
 def _render(
-    seed: int, split: str, index: int, size: int, num_classes: int, max_objects: int, hue_jitter: float
+    seed: int,
+    split: str,
+    index: int,
+    size: int,
+    num_classes: int,
+    max_objects: int,
+    hue_jitter: float,
+    min_objects: int = 1,
+    object_size: tuple[float, float] | None = None,
+    label: Label = "largest",
 ) -> dict[str, np.ndarray]:
     """``render_scene`` in numpy arrays (the dataset flips and normalises them before torch sees them)."""
     rng = _rng(seed, split, index)
@@ -128,15 +153,20 @@ def _render(
     # are brighter (their colour value falls from 1.0 at depth 1 to 0.6 at depth 5).
     background_depth = 6.0 + 6.0 * (1.0 - ys / size)
 
-    # Objects: index 0 is the main (largest) one; distinct classes.
-    n = min(int(rng.integers(1, max_objects + 1)), num_classes)
+    # Objects: distinct classes; in the default layout index 0 is the main (largest) one.
+    n = min(int(rng.integers(min_objects, max_objects + 1)), num_classes)
     classes = rng.permutation(num_classes)[:n]
     u = rng.random((n, 8))
-    radius = np.empty(n)
-    radius[0] = max(2.0, (0.125 + 0.175 * u[0, 0]) * size)
-    radius[1:] = radius[0] * (0.25 + 0.25 * u[1:, 0])
-    cx = np.where(np.arange(n) == 0, radius[0] + (size - 2 * radius[0]) * u[:, 1], size * u[:, 1])
-    cy = np.where(np.arange(n) == 0, radius[0] + (size - 2 * radius[0]) * u[:, 2], size * u[:, 2])
+    if object_size is None:
+        radius = np.empty(n)
+        radius[0] = max(2.0, (0.125 + 0.175 * u[0, 0]) * size)
+        radius[1:] = radius[0] * (0.25 + 0.25 * u[1:, 0])
+        cx = np.where(np.arange(n) == 0, radius[0] + (size - 2 * radius[0]) * u[:, 1], size * u[:, 1])
+        cy = np.where(np.arange(n) == 0, radius[0] + (size - 2 * radius[0]) * u[:, 2], size * u[:, 2])
+    else:
+        radius, cx, cy = _scatter(rng, n, size, object_size)
+        n = len(radius)
+        classes, u = classes[:n], u[:n]
     rotation = 0.7 * (u[:, 3] - 0.5)  # +-20 degrees
     object_depth = 1.0 + 4.0 * u[:, 4]
     period = max(4.0, size / 8)
@@ -167,13 +197,31 @@ def _render(
     rows = np.flatnonzero((ids == main + 1).any(axis=1))
     cols = np.flatnonzero((ids == main + 1).any(axis=0))
     box = [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]  # never empty: the main object has r >= 2 px
+    target = classes[main] if label == "largest" else n - min_objects
     return {
         "image": np.clip(image, 0.0, 1.0),
-        "label": np.array(classes[main], dtype=np.int64),
+        "label": np.array(target, dtype=np.int64),
         "mask": mask,
         "depth": depth.astype(np.float32, copy=False),
         "box": np.array(box, dtype=np.float32),
     }
+
+
+def _scatter(
+    rng: np.random.Generator, n: int, size: int, object_size: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Radii and centres of up to ``n`` objects that do not overlap (the first always fits)."""
+    lo, hi = object_size
+    placed: list[tuple[float, float, float]] = []
+    for _ in range(n):
+        for _ in range(_PLACEMENT_TRIES):
+            r = max(1.0, size * rng.uniform(lo, hi))
+            x, y = rng.uniform(r, size - r), rng.uniform(r, size - r)
+            if all(math.hypot(x - a, y - b) > _GAP * (r + c) for a, b, c in placed):
+                placed.append((x, y, r))
+                break
+    cx, cy, radius = (np.array(column, dtype=np.float64) for column in zip(*placed))
+    return radius, cx, cy
 
 
 class SyntheticScenesDataset(Dataset):
@@ -195,9 +243,13 @@ class SyntheticScenesDataset(Dataset):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         hflip: bool = False,
+        min_objects: int = 1,
+        object_size: tuple[float, float] | None = None,
+        label: Label = "largest",
     ) -> None:
         self.seed, self.split, self.size, self.hflip = seed, split, size, hflip
-        self.scene = (img_size, num_classes, max_objects, hue_jitter)
+        size_range = None if object_size is None else (float(object_size[0]), float(object_size[1]))
+        self.scene = (img_size, num_classes, max_objects, hue_jitter, min_objects, size_range, label)
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
 
@@ -239,21 +291,31 @@ class SyntheticScenes(SplitDataModule):
         num_workers: DataLoader worker processes (0 renders in the main process).
         hflip: Mirror a fixed, seeded half of the training scenes.
         hue_jitter: How far an object's hue strays from its class hue (0 to 0.5).
+        min_objects: Fewest objects per scene (1 to max_objects).
+        object_size: ``null`` for the default layout (a main object and smaller ones), or
+            ``[lo, hi]``: every object's radius a uniform fraction of the side in that range,
+            objects placed without overlap (more background, exact counts).
+        label: ``largest`` (class of the largest object; ``num_classes`` labels) or ``count``
+            (objects minus ``min_objects``; ``max_objects - min_objects + 1`` labels, which
+            ``model.num_classes`` must then equal).
     """
 
     def __init__(
         self,
-        img_size: int = 32,
-        num_classes: int = 10,
-        max_objects: int = 3,
-        train_size: int = 10000,
-        val_size: int = 1000,
-        test_size: int = 1000,
-        seed: int = 0,
-        batch_size: int = 64,
-        num_workers: int = 0,
+        img_size: PositiveInt = 32,
+        num_classes: PositiveInt = 10,
+        max_objects: PositiveInt = 3,
+        train_size: PositiveInt = 10000,
+        val_size: PositiveInt = 1000,
+        test_size: PositiveInt = 1000,
+        seed: NonNegativeInt = 0,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 0,
         hflip: bool = True,
-        hue_jitter: float = 0.03,
+        hue_jitter: HueJitter = 0.03,
+        min_objects: PositiveInt = 1,
+        object_size: tuple[float, float] | None = None,
+        label: Label = "largest",
     ) -> None:
         super().__init__()
         check_loader_args(img_size, batch_size, num_workers, IMAGENET_MEAN, IMAGENET_STD)
@@ -263,9 +325,34 @@ class SyntheticScenes(SplitDataModule):
             require(value >= 1, f"{name} must be at least 1, got {value}")
         require(seed >= 0, f"seed must be 0 or more, got {seed}")
         require(0.0 <= hue_jitter <= 0.5, f"hue_jitter must be between 0 and 0.5, got {hue_jitter}")
-        self.save_hyperparameters()
-        self.img_size = img_size
-        self.num_classes = num_classes
+        require(
+            1 <= min_objects <= max_objects,
+            f"min_objects must be between 1 and max_objects ({max_objects}), got {min_objects}",
+        )
+        require(label in LABELS, f"label must be one of {', '.join(LABELS)}, got {label!r}")
+        if label == "count":
+            require(
+                max_objects <= num_classes,
+                "label count needs max_objects <= num_classes (objects have distinct classes), "
+                f"got {max_objects} > {num_classes}",
+            )
+        if object_size is not None:
+            lo, hi = (float(v) for v in object_size)
+            require(
+                0.0 < lo <= hi <= 0.25,
+                f"object_size must be [lo, hi] with 0 < lo <= hi <= 0.25 (radius / side), got {list(object_size)}",
+            )
+        # With count labels, num_classes (object classes) differs from the model's num_classes (counts);
+        # Lightning refuses to log two hparams of one name with different values, so it is kept as
+        # num_object_classes instead.
+        self.save_hyperparameters(ignore=["num_classes"] if label == "count" else None)
+        if label == "count":
+            self.hparams["num_object_classes"] = num_classes
+        make_hyperparameters_plain(self)
+        self.img_size = int(img_size)
+        self.num_object_classes = num_classes
+        # The number of label values (what model.num_classes must equal); masks keep K + 1 values.
+        self.num_classes = num_classes if label == "largest" else max_objects - min_objects + 1
         self.num_seg_classes = num_classes + 1
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
 
@@ -277,10 +364,13 @@ class SyntheticScenes(SplitDataModule):
             split=split,
             size=hp[f"{split}_size"],
             img_size=hp.img_size,
-            num_classes=hp.num_classes,
+            num_classes=self.num_object_classes,
             max_objects=hp.max_objects,
             hue_jitter=hp.hue_jitter,
             mean=self.mean,
             std=self.std,
             hflip=hp.hflip and split == "train",
+            min_objects=hp.min_objects,
+            object_size=hp.object_size,
+            label=hp.label,
         )

@@ -1,14 +1,18 @@
 """timm Vision Transformers with R register tokens in the DINOv2 layout, and one features call.
 
 Every backbone regablate builds uses the DINOv2 layout: the token sequence is
-``[CLS, REG_1 .. REG_R, PATCH_1 .. PATCH_N]`` and only the patches carry a position
-embedding (timm's ``no_embed_class=True``). Weights from a checkpoint or timm's hub are
-converted to it by ``regablate.models.convert``.
+``[CLS, REG_1 .. REG_R, PATCH_1 .. PATCH_N]`` (``[REG_1 .. REG_R, PATCH_1 .. PATCH_N]`` for ViTs
+without a class token, such as SigLIP or average-pooled ViTs) and only the patches carry a
+position embedding (timm's ``no_embed_class=True``). Weights from a checkpoint or timm's hub are
+converted to it by ``regablate.models.convert``; the weights also decide whether the model has
+a class token and how it pools (``convert.architecture_of``), so a checkpoint of an avg-pool ViT
+without a class token loads under any ``vit_*`` name of its sizes.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,12 +25,17 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from regablate.errors import RegablateError
-from regablate.models.convert import convert_state_dict, load_state_dict_file
+from regablate.models.convert import architecture_of, convert_state_dict, load_state_dict_file
+from regablate.models.layout import GLOBAL_FEATURES, TokenLayout
 
 # Modules whose registered models are plain timm VisionTransformers.
 _VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
-# timm arguments regablate sets itself: the layout is not negotiable.
-_LAYOUT_KWARGS = {"reg_tokens": "num_registers", "no_embed_class": None, "class_token": None}
+# timm arguments regablate sets itself, and why.
+_LAYOUT_KWARGS = {
+    "reg_tokens": "use num_registers instead",
+    "no_embed_class": "regablate always uses the DINOv2 layout",
+    "pool_include_prefix": "registers never enter the global feature",
+}
 
 
 def build_backbone(
@@ -41,16 +50,19 @@ def build_backbone(
     """Build a headless timm ViT with ``num_registers`` registers in the DINOv2 layout.
 
     Args:
-        model_name: any timm ViT name (``vit_small_patch14_dinov2``, ``test_vit``, ...).
+        model_name: any timm ViT name (``vit_small_patch14_dinov2``, ``vit_base_patch16_siglip_224``, ...).
         num_registers: number of register tokens R >= 0.
         checkpoint: local ``.safetensors``, ``.pt``, ``.pth`` or Lightning ``.ckpt`` file trained
-            with any register count; converted as described in the module docstring.
+            with any register count; converted as described in the module docstring. Its tensors
+            decide ``class_token``, whether ``global_pool`` is ``map`` (an ``attn_pool``) and where
+            the final norm sits (``fc_norm``/``final_norm``); given values that contradict them fail.
         pretrained: load timm's pretrained weights for ``model_name`` (through timm's own hub
             loading, so it needs network access or a populated cache) and convert them.
         register_init_std: standard deviation of the normal that new registers start from
             when weights are loaded.
-        **timm_kwargs: passed to ``timm.create_model`` (``img_size``, ``patch_size``,
-            ``embed_dim``, ``depth``, ``num_heads``, ``drop_path_rate``, ...).
+        **timm_kwargs: passed to ``timm.create_model`` (``img_size``, ``patch_size``, ``embed_dim``,
+            ``depth``, ``num_heads``, ``drop_path_rate``, ``class_token``, ``global_pool``, ...). A ViT
+            without a class token pools with ``avg`` unless ``global_pool`` says otherwise.
     """
     if isinstance(num_registers, bool) or not isinstance(num_registers, int) or num_registers < 0:
         raise RegablateError(
@@ -58,21 +70,18 @@ def build_backbone(
         )
     if checkpoint is not None and pretrained:
         raise RegablateError("give either checkpoint or pretrained=True, not both")
-    for key, instead in _LAYOUT_KWARGS.items():
+    for key, why in _LAYOUT_KWARGS.items():
         if key in timm_kwargs:
-            hint = "use num_registers instead" if instead else "regablate always uses the DINOv2 layout"
-            raise RegablateError(f"timm argument {key!r} cannot be set: {hint}")
+            raise RegablateError(f"timm argument {key!r} cannot be set: {why}")
     _check_vit_name(model_name)
-    kwargs = {"num_classes": 0, **timm_kwargs}
+    source: dict[str, Tensor] | None = None
+    if pretrained:
+        source = timm.create_model(model_name, pretrained=True, num_classes=0).state_dict()
+    elif checkpoint is not None:
+        source = load_state_dict_file(checkpoint)
+    kwargs = {"num_classes": 0, **timm_kwargs, **_head_arguments(model_name, timm_kwargs, source)}
     try:
-        model = timm.create_model(
-            model_name,
-            pretrained=False,
-            reg_tokens=num_registers,
-            no_embed_class=True,
-            class_token=True,
-            **kwargs,
-        )
+        model = timm.create_model(model_name, pretrained=False, reg_tokens=num_registers, no_embed_class=True, **kwargs)
     except TypeError as err:
         raise RegablateError(f"bad timm arguments for {model_name}: {err}") from None
     if type(model) is not VisionTransformer:
@@ -81,16 +90,60 @@ def build_backbone(
             "pick a vit_* or deit_* model without a distillation token"
         )
     _check_patch_grid(model, model_name)
-
-    source: dict[str, Tensor] | None = None
-    if pretrained:
-        source = timm.create_model(model_name, pretrained=True, num_classes=0).state_dict()
-    elif checkpoint is not None:
-        source = load_state_dict_file(checkpoint)
     if source is not None:
         converted = convert_state_dict(source, model, register_init_std=register_init_std)
         model.load_state_dict(converted, strict=True)
     return model
+
+
+def _head_arguments(model_name: str, given: dict[str, Any], source: dict[str, Tensor] | None) -> dict[str, Any]:
+    """``class_token`` and ``global_pool`` (and, from weights, ``fc_norm``/``final_norm``) to build with.
+
+    The weights decide what they can tell (a class token, an attention pool, the final norm); the
+    given arguments or the model's own defaults decide the rest (avg, max or avgmax pooling).
+    """
+    default_class_token, default_pool = _default_head(model_name)
+    class_token = bool(given.get("class_token", default_class_token))
+    pool = given.get("global_pool")
+    decided: dict[str, Any] = {}
+    if source is not None:
+        weights = architecture_of(source)
+        for key in ("class_token", "fc_norm", "final_norm"):
+            if given.get(key) is not None and bool(given[key]) != weights[key]:
+                raise RegablateError(
+                    f"{key}={given[key]} contradicts the weights ({key} {weights[key]}); leave {key} out, "
+                    "the weights decide it"
+                )
+        if pool is not None and (pool == "map") != weights["attn_pool"]:
+            has = "an attention pool (attn_pool)" if weights["attn_pool"] else "no attention pool"
+            raise RegablateError(f"global_pool={pool!r} contradicts the weights, which have {has}; leave it out")
+        class_token = weights["class_token"]
+        if weights["attn_pool"]:
+            pool = "map"
+        decided = {"fc_norm": weights["fc_norm"]}
+        if not weights["final_norm"]:
+            decided["final_norm"] = False
+    if pool is None:
+        pool = default_pool
+        if pool == "map" and source is not None:  # weights without an attention pool
+            pool = "token"
+        if pool == "token" and not class_token:
+            pool = "avg"
+    if pool not in GLOBAL_FEATURES:
+        raise RegablateError(
+            f"global_pool {pool!r} is not supported: use {', '.join(GLOBAL_FEATURES)} (registers stay out of the pool)"
+        )
+    if pool == "token" and not class_token:
+        raise RegablateError("global_pool 'token' needs the class token; a ViT without one pools with avg or map")
+    return {"class_token": class_token, "global_pool": pool, **decided}
+
+
+@functools.lru_cache(maxsize=64)
+def _default_head(model_name: str) -> tuple[bool, str]:
+    """Whether timm builds ``model_name`` with a class token, and its ``global_pool`` (a meta-device build, once)."""
+    with torch.device("meta"):
+        model = timm.create_model(model_name, num_classes=0)
+    return model.cls_token is not None, model.global_pool
 
 
 def _check_vit_name(model_name: str) -> None:
@@ -122,41 +175,62 @@ def _check_patch_grid(model: VisionTransformer, model_name: str) -> None:
 class TokenFeatures:
     """What one backbone pass returns.
 
-    ``cls``, ``registers`` and ``patches`` come after the final LayerNorm (what heads use); with a
-    test-time register (``regablate.artifacts.register_neurons``), ``registers`` ends with it;
-    ``blocks`` maps a block index to that block's output, the whole ``[CLS, REG, PATCH]``
-    sequence of the residual stream *before* the final norm, which would hide the high norms.
+    ``registers`` and ``patches`` are the final tokens (after the final norm, where the model has
+    one: an avg-pool ViT with ``fc_norm`` normalises only its pooled feature); with a test-time
+    register (``regablate.artifacts.register_neurons``), ``registers`` ends with it. ``cls`` is the
+    final class token, ``None`` for a ViT without one. ``pooled`` is the model's global feature,
+    what its own head would read (see :func:`global_feature`): the class token for ``token``
+    pooling, else the pool of the patch tokens, never of the registers. ``blocks`` maps a block
+    index to that block's output, the whole ``[CLS, REG, PATCH]`` sequence of the residual stream
+    *before* the final norm, which would hide the high norms.
     """
 
-    cls: Tensor
+    cls: Tensor | None
     registers: Tensor
     patches: Tensor
+    pooled: Tensor
     blocks: dict[int, Tensor]
 
 
 def extract_features(model: VisionTransformer, images: Tensor, blocks: Sequence[int] = ()) -> TokenFeatures:
-    """Run ``model`` once; return its final tokens split by role, and the chosen blocks pre-norm.
+    """Run ``model`` once; return its final tokens split by role, its global feature, and the chosen blocks pre-norm.
 
     ``blocks`` takes indices into ``model.blocks``; negative ones count from the end.
     """
     depth = len(model.blocks)
+    layout = TokenLayout.of(model)
     wanted = sorted({block_index(i, depth) for i in blocks})
     if wanted:
+        with_prefix = layout.num_prefix > 0  # timm returns bare patch tensors for a model without prefix tokens
         tokens, inter = model.forward_intermediates(
-            images, indices=wanted, return_prefix_tokens=True, norm=False, output_fmt="NLC"
+            images, indices=wanted, return_prefix_tokens=with_prefix, norm=False, output_fmt="NLC"
         )
-        taken = {i: torch.cat([prefix, patches], dim=1) for i, (patches, prefix) in zip(wanted, inter)}
+        taken = {i: torch.cat([item[1], item[0]], dim=1) if with_prefix else item for i, item in zip(wanted, inter)}
         by_request = {i: taken[block_index(i, depth)] for i in blocks}
     else:
         tokens = model.forward_features(images)
         by_request = {}
-    num_prefix = model.num_prefix_tokens
     return TokenFeatures(
-        cls=tokens[:, 0],
-        registers=tokens[:, 1:num_prefix],
-        patches=tokens[:, num_prefix:],
+        cls=tokens[:, layout.cls_index] if layout.has_cls else None,
+        registers=tokens[:, layout.registers],
+        patches=tokens[:, layout.patches],
+        pooled=global_feature(model, tokens),
         blocks=by_request,
     )
+
+
+def global_feature(model: VisionTransformer, tokens: Tensor) -> Tensor:
+    """The global feature of ``model``'s final ``tokens`` ``(B, T, D) -> (B, D)``, registers left out.
+
+    timm's own pooling (``token``: the class token; ``avg``/``max``/``avgmax``: of the patch tokens;
+    ``map``: the attention pool, fed the patch tokens only) followed by ``fc_norm``, as timm's
+    head computes it before its classifier (without the head's dropout).
+    """
+    if model.attn_pool is not None:
+        pooled = model.attn_pool(tokens[:, model.num_prefix_tokens :])
+    else:
+        pooled = model.pool(tokens)
+    return model.fc_norm(pooled)
 
 
 def block_index(index: int, depth: int) -> int:

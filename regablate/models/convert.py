@@ -1,8 +1,9 @@
 """Checkpoint conversion between register counts and position-embedding layouts.
 
 A checkpoint trained with any register count and either position-embedding layout is converted
-into the DINOv2 layout regablate builds (``[CLS, REG_1 .. REG_R, PATCHES]``, only the patches
-carry a position embedding):
+into the DINOv2 layout regablate builds (``[CLS, REG_1 .. REG_R, PATCHES]``, or
+``[REG_1 .. REG_R, PATCHES]`` for a ViT without a class token; only the patches carry a position
+embedding):
 
 * an embedding row that belonged to CLS (or to a register) is folded into that token, which
   is exact because the row was only ever added to it;
@@ -11,7 +12,9 @@ carry a position embedding):
 * the patch rows are resampled by timm when the patch grid differs.
 
 So a model without registers converted to ``num_registers=0`` computes exactly what it
-computed before. Weights are read with safetensors or ``torch.load(weights_only=True)``:
+computed before, with or without a class token. What the weights say about the architecture
+(a class token, an attention pool, where the final norm sits) is read by :func:`architecture_of`,
+so that the model is built to match them. Weights are read with safetensors or ``torch.load(weights_only=True)``:
 nothing is unpickled.
 """
 
@@ -71,26 +74,47 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, Tensor)}
 
 
+def architecture_of(source: dict[str, Tensor]) -> dict[str, bool]:
+    """What a ViT state dict fixes about the model: ``class_token``, ``attn_pool`` (``map`` pooling),
+    ``fc_norm`` (a norm after pooling instead of a final per-token norm) and ``final_norm`` (either)."""
+    src = _strip_prefix(source)
+    fc_norm = "fc_norm.weight" in src
+    return {
+        "class_token": "cls_token" in src,
+        "attn_pool": any(key.startswith("attn_pool.") for key in src),
+        "fc_norm": fc_norm,
+        "final_norm": fc_norm or "norm.weight" in src,
+    }
+
+
 def convert_state_dict(
     source: dict[str, Tensor], model: VisionTransformer, *, register_init_std: float = 0.02
 ) -> dict[str, Tensor]:
     """Convert a ViT state dict (any register count and layout) into one that fits ``model``."""
     src = _strip_prefix(source)
     target = model.state_dict()
-    if "cls_token" not in src or "pos_embed" not in src:
-        raise RegablateError("checkpoint has no cls_token/pos_embed: it is not a ViT with a class token")
-    dim = src["cls_token"].shape[-1]
+    if "pos_embed" not in src:
+        raise RegablateError("checkpoint has no pos_embed: it is not a ViT with a learned position embedding")
+    has_cls = "cls_token" in src
+    if has_cls != (model.cls_token is not None):
+        weights, built = ("a", "without") if has_cls else ("no", "with")
+        raise RegablateError(
+            f"the checkpoint has {weights} class token (cls_token) but the model is built {built} one; "
+            "leave class_token out and the weights decide it"
+        )
+    dim = src["patch_embed.proj.weight"].shape[0]
     src_regs = src.get("reg_token", torch.zeros(1, 0, dim))
-    num_src_prefix = 1 + src_regs.shape[1]
+    num_src_prefix = int(has_cls) + src_regs.shape[1]
     target_grid = tuple(model.patch_embed.grid_size)
 
-    pos = src["pos_embed"]
-    patch_pos, prefix_pos = _split_pos_embed(pos, num_src_prefix, target_grid)
-    cls = src["cls_token"].clone()
-    regs = src_regs.clone()
-    if prefix_pos is not None:
-        cls = cls + prefix_pos[:, :1]
-        regs = regs + prefix_pos[:, 1:]
+    patch_pos, prefix_pos = _split_pos_embed(src["pos_embed"], num_src_prefix, target_grid)
+    tokens = {"reg_token": src_regs.clone()}
+    if has_cls:
+        tokens["cls_token"] = src["cls_token"].clone()
+    if prefix_pos is not None:  # rows of the prefix tokens, in their order [CLS, REG..]: fold them in
+        if has_cls:
+            tokens["cls_token"] = tokens["cls_token"] + prefix_pos[:, :1]
+        tokens["reg_token"] = tokens["reg_token"] + prefix_pos[:, int(has_cls) :]
     src_grid = _grid_of(patch_pos.shape[1], target_grid)
     if src_grid != target_grid:
         patch_pos = resample_abs_pos_embed(
@@ -109,11 +133,13 @@ def convert_state_dict(
                 "the checkpoint was trained with another architecture (depth, blocks or options)"
             )
         out[key] = value
-    out["cls_token"] = cls
+    if has_cls:
+        out["cls_token"] = tokens["cls_token"]
     out["pos_embed"] = patch_pos
     num_registers = model.num_reg_tokens
     if num_registers:
-        new = torch.randn(1, num_registers, dim, dtype=cls.dtype) * register_init_std
+        regs = tokens["reg_token"]
+        new = torch.randn(1, num_registers, dim, dtype=patch_pos.dtype) * register_init_std
         keep = min(num_registers, regs.shape[1])
         new[:, :keep] = regs[:, :keep]
         out["reg_token"] = new

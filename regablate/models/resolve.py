@@ -27,6 +27,7 @@ from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
 from regablate.errors import RegablateError
 from regablate.hparams import plain
 from regablate.models.backbone import build_backbone
+from regablate.models.layout import global_feature_name
 from regablate.runs import Which, checkpoint_hparams, find_checkpoint, first_line, is_training_checkpoint
 
 SIZE_ARGUMENTS = ("patch_size", "embed_dim", "depth", "num_heads")
@@ -149,7 +150,13 @@ def resolve_backbone(
 def _resolved(
     model: VisionTransformer, name: str, pretrained: bool, folder: Path | None, description: dict[str, Any]
 ) -> ResolvedBackbone:
-    description = {**description, "num_registers": model.num_reg_tokens, "img_size": list(model.patch_embed.img_size)}
+    description = {
+        **description,
+        "num_registers": model.num_reg_tokens,
+        "img_size": list(model.patch_embed.img_size),
+        "class_token": model.cls_token is not None,
+        "global_feature": global_feature_name(model),  # what the probes' "cls" features are
+    }
     return ResolvedBackbone(model, name, pretrained, folder, description)
 
 

@@ -1,10 +1,24 @@
 """Frozen-feature evaluation: classification, segmentation, depth and LOST probes on cached features.
 
-The command, ``regablate probe``, is ``regablate.probe.command``.
+The command, ``regablate probe``, is ``regablate.probe.command``; where the backbone runs (device,
+precision, processes) is ``regablate.probe.device.ProbeDevice``.
 """
 
+from regablate.probe.device import ProbeDevice
 from regablate.probe.features import BatchFeatures, FeatureSet, ViTExtractor, extract_split
+from regablate.probe.plan import ProbePlan, plan_probe
 from regablate.probe.protocol import LinearProbe, ProbeReport
 from regablate.probe.run import run_probe
 
-__all__ = ["BatchFeatures", "FeatureSet", "LinearProbe", "ProbeReport", "ViTExtractor", "extract_split", "run_probe"]
+__all__ = [
+    "BatchFeatures",
+    "FeatureSet",
+    "LinearProbe",
+    "ProbeDevice",
+    "ProbePlan",
+    "ProbeReport",
+    "ViTExtractor",
+    "extract_split",
+    "plan_probe",
+    "run_probe",
+]

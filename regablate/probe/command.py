@@ -5,6 +5,8 @@
     regablate probe --checkpoint weights.safetensors --model vit_small_patch14_dinov2 --num_registers 4
     regablate probe --model vit_tiny_patch16_224 --pretrained false --patch_size 4 --output runs/probe/random
     regablate probe runs/fig8/r0_s0 --test_time_registers auto   # -> runs/fig8/r0_s0_ttr/
+    regablate probe RUN --accelerator gpu --devices 8             # extraction split over 8 GPUs, bf16 autocast
+    regablate probe RUN --dry_run true                            # per split: samples, fields, bytes; no work
 
 The data default to the run's own data settings (``config.yaml``), else to SyntheticScenes;
 ``--data`` takes a data config or class and ``--data.*`` overrides single settings.
@@ -15,6 +17,13 @@ training images), a path uses a ``register_neurons.json`` found on the same weig
 their own folder (default: the run folder's name + ``_ttr``), whose ``summary.json`` carries
 ``test_time_registers: 1``, the register neurons, and the artifact statistics measured with the
 register on the search images.
+
+``--accelerator``, ``--devices`` and ``--precision`` (:class:`~regablate.probe.device.ProbeDevice`)
+say where the backbone runs, the register-neuron search included; with several devices each
+rank extracts its share of every split (one process per device, the command line re-executed per
+rank) and rank 0 trains the heads. Everything that can fail on bad input (arguments, devices,
+the model, the data's first samples, free disk space) is checked before any process starts.
+Nothing is written to the output folder until the probe has its results.
 """
 
 from __future__ import annotations
@@ -42,26 +51,38 @@ from regablate.artifacts.stats import Threshold
 from regablate.commands import Renamed, add_backbone_arguments, backbone_source, modernise, tool_parser
 from regablate.errors import RegablateError
 from regablate.models.resolve import ResolvedBackbone, resolve_backbone, run_folder
+from regablate.probe.device import ProbeDevice
 from regablate.probe.features import ViTExtractor
+from regablate.probe.plan import frozen_dataset, plan_probe
 from regablate.probe.protocol import LinearProbe
-from regablate.probe.run import frozen_dataset, run_probe
+from regablate.probe.run import check_protocol_devices, feature_store, run_probe
 from regablate.runs import read_summary, update_summary
 
 DEFAULT_DATA = {"class_path": "regablate.data.SyntheticScenes"}
 # --test_time_registers value that finds the register neurons on the probed backbone itself.
 AUTO = "auto"
-RENAMED = (Renamed("--no_cache", "--cache", "false"), Renamed("--cache", "--cache", "true"))
+RENAMED = (
+    Renamed("--no_cache", "--cache", "false"),
+    Renamed("--cache", "--cache", "true"),
+    Renamed("--dry-run", "--dry_run", "true"),
+    Renamed("--dry_run", "--dry_run", "true"),
+)
 
 
 def probe_options(
-    output: str | None = None, cache: bool = True, test_time_registers: str | None = None, dataset: str | None = None
+    output: str | None = None,
+    cache: bool = True,
+    test_time_registers: str | None = None,
+    dry_run: bool = False,
+    dataset: str | None = None,
 ) -> None:
-    """The probe command's own flags (the model, data and protocol have theirs).
+    """The probe command's own flags (the model, data, devices and protocol have theirs).
 
     Args:
         output: results folder (default: the run folder, else runs/probe/<model>_r<R>).
-        cache: reuse and store the extracted features in OUTPUT/probe_cache.
+        cache: reuse and store the extracted features in OUTPUT/probe_cache (false: a scratch store, deleted after).
         test_time_registers: 'auto' or a register_neurons.json: probe with one test-time register added.
+        dry_run: print, per split, the samples, the fields kept and the bytes they take; extract nothing.
         dataset: name of the probed data in summary.json (default: the data's path); the report overlays the paper's
             values on imagenet-1k, ade20k and nyud.
     """
@@ -71,6 +92,7 @@ def build_parser() -> ArgumentParser:
     parser = tool_parser("probe", "Frozen-feature probes (classification, segmentation, depth, LOST) of a backbone.")
     add_backbone_arguments(parser)
     parser.add_function_arguments(probe_options)
+    parser.add_class_arguments(ProbeDevice)
     parser.add_class_arguments(NeuronSearch, "register_neurons")
     parser.add_subclass_arguments(LightningDataModule, "data", required=False)
     parser.set_defaults(data=DEFAULT_DATA)
@@ -101,29 +123,39 @@ def _output_dir(cfg: Namespace, resolved: ResolvedBackbone) -> Path:
 
 
 def _add_test_time_register(
-    cfg: Namespace, model: VisionTransformer, datamodule: LightningDataModule, source: dict[str, Any], output_dir: Path
-) -> dict[str, Any]:
-    """Add the test-time register ``cfg`` asks for; return the summary keys that label the results.
+    cfg: Namespace,
+    model: VisionTransformer,
+    datamodule: LightningDataModule,
+    source: dict[str, Any],
+    where: ProbeDevice,
+) -> tuple[RegisterNeurons, dict[str, Any]]:
+    """Add the test-time register ``cfg`` asks for; return its neurons and the summary keys that label the results.
 
-    The register neurons are found on (``auto``) and measured on the first training images.
+    Rank 0 finds the register neurons (``auto``) on the first training images, on its device in
+    float32, and measures the model with them; every rank gets the same neurons.
     """
-    search = NeuronSearch(**cfg.register_neurons.as_dict())
-    dataset = frozen_dataset(datamodule, "train")
-    images = torch.stack([dataset[i]["image"] for i in range(min(search.num_images, len(dataset)))])
-    if cfg.test_time_registers == AUTO:
-        neurons = find_register_neurons(
-            model, images, search, model_name=str(source.get("checkpoint") or source.get("model_name"))
-        )
-    else:
-        neurons = RegisterNeurons.load(cfg.test_time_registers)
+    neurons, labels = None, {}
+    if where.is_main:
+        search = NeuronSearch(**cfg.register_neurons.as_dict())
+        dataset = frozen_dataset(datamodule, "train")
+        count = min(search.num_images, len(dataset))
+        images = torch.stack([dataset[i]["image"] for i in range(count)]).to(where.device)
+        if cfg.test_time_registers == AUTO:
+            name = str(source.get("checkpoint") or source.get("model_name"))
+            neurons = find_register_neurons(model, images, search, model_name=name)
+        else:
+            neurons = RegisterNeurons.load(cfg.test_time_registers)
+    neurons = where.broadcast(neurons)
     add_test_time_register(model, neurons)
-    neurons.save(output_dir / NEURONS_FILE)
-    moved = scan(model, images, threshold=Threshold(neurons.search.threshold, neurons.search.threshold_value))
-    print(
-        f"test-time register: {len(neurons.units)} register neurons; "
-        f"{moved.stats['artifacts/outlier_frac']:.2%} outliers left"
-    )
-    return {**summary_labels(neurons), **stats.summary_keys(moved.stats)}
+    if where.is_main:
+        threshold = Threshold(neurons.search.threshold, neurons.search.threshold_value)
+        moved = scan(model, images, threshold=threshold)
+        print(
+            f"test-time register: {len(neurons.units)} register neurons; "
+            f"{moved.stats['artifacts/outlier_frac']:.2%} outliers left"
+        )
+        labels = {**summary_labels(neurons), **stats.summary_keys(moved.stats)}
+    return neurons, labels
 
 
 def _check_sizes(model: VisionTransformer, datamodule: LightningDataModule) -> None:
@@ -147,34 +179,62 @@ def main(argv: list[str]) -> None:
         cfg = parser.parse_args(argv)
     init = parser.instantiate(cfg)
     datamodule, probe = init.data, init.probe
-    resolved = resolve_backbone(backbone_source(cfg), cfg.run, getattr(datamodule, "img_size", None))
+    where = ProbeDevice(accelerator=cfg.accelerator, devices=cfg.devices, precision=cfg.precision)
+    check_protocol_devices(probe, where)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # random weights and new registers: the same on every rank and in every run
+        resolved = resolve_backbone(backbone_source(cfg), cfg.run, getattr(datamodule, "img_size", None))
     model, source = resolved.model, resolved.description
     _check_sizes(model, datamodule)
     output_dir = _output_dir(cfg, resolved)
-    known = read_summary(output_dir)
-    identity = {"model_name": source.get("model_name"), "num_registers": source["num_registers"]}
-    if (
-        resolved.run_dir is not None and output_dir != resolved.run_dir
-    ):  # results of a run kept elsewhere still name its seed
-        identity["seed"] = read_summary(resolved.run_dir).get("seed")
-    update_summary(output_dir, {k: v for k, v in identity.items() if k not in known and v is not None})
-    if cfg.test_time_registers is not None:
-        update_summary(output_dir, _add_test_time_register(cfg, model, datamodule, source, output_dir))
-    report = run_probe(
-        ViTExtractor(model),
-        datamodule,
-        probe,
-        output_dir=output_dir,
-        patch_size=tuple(model.patch_embed.patch_size),
-        data_config=cfg.data.as_dict(),
-        use_cache=cfg.cache,
-        source=source,
-        dataset=cfg.dataset,
-    )
-    if cfg.test_time_registers is not None:  # a finished row of its own in a grid's report
+    extractor = ViTExtractor(model)
+    data_config = cfg.data.as_dict()
+    store = feature_store(extractor, output_dir, data_config, where.resolved_precision, cfg.cache)
+    plan = plan_probe(extractor, datamodule, probe, store, reuse=cfg.cache)
+    if cfg.dry_run:
+        print(f"probe plan of {resolved.name} (r{model.num_reg_tokens}) into {output_dir}; nothing is extracted")
+        print(plan.describe(where, cache_known=cfg.test_time_registers is None))
+        return
+    plan.check_disk_space()
+    where.launch()  # from here on, every rank runs
+    with where.stops_the_others_on_error():
+        model.to(where.device)
+        summary = _identity(output_dir, resolved)
+        neurons = None
+        if cfg.test_time_registers is not None:
+            neurons, labels = _add_test_time_register(cfg, model, datamodule, source, where)
+            summary.update(labels)
+        report = run_probe(
+            extractor,
+            datamodule,
+            probe,
+            output_dir=output_dir,
+            patch_size=tuple(model.patch_embed.patch_size),
+            data_config=data_config,
+            use_cache=cfg.cache,
+            source=source,
+            where=where,
+            plan=plan,
+            summary=summary,
+            dataset=cfg.dataset,
+        )
+    if report is None:  # another rank than 0: its share is extracted
+        return
+    if neurons is not None:  # a finished row of its own in a grid's report
+        neurons.save(output_dir / NEURONS_FILE)
         update_summary(output_dir, {"status": "complete"})
     for name, value in report.metrics.items():
         print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
     for probe_name, reason in report.skipped.items():
         print(f"skipped {probe_name}: {reason}")
     print(f"results: {output_dir / 'summary.json'}, {output_dir / 'probe.json'}")
+
+
+def _identity(output_dir: Path, resolved: ResolvedBackbone) -> dict[str, Any]:
+    """The summary keys that say which model the results are of (those the folder does not hold yet)."""
+    source = resolved.description
+    known = read_summary(output_dir)
+    identity = {"model_name": source.get("model_name"), "num_registers": source["num_registers"]}
+    if resolved.run_dir is not None and output_dir != resolved.run_dir:  # results kept elsewhere still name its seed
+        identity["seed"] = read_summary(resolved.run_dir).get("seed")
+    return {k: v for k, v in identity.items() if k not in known and v is not None}

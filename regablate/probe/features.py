@@ -1,17 +1,24 @@
-"""Frozen features of one data split, extracted in a single backbone pass.
+"""Frozen features of one data split, extracted in a single backbone pass on the probe's device.
 
-A :class:`FeatureSet` holds everything every probe needs, so no head ever runs the backbone
-again: the CLS token, the patch tokens on their grid, the last block's attention keys of the
-patches (for LOST) and the split's targets. Registers are dropped here, at the source: no
-tensor in a FeatureSet carries a register token, so no patch-level head can see one.
+What a split keeps is chosen per probe (``LinearProbe.fields``), out of these fields:
 
-Patch tensors are stored in float16 (half the memory and cache size; the heads compute in
-float32), whether or not they went through the cache, so cached and fresh runs agree exactly.
+* ``cls`` (D,) and ``mean_patch`` (D,), float32: the classification probe's inputs, pooled on the
+  device, so they cost 8 bytes per channel and image whatever the number of patches;
+* ``patches`` (h, w, D), float16: the patch tokens on their grid, for the dense probes only;
+* ``keys`` (h, w, Dk), float16: the last block's attention keys of the patches, where LOST runs;
+* the targets ``label``, ``mask``, ``depth``, ``box`` that the probes which run need.
+
+Registers are dropped at the source: no field carries a register token, so no patch-level head
+can see one. Patch tensors are float16 (half the memory and cache size; the heads compute in
+float32). :func:`extract_split` moves each batch to the device (pinned, non-blocking), runs the
+backbone under the device's autocast, and brings the kept fields back to host memory batch by
+batch while the next batch computes, straight into the feature store's files.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 from typing import Protocol
 
@@ -21,10 +28,13 @@ from torch import Tensor, nn
 
 from regablate.errors import RegablateError
 from regablate.models.backbone import extract_features
+from regablate.probe.cache import FieldSpec, RowWriter
+from regablate.probe.device import ProbeDevice
+from regablate.progress import Progress
 
-# Batch keys a probe may use as targets, and the probe that needs each.
+# Feature fields (computed by the backbone) and their stored dtypes; target fields come from the batches.
+FEATURE_DTYPES = {"cls": torch.float32, "mean_patch": torch.float32, "patches": torch.float16, "keys": torch.float16}
 TARGET_KEYS = ("label", "mask", "depth", "box")
-PATCH_DTYPE = torch.float16
 
 
 @dataclass
@@ -34,6 +44,12 @@ class BatchFeatures:
     cls: Tensor  # (B, D)
     patches: Tensor  # (B, h, w, D) patch tokens on their grid, after the final norm
     keys: Tensor  # (B, h, w, Dk) last-block attention keys of the patch tokens
+
+    def field(self, name: str) -> Tensor:
+        """Feature field ``name`` of the batch, in its stored dtype, computed where the batch is."""
+        if name == "mean_patch":
+            return self.patches.float().mean(dim=(1, 2))
+        return getattr(self, name).to(FEATURE_DTYPES[name])
 
 
 class Extractor(Protocol):
@@ -71,7 +87,7 @@ class ViTExtractor(nn.Module):
         keys, self._keys = self._keys, None
         assert keys is not None, "the attn.qkv hook did not run"
         grid = tuple(self.model.patch_embed.dynamic_feat_size(images.shape[-2:]))
-        return BatchFeatures(cls=tokens.cls, patches=_on_grid(tokens.patches, grid), keys=_on_grid(keys, grid))
+        return BatchFeatures(cls=tokens.pooled, patches=_on_grid(tokens.patches, grid), keys=_on_grid(keys, grid))
 
 
 def _on_grid(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -80,15 +96,15 @@ def _on_grid(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
 
 @dataclass
 class FeatureSet:
-    """Features and targets of one split; a target is ``None`` when the data lack it.
+    """The kept fields of one split, each (N, ...) or ``None`` where the probes that run need none.
 
-    ``cls`` (N, D) float32; ``patches`` (N, h, w, D) and ``keys`` (N, h, w, Dk) float16
-    (``keys`` only where LOST runs, else ``None``); ``label`` (N,); ``mask`` (N, H, W)
-    integer class ids; ``depth`` (N, H, W); ``box`` (N, 4) xyxy pixels.
+    ``mask`` holds integer class ids (uint8 where the classes fit), ``depth`` (N, H, W),
+    ``box`` (N, 4) xyxy pixels. Tensors read from the feature store are memory-mapped.
     """
 
-    cls: Tensor
-    patches: Tensor
+    cls: Tensor | None = None
+    mean_patch: Tensor | None = None
+    patches: Tensor | None = None
     keys: Tensor | None = None
     label: Tensor | None = None
     mask: Tensor | None = None
@@ -98,32 +114,69 @@ class FeatureSet:
     def to_dict(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
-    @property
-    def mean_patch(self) -> Tensor:
-        """The mean patch token (N, D), registers excluded."""
-        return self.patches.float().mean(dim=(1, 2))
+    def __len__(self) -> int:
+        present = self.to_dict()
+        return len(next(iter(present.values()))) if present else 0
 
 
-def extract_split(extractor: Extractor, batches: Iterable[dict[str, Tensor]], keep_keys: bool) -> FeatureSet:
-    """Run ``extractor`` once over ``batches``; keep its features and every target the batches carry."""
-    parts: dict[str, list[Tensor]] = {}
+def feature_specs(extractor: Extractor, image: Tensor, where: ProbeDevice | None = None) -> dict[str, FieldSpec]:
+    """The stored shape and dtype of every feature field, from one forward of ``image`` (3, H, W)."""
+    with _autocast(where):
+        out = extractor(image[None].to(where.device if where is not None else "cpu"))
+    return {name: FieldSpec(tuple(out.field(name).shape[1:]), dtype) for name, dtype in FEATURE_DTYPES.items()}
+
+
+def extract_split(
+    extractor: Extractor,
+    batches: Iterable[dict[str, Tensor]],
+    writers: dict[str, RowWriter],
+    first_row: int = 0,
+    where: ProbeDevice | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Run ``extractor`` once over ``batches``; store each batch's fields from row ``first_row`` on.
+
+    Only the fields ``writers`` name are kept (the backbone does not run when they are all
+    targets). On a GPU, a batch's fields are copied back into pinned host memory without blocking
+    and written while the next batch computes. Returns the number of samples stored.
+    """
+    device = where.device if where is not None else torch.device("cpu")
+    computed = [name for name in writers if name in FEATURE_DTYPES]
+    row, pending = first_row, None
     for batch in batches:
-        out = extractor(batch["image"])
-        found = {"cls": out.cls.float(), "patches": out.patches.to(PATCH_DTYPE)}
-        if keep_keys:
-            found["keys"] = out.keys.to(PATCH_DTYPE)
-        found.update({key: batch[key] for key in TARGET_KEYS if key in batch})
-        for key, value in found.items():
-            parts.setdefault(key, []).append(value.detach().cpu())
-    if not parts:
-        raise RegablateError("the split holds no samples: nothing to probe")
-    merged = {key: torch.cat(values) for key, values in parts.items()}
-    if "mask" in merged:
-        merged["mask"] = _compact_ids(merged["mask"])
-    return FeatureSet(**merged)
+        size = len(batch["image"])
+        host = {name: batch[name] for name in writers if name not in FEATURE_DTYPES}
+        if computed:
+            with _autocast(where):
+                out = extractor(batch["image"].to(device, non_blocking=True))
+            host.update({name: _to_host(out.field(name)) for name in computed})
+        ready = torch.cuda.Event() if device.type == "cuda" else None
+        if ready is not None:
+            ready.record()
+        if pending is not None:
+            _write(writers, *pending)
+        pending = (row, host, ready)
+        row += size
+        if progress is not None:
+            progress.update(size)
+    if pending is not None:
+        _write(writers, *pending)
+    return row - first_row
 
 
-def _compact_ids(mask: Tensor) -> Tensor:
-    """Class-id masks in uint8 where they fit (ADE20k, VOC, the synthetic scenes), int32 otherwise."""
-    fits = mask.numel() == 0 or (mask.min() >= 0 and mask.max() <= 255)
-    return mask.to(torch.uint8 if fits else torch.int32)
+def _autocast(where: ProbeDevice | None) -> AbstractContextManager:
+    return where.autocast() if where is not None else nullcontext()
+
+
+def _to_host(tensor: Tensor) -> Tensor:
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+def _write(writers: dict[str, RowWriter], row: int, host: dict[str, Tensor], ready: torch.cuda.Event | None) -> None:
+    if ready is not None:
+        ready.synchronize()
+    for name, values in host.items():
+        writers[name].write(row, torch.as_tensor(values))

@@ -197,10 +197,13 @@ def valid_depth(depth: Tensor) -> Tensor:
 
 
 def miou_metric(num_classes: int, ignore_index: int | None) -> MulticlassJaccardIndex:
-    """Dataset-level mIoU: per-class IoU from the confusion matrix summed over all images, averaged."""
-    return MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index)
+    """Dataset-level mIoU: per-class IoU from the confusion matrix summed over all images, averaged.
+
+    The heads are scored by one process (rank 0 of a probe's devices): no sync with other ranks.
+    """
+    return MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index, sync_on_compute=False)
 
 
 def rmse_metric() -> MeanSquaredError:
-    """Root mean squared error over all valid pixels of all images."""
-    return MeanSquaredError(squared=False)
+    """Root mean squared error over all valid pixels of all images (one process, like ``miou_metric``)."""
+    return MeanSquaredError(squared=False, sync_on_compute=False)

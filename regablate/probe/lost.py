@@ -1,7 +1,7 @@
 """LOST object discovery (Siméoni et al., BMVC 2021) on patch keys, and its CorLoc score.
 
 For each image, with ``A = K K^T`` the similarity of the last block's patch keys (registers
-and CLS excluded):
+and CLS excluded; LOST needs no class token, so ViTs without one are probed the same way):
 
 1. a patch's degree is how many patches it correlates positively with (``A > 0``); the seed
    is the patch of lowest degree (objects are smaller than the background, so a patch inside
@@ -41,7 +41,7 @@ def lost_seeds(similarity: Tensor) -> tuple[Tensor, Tensor]:
 def lost_foreground(similarity: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Foreground patches (B, P) from seed expansion among the ``k`` lowest-degree patches, and the seeds."""
     order, seed = lost_seeds(similarity)
-    batch = torch.arange(similarity.shape[0])
+    batch = torch.arange(similarity.shape[0], device=similarity.device)
     candidates = order[:, :k]
     similar = similarity[batch[:, None], seed[:, None], candidates] > 0  # (B, k)
     rows = similarity[batch[:, None], candidates]  # (B, k, P): each candidate's correlations
@@ -55,9 +55,10 @@ def seed_component(foreground: Tensor, seed: Tensor) -> Tensor:
     """The 4-connected component of ``foreground`` (B, h, w) that holds each image's ``seed`` (flat index)."""
     batch = foreground.shape[0]
     component = torch.zeros_like(foreground)
-    component.view(batch, -1)[torch.arange(batch), seed] = True
+    component.view(batch, -1)[torch.arange(batch, device=seed.device), seed] = True
+    cross = _CROSS.to(foreground.device)
     while True:
-        grown = (F.conv2d(component[:, None].float(), _CROSS, padding=1)[:, 0] > 0) & foreground
+        grown = (F.conv2d(component[:, None].float(), cross, padding=1)[:, 0] > 0) & foreground
         if torch.equal(grown, component):
             return component
         component = grown
@@ -75,7 +76,7 @@ def lost_boxes(keys: Tensor, patch_size: tuple[int, int], k: int = 100) -> Tenso
     batch, height, width, _ = keys.shape
     foreground, seed = lost_foreground(key_similarity(keys.reshape(batch, height * width, -1)), k)
     component = seed_component(foreground.view(batch, height, width), seed)
-    scale = torch.tensor([patch_size[1], patch_size[0], patch_size[1], patch_size[0]], dtype=torch.float32)
+    scale = torch.tensor([patch_size[1], patch_size[0], patch_size[1], patch_size[0]], device=keys.device).float()
     return mask_boxes(component) * scale
 
 

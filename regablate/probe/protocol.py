@@ -4,6 +4,17 @@ Given the :class:`FeatureSet` of train, val and test, it trains every head on tr
 reports on test: classification (a grid of linear heads on CLS and on CLS + mean patch,
 best on val), segmentation (mIoU), depth (RMSE) and LOST object discovery (CorLoc, no
 training). A probe whose targets the data lack is skipped with a reason, the others run.
+
+Data without a test split (ImageNet: ``test_split: null``) are scored on val: the heads train on
+train, the classifier's learning rate is picked on val, and every score is the val score, under
+keys that say so (``probe/cls_val_top1``, ``probe/seg_val_miou``, ``probe/depth_val_rmse``,
+``probe/lost_val_corloc``; no ``probe/cls_top1``); ``probe.json`` records ``scored_on: val``.
+Val is never extracted twice. (``--data.init_args.test_split validation`` makes val the test split
+explicitly, for the test keys.)
+
+The heads run on the probe's device; the features stay in host memory (memory-mapped from the
+feature store) and each mini-batch is gathered there and moved over, so no split has to fit in
+the device's memory or be copied whole.
 """
 
 from __future__ import annotations
@@ -16,7 +27,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.classification import multiclass_accuracy
 
 from regablate.errors import RegablateError
 from regablate.probe.dinov2.settings import DINOv2Settings
@@ -44,8 +54,21 @@ CLS_FEATURES = ("cls", "cls+mean")
 PROBES = ("cls", "seg", "depth", "lost")
 # The targets each probe needs in the data.
 NEEDS = {"cls": "label", "seg": "mask", "depth": "depth", "lost": "box"}
+# The fields each probe reads, by the role of the split: "train" fits its head, "select" picks the
+# classifier's learning rate (val), "score" gives the reported numbers (test, else val).
+READS = {
+    "cls": dict.fromkeys(("train", "select", "score"), ("cls", "mean_patch", "label")),
+    "seg": dict.fromkeys(("train", "score"), ("patches", "mask")),
+    "depth": dict.fromkeys(("train", "score"), ("patches", "cls", "depth")),
+    "lost": {"score": ("keys", "box")},
+}
 CLASSIFY_CHUNK = 4096  # samples per evaluation step of the classifier grid
-DENSE_CHUNK = 256  # images per evaluation step of the segmentation and depth heads
+DENSE_BYTES = 256 * 2**20  # budget of the upsampled logits of one evaluation step of a dense head
+
+
+def role_splits(scored_on: str) -> dict[str, str]:
+    """Which split plays each role: train, select (val) and score (``scored_on``: test, or val without one)."""
+    return {"train": "train", "select": "val", "score": scored_on}
 
 
 @dataclass
@@ -62,8 +85,9 @@ class LinearProbe:
     """Frozen-feature probes: ``fast`` (heads on cached features, this class) or ``dinov2`` (DINOv2's protocols).
 
     ``protocol: dinov2`` runs ``regablate.probe.dinov2`` with the ``dinov2`` settings for the
-    classification, segmentation and depth probes; ``probes``, ``ignore_index``, ``seed`` and the
-    LOST settings apply to both protocols, the other settings here to ``fast`` only.
+    classification, segmentation and depth probes (the backbone in the loop, nothing cached); LOST
+    trains nothing and has one protocol, this one, under both. ``probes``, ``ignore_index``, ``seed``
+    and ``lost_k`` apply to both protocols, the other settings here to ``fast`` only.
 
     Args:
         protocol: fast (cached features, the CPU grid's default) or dinov2 (DINOv2's protocols, the paper's).
@@ -110,15 +134,31 @@ class LinearProbe:
             if getattr(self, name) < 1:
                 raise RegablateError(f"{name} must be at least 1, got {getattr(self, name)}")
 
+    @property
+    def cached_probes(self) -> list[str]:
+        """The probes that run here, on cached features: all under ``fast``, LOST only under ``dinov2``."""
+        return [probe for probe in self.probes if self.protocol == "fast" or probe == "lost"]
+
     def schedule(self, steps: int) -> Schedule:
         return Schedule(steps=steps, batch_size=self.batch_size, seed=self.seed)
 
-    def missing_targets(self, splits: dict[str, FeatureSet]) -> dict[str, str]:
-        """Probes that cannot run on these splits -> why (the LOST probe needs test boxes only)."""
+    def fields(self, split: str, scored_on: str, skipped: Sequence[str] = ()) -> set[str]:
+        """The fields ``split`` must hold for the cached probes that run (all but ``skipped``)."""
+        return {
+            name
+            for probe in self.cached_probes
+            if probe not in skipped
+            for role, names in READS[probe].items()
+            if role_splits(scored_on)[role] == split
+            for name in names
+        }
+
+    def missing_targets(self, targets: dict[str, set[str]], scored_on: str) -> dict[str, str]:
+        """Probes that cannot run -> why, given the targets each split carries (``targets``)."""
         skipped = {}
-        for probe in self.probes:
-            needed = ("test",) if probe == "lost" else ("train", "val", "test")
-            lacking = [s for s in needed if getattr(splits[s], NEEDS[probe]) is None]
+        for probe in self.cached_probes:
+            needed = sorted({role_splits(scored_on)[role] for role in READS[probe]}, key=["train", "val", "test"].index)
+            lacking = [split for split in needed if NEEDS[probe] not in targets.get(split, set())]
             if lacking:
                 skipped[probe] = f"the data have no '{NEEDS[probe]}' in {', '.join(lacking)}"
         return skipped
@@ -130,51 +170,71 @@ class LinearProbe:
         patch_size: tuple[int, int],
         num_classes: int | None = None,
         num_seg_classes: int | None = None,
+        scored_on: str | None = None,
+        device: torch.device | str = "cpu",
     ) -> ProbeReport:
-        """Train and score every probe the data allow; ``splits`` maps train/val/test to features."""
-        report = ProbeReport(skipped=self.missing_targets(splits))
+        """Train and score every probe the data allow on ``device``.
+
+        ``splits`` maps train, val and test to their features (only the splits the probes read);
+        ``scored_on`` is test, or val for data without a test split (default: test when given).
+        """
+        device = torch.device(device)
+        scored_on = scored_on or ("test" if "test" in splits else "val")
+        targets = {name: {k for k in NEEDS.values() if getattr(split, k) is not None} for name, split in splits.items()}
+        report = ProbeReport(skipped=self.missing_targets(targets, scored_on))
         for probe, reason in report.skipped.items():
             log.warning("skipping the %s probe: %s", probe, reason)
-        train, val, test = splits["train"], splits["val"], splits["test"]
-        with torch.random.fork_rng():
+        train, val, score = splits.get("train"), splits.get("val"), splits.get(scored_on)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)
-            for probe in self.probes:
+            for probe in self.cached_probes:
                 if probe in report.skipped:
                     continue
                 if probe == "cls":
-                    self._classify(train, val, test, num_classes, report)
+                    self._classify(train, val, splits.get("test"), num_classes, report, device)
                 elif probe == "seg":
-                    self._segment(train, test, num_seg_classes, report)
+                    self._segment(train, score, num_seg_classes, scored_on, report, device)
                 elif probe == "depth":
-                    self._depth(train, test, report)
+                    self._depth(train, score, scored_on, report, device)
                 else:
-                    self.lost(test, patch_size, report)
-        report.metrics["probe/protocol"] = "fast"
-        settings = {k: v for k, v in asdict(self).items() if k != "dinov2"}
+                    self._lost(score, patch_size, scored_on, report, device)
+        report.protocol["scored_on"] = scored_on
+        if scored_on == "val":
+            report.protocol["scored_on_why"] = (
+                "the data have no test split: heads trained on train, every score (and the classifier's lr) on val"
+            )
+        report.metrics["probe/protocol"] = self.protocol
+        settings = {k: v for k, v in asdict(self).items() if k != "dinov2"}  # the dinov2 runner records its own
         report.protocol["settings"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in settings.items()}
         return report
 
     def _classify(
-        self, train: FeatureSet, val: FeatureSet, test: FeatureSet, num_classes: int | None, report: ProbeReport
+        self,
+        train: FeatureSet,
+        val: FeatureSet,
+        test: FeatureSet | None,
+        num_classes: int | None,
+        report: ProbeReport,
+        device: torch.device,
     ) -> None:
-        classes = num_classes or int(max(s.label.max() for s in (train, val, test))) + 1
-        inputs = {name: _classifier_inputs(split) for name, split in (("train", train), ("val", val), ("test", test))}
-        grid = LinearClassifierGrid(len(CLS_FEATURES), inputs["train"].shape[-1], classes, self.lrs)
+        labelled = [s for s in (train, val, test) if s is not None]
+        classes = num_classes or max(int(_chunked_max(s.label)) for s in labelled) + 1
+        width = train.cls.shape[-1] + train.mean_patch.shape[-1]
+        grid = LinearClassifierGrid(len(CLS_FEATURES), width, classes, self.lrs).to(device)
         optimizer = torch.optim.SGD(grid.parameters(), lr=1.0, momentum=0.9, fused=True)
-        labels = train.label.long()
         train_head(
             optimizer,
-            lambda idx: grid.loss(inputs["train"][:, idx], labels[idx]),
-            len(labels),
+            lambda idx: grid.loss(_classifier_inputs(train, idx, device), train.label[idx].to(device).long()),
+            len(train),
             self.schedule(self.cls_steps),
         )
-        val_top1 = _grid_accuracy(grid, inputs["val"], val.label.long(), classes)
+        val_top1 = _grid_accuracy(grid, val, device)
         best = int(val_top1.flatten().argmax())
         group, lr_index = divmod(best, len(self.lrs))
-        test_top1 = _grid_accuracy(grid, inputs["test"], test.label.long(), classes)[group, lr_index]
+        if test is not None:
+            report.metrics["probe/cls_top1"] = float(_grid_accuracy(grid, test, device)[group, lr_index])
         report.metrics.update(
             {
-                "probe/cls_top1": float(test_top1),
                 "probe/cls_val_top1": float(val_top1[group, lr_index]),
                 "probe/cls_lr": float(self.lrs[lr_index]),
                 "probe/cls_features": CLS_FEATURES[group],
@@ -190,30 +250,45 @@ class LinearProbe:
             "val_top1": {f: dict(zip(map(str, self.lrs), val_top1[g].tolist())) for g, f in enumerate(CLS_FEATURES)},
         }
 
-    def _segment(self, train: FeatureSet, test: FeatureSet, num_seg_classes: int | None, report: ProbeReport) -> None:
+    def _segment(
+        self,
+        train: FeatureSet,
+        score: FeatureSet,
+        num_seg_classes: int | None,
+        scored_on: str,
+        report: ProbeReport,
+        device: torch.device,
+    ) -> None:
         classes = num_seg_classes or _count_mask_classes(train.mask, self.ignore_index)
-        head = SegmentationHead(train.patches.shape[-1], classes)
+        head = SegmentationHead(train.patches.shape[-1], classes).to(device)
         ignore = -100 if self.ignore_index is None else self.ignore_index
         pixels = PixelSampler(tuple(train.mask.shape[-2:]))
 
         def loss_of(idx: Tensor) -> Tensor:
-            logits = head.logits(train.patches[idx])
+            logits = head.logits(train.patches[idx].to(device, non_blocking=True))
             ys, xs = pixels.draw(len(idx), self.pixels_per_image)
-            labels = train.mask[idx[:, None], ys, xs].long()
+            labels = train.mask[idx[:, None], ys, xs].to(device).long()
             if not (labels != ignore).any():  # no labelled pixel drawn: nothing to learn from
                 return logits.sum() * 0.0
-            return F.cross_entropy(pixels(logits, ys, xs).flatten(0, 1), labels.flatten(), ignore_index=ignore)
+            sampled = pixels(logits, ys.to(device), xs.to(device))
+            return F.cross_entropy(sampled.flatten(0, 1), labels.flatten(), ignore_index=ignore)
 
         optimizer = torch.optim.AdamW(head.parameters(), lr=self.seg_lr, weight_decay=1e-4, fused=True)
         head.train()
-        train_head(optimizer, loss_of, len(train.mask), self.schedule(self.seg_steps))
+        train_head(optimizer, loss_of, len(train), self.schedule(self.seg_steps))
         head.eval()
-        miou = miou_metric(classes, self.ignore_index)
+        size = tuple(score.mask.shape[-2:])
+        miou = miou_metric(classes, self.ignore_index).to(device)
         with torch.no_grad():
-            for idx in chunks(len(test.mask), DENSE_CHUNK):
-                miou.update(head(test.patches[idx], tuple(test.mask.shape[-2:])).argmax(dim=1), test.mask[idx].long())
+            for idx in chunks(len(score), _dense_chunk(classes, size)):
+                logits = head(score.patches[idx].to(device, non_blocking=True), size)
+                miou.update(logits.argmax(dim=1), score.mask[idx].to(device).long())
         report.metrics.update(
-            {"probe/seg_miou": float(miou.compute()), "probe/seg_lr": self.seg_lr, "probe/seg_steps": self.seg_steps}
+            {
+                scored_key("seg", "miou", scored_on): float(miou.compute()),
+                "probe/seg_lr": self.seg_lr,
+                "probe/seg_steps": self.seg_steps,
+            }
         )
         report.protocol["seg"] = {
             "features": "patch tokens",
@@ -226,36 +301,49 @@ class LinearProbe:
             "optimizer": "AdamW weight decay 1e-4, cosine",
         }
 
-    def _depth(self, train: FeatureSet, test: FeatureSet, report: ProbeReport) -> None:
-        known = train.depth[valid_depth(train.depth)]
-        if known.numel() == 0:
+    def _depth(
+        self, train: FeatureSet, score: FeatureSet, scored_on: str, report: ProbeReport, device: torch.device
+    ) -> None:
+        for split, depth in (("train", train.depth), (scored_on, score.depth)):
+            invalid = sum(int((~valid_depth(part)).sum()) for part in depth.split(256))
+            log.info(
+                "depth: %d of %d %s pixels invalid (missing or out of range): never scored",
+                invalid,
+                depth.numel(),
+                split,
+            )
+        depth_range = _valid_depth_range(train.depth)
+        if depth_range is None:
             report.skipped["depth"] = "the train split has no valid (finite, positive) depth"
             log.warning("skipping the depth probe: %s", report.skipped["depth"])
             return
-        low, high = float(known.min()), float(known.max())
-        head = DepthHead(train.patches.shape[-1], train.cls.shape[-1], linear_bin_centres(low, high, self.depth_bins))
+        low, high = depth_range
+        centres = linear_bin_centres(low, high, self.depth_bins)
+        head = DepthHead(train.patches.shape[-1], train.cls.shape[-1], centres).to(device)
         pixels = PixelSampler(tuple(train.depth.shape[-2:]))
 
         def loss_of(idx: Tensor) -> Tensor:
-            depth = head.depth(train.patches[idx], train.cls[idx])
+            depth = head.depth(train.patches[idx].to(device, non_blocking=True), train.cls[idx].to(device))
             ys, xs = pixels.draw(len(idx), self.pixels_per_image)
-            target = train.depth[idx[:, None], ys, xs]
+            target = train.depth[idx[:, None], ys, xs].to(device)
             valid = valid_depth(target)
             if not valid.any():  # no pixel with a depth drawn
                 return depth.sum() * 0.0
-            return F.mse_loss(pixels(depth, ys, xs)[valid], target[valid])
+            return F.mse_loss(pixels(depth, ys.to(device), xs.to(device))[valid], target[valid])
 
         optimizer = torch.optim.AdamW(head.parameters(), lr=self.depth_lr, weight_decay=1e-4, fused=True)
-        train_head(optimizer, loss_of, len(train.depth), self.schedule(self.depth_steps))
-        rmse = rmse_metric()
+        train_head(optimizer, loss_of, len(train), self.schedule(self.depth_steps))
+        rmse = rmse_metric().to(device)
+        size = tuple(score.depth.shape[-2:])
         with torch.no_grad():
-            for idx in chunks(len(test.depth), DENSE_CHUNK):
-                target = test.depth[idx]
+            for idx in chunks(len(score), _dense_chunk(1, size)):
+                target = score.depth[idx].to(device)
                 valid = valid_depth(target)
-                rmse.update(head(test.patches[idx], test.cls[idx], tuple(target.shape[-2:]))[valid], target[valid])
+                predicted = head(score.patches[idx].to(device), score.cls[idx].to(device), size)
+                rmse.update(predicted[valid], target[valid])
         report.metrics.update(
             {
-                "probe/depth_rmse": float(rmse.compute()),
+                scored_key("depth", "rmse", scored_on): float(rmse.compute()),
                 "probe/depth_lr": self.depth_lr,
                 "probe/depth_steps": self.depth_steps,
                 "probe/depth_bins": self.depth_bins,
@@ -271,14 +359,19 @@ class LinearProbe:
             "optimizer": "AdamW weight decay 1e-4, cosine",
         }
 
-    def lost(self, test: FeatureSet, patch_size: tuple[int, int], report: ProbeReport) -> None:
-        """LOST on the test features into ``report`` (no training: the same under either protocol)."""
-        if test.keys is None:
+    def _lost(
+        self, score: FeatureSet, patch_size: tuple[int, int], scored_on: str, report: ProbeReport, device: torch.device
+    ) -> None:
+        if score.keys is None:
             report.skipped["lost"] = "the features hold no attention keys"
             log.warning("skipping the lost probe: %s", report.skipped["lost"])
             return
-        boxes = torch.cat([lost_boxes(test.keys[idx], patch_size, self.lost_k) for idx in chunks(len(test.box), 256)])
-        report.metrics.update({"probe/lost_corloc": corloc(boxes, test.box.float()), "probe/lost_k": self.lost_k})
+        boxes = torch.cat(
+            [lost_boxes(score.keys[idx].to(device), patch_size, self.lost_k).cpu() for idx in chunks(len(score), 256)]
+        )
+        report.metrics.update(
+            {scored_key("lost", "corloc", scored_on): corloc(boxes, score.box.float()), "probe/lost_k": self.lost_k}
+        )
         report.protocol["lost"] = {
             "features": "last-block keys of the patch tokens (heads concatenated)",
             "k": self.lost_k,
@@ -286,28 +379,59 @@ class LinearProbe:
         }
 
 
-def _classifier_inputs(split: FeatureSet) -> Tensor:
-    """(2, N, 2D): CLS zero-padded to the width of [CLS, mean patch], then [CLS, mean patch]."""
-    both = torch.cat([split.cls, split.mean_patch], dim=-1)
-    return torch.stack([F.pad(split.cls, (0, both.shape[-1] - split.cls.shape[-1])), both])
+def scored_key(probe: str, metric: str, scored_on: str) -> str:
+    """``probe/<probe>_<metric>`` for test scores, ``probe/<probe>_val_<metric>`` for val scores."""
+    return f"probe/{probe}_{metric}" if scored_on == "test" else f"probe/{probe}_val_{metric}"
+
+
+def _classifier_inputs(split: FeatureSet, idx: Tensor, device: torch.device) -> Tensor:
+    """(2, B, 2D) on ``device``: CLS zero-padded to the width of [CLS, mean patch], then [CLS, mean patch]."""
+    cls = split.cls[idx].to(device, non_blocking=True).float()
+    both = torch.cat([cls, split.mean_patch[idx].to(device, non_blocking=True).float()], dim=-1)
+    return torch.stack([F.pad(cls, (0, both.shape[-1] - cls.shape[-1])), both])
 
 
 @torch.no_grad()
-def _grid_accuracy(grid: LinearClassifierGrid, inputs: Tensor, labels: Tensor, classes: int) -> Tensor:
-    """Top-1 of every head (G, L); a head whose logits are not finite (diverged) scores -1."""
-    logits = torch.cat([grid(inputs[:, idx]) for idx in chunks(len(labels), CLASSIFY_CHUNK)], dim=2)
-    scores = torch.empty(logits.shape[:2])
-    for g in range(logits.shape[0]):
-        for lr in range(logits.shape[1]):
-            head = logits[g, lr]
-            finite = bool(torch.isfinite(head).all())
-            scores[g, lr] = multiclass_accuracy(head, labels, classes, average="micro") if finite else -1.0
-    return scores
+def _grid_accuracy(grid: LinearClassifierGrid, split: FeatureSet, device: torch.device) -> Tensor:
+    """Top-1 (the share of samples whose highest logit is their label) of every head (G, L), chunk by chunk;
+    a head whose logits are not finite (diverged) scores -1."""
+    correct = torch.zeros(grid.weight.shape[:2], dtype=torch.long, device=device)
+    finite = torch.ones(grid.weight.shape[:2], dtype=torch.bool, device=device)
+    for idx in chunks(len(split), CLASSIFY_CHUNK):
+        logits = grid(_classifier_inputs(split, idx, device))  # (G, L, B, C)
+        correct += (logits.argmax(dim=-1) == split.label[idx].to(device)).sum(dim=-1)
+        finite &= torch.isfinite(logits).flatten(2).all(dim=-1)
+    return torch.where(finite, correct / len(split), -1.0).cpu()
+
+
+def _dense_chunk(channels: int, size: tuple[int, int]) -> int:
+    """Images per evaluation step of a dense head whose upsampled float32 output fits ``DENSE_BYTES``."""
+    return max(1, DENSE_BYTES // (channels * size[0] * size[1] * 4))
+
+
+def _chunked_max(values: Tensor, chunk: int = 1 << 16) -> Tensor:
+    return torch.stack([part.max() for part in values.split(chunk)]).max()
 
 
 def _count_mask_classes(mask: Tensor, ignore_index: int | None) -> int:
-    values = mask.unique().long()
-    values = values[values != ignore_index] if ignore_index is not None else values
-    if values.numel() == 0:
+    """1 + the largest class id in the train masks (chunk by chunk: masks may be memory-mapped)."""
+    largest = -1
+    for part in mask.split(256):
+        values = part.long()
+        if ignore_index is not None:
+            values = values[values != ignore_index]
+        if values.numel():
+            largest = max(largest, int(values.max()))
+    if largest < 0:
         raise RegablateError("the train masks hold no labelled pixel")
-    return int(values.max()) + 1
+    return largest + 1
+
+
+def _valid_depth_range(depth: Tensor) -> tuple[float, float] | None:
+    """(min, max) of the valid depths (chunk by chunk), or None when there is none."""
+    low, high = float("inf"), float("-inf")
+    for part in depth.split(256):
+        known = part[valid_depth(part)]
+        if known.numel():
+            low, high = min(low, float(known.min())), max(high, float(known.max()))
+    return (low, high) if low <= high else None

@@ -1,13 +1,15 @@
 """``regablate sweep GRID.yaml``: run every point of a register-count grid, then write its report.
 
     regablate sweep configs/fig8/cpu.yaml                       # the whole CPU grid, then the report
-    regablate sweep configs/fig8/cpu.yaml --dry_run true        # the plan: runs, their state, commands
+    regablate sweep configs/fig8/cpu.yaml --dry_run true        # the plan, and each stage's data checked
     regablate sweep configs/fig8/cpu.yaml --only num_registers=4 --only seed_everything=0
     regablate sweep configs/fig8/paper.yaml --devices_per_run 8 --launcher slurm
 
 Runs land in ``<output>/<grid name>/<run>/``. Finished stages are never re-run, an interrupted
 run resumes from ``last.ckpt``, a failed run is recorded and the others go on; the command
 exits non-zero at the end when any run failed. Run the same command again to finish a grid.
+Before anything runs, a preflight checks every stage's data from metadata (``sweep.preflight``)
+and refuses to start a grid whose later stage could not load its data.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from regablate.report.command import write_report
 from regablate.runs import write_text_atomic
 from regablate.sweep.grid import Grid, Stage, load_grid
 from regablate.sweep.launch import LocalLauncher, RunJob, SlurmLauncher, device_slots, stage_command
+from regablate.sweep.preflight import StageReport, refusal
+from regablate.sweep.preflight import preflight as check_stages
 from regablate.sweep.resolve import resolve_config
 from regablate.sweep.state import CONFIG_FILE, LOG_FILE, mark_finished, mark_running
 
@@ -47,6 +51,7 @@ def sweep(
     launcher: Literal["local", "slurm"] = "local",
     dry_run: bool = False,
     report: bool = True,
+    preflight: bool = True,
 ) -> None:
     """Run a register-count grid (see configs/fig8/): every run, its probes, then the Figure 8 report.
 
@@ -57,8 +62,9 @@ def sweep(
         max_parallel: runs at once (default: the grid's, else 1).
         devices_per_run: devices of each run (sets trainer.devices; GPUs are packed per run).
         launcher: local processes, or Slurm jobs through submitit.
-        dry_run: print the plan, run nothing.
+        dry_run: print the plan and the preflight, run nothing.
         report: write the report when the runs end.
+        preflight: check every stage's data (metadata only) first; refuse to start if one cannot load.
     """
     only = list(only or [])
     loaded = load_grid(grid)
@@ -69,8 +75,18 @@ def sweep(
     devices_per_run = devices_per_run or loaded.launcher.get("devices_per_run")
     experiment = Path(output) / loaded.name
     plan = make_plan(loaded, runs, experiment, devices_per_run)
+    started = time.perf_counter()
+    pending = {job.run.name: job.pending_stages() for job in plan.jobs}
+    reports = check_stages(loaded, plan.resolved, pending) if preflight else []
+    seconds = time.perf_counter() - started
     if dry_run:
         print_plan(loaded, plan, experiment, max_parallel, devices_per_run, launcher)
+    refused = refusal(reports)
+    if dry_run or refused is not None:
+        print_preflight(reports, seconds)
+    if refused is not None:
+        raise refused
+    if dry_run:
         return
     write_configs(plan)
     progress = Progress(total=len(plan.jobs) + len(plan.complete) + len(plan.invalid), done=len(plan.complete))
@@ -155,6 +171,14 @@ def make_plan(grid: Grid, runs: list, experiment: Path, devices_per_run: int | N
             continue
         plan.jobs.append(job)
     return plan
+
+
+def print_preflight(reports: list[StageReport], seconds: float) -> None:
+    """One line per stage: what the preflight could and could not check."""
+    if reports:
+        print(f"preflight: each stage's data, from metadata (no image read) in {seconds:.2f} s")
+        for report in reports:
+            print(report.line())
 
 
 def write_configs(plan: Plan) -> None:

@@ -19,7 +19,13 @@ A grid file has a top-level ``grid:`` key::
       report: {images: null, num_images: 2, paper: false}
 
 An axis named by a dotted key takes a list of values; any key works, so a new backbone option
-(``model.init_args.test_time_registers``) becomes an axis without code changes.
+becomes an axis without code changes.
+
+A grid may extend another (``extends: paper.yaml``): it runs the other grid's stages with its own
+name, and what it gives is merged over the other's: ``overrides``, ``launcher`` and ``report`` key
+by key, ``axes`` axis by axis, ``base`` replaced when given; ``stage_args`` changes single flags of
+named stages (``{probe_cls: {--probe.cls_steps: 20}}``; null removes a flag). A rehearsal of a
+cluster grid is written this way, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -38,7 +44,18 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 STAGE_COMMANDS = (*LIGHTNING_COMMANDS, "probe", "inspect")
 # Short run-name prefixes of the two axes every Figure 8 grid has.
 NAME_PREFIXES = {"model.init_args.num_registers": "r", "seed_everything": "s"}
-GRID_KEYS = {"name", "base", "overrides", "axes", "stages", "launcher", "report", "description"}
+GRID_KEYS = {
+    "name",
+    "base",
+    "overrides",
+    "axes",
+    "stages",
+    "launcher",
+    "report",
+    "description",
+    "extends",
+    "stage_args",
+}
 LAUNCHER_KEYS = {"max_parallel", "devices_per_run", "slurm"}
 REPORT_KEYS = {"images", "num_images", "paper", "enabled"}
 
@@ -90,10 +107,18 @@ def is_grid_file(data: Any) -> bool:
 
 
 def load_grid(path: str | Path) -> Grid:
-    """Read and check a grid file and expand its axes (errors name the file and the key)."""
-    path = Path(path)
+    """Read and check a grid file (and the grid it extends) and expand its axes (errors name the file and the key)."""
+    grid = _read_grid(Path(path), seen=())
+    grid.runs = expand(grid.axes, grid.overrides)
+    return grid
+
+
+def _read_grid(path: Path, seen: tuple[Path, ...]) -> Grid:
+    """One grid file as a Grid (no runs yet), every path in it made absolute, merged over what it extends."""
     if not path.is_file():
         raise RegablateError(f"grid file not found: {path}")
+    if path.resolve() in seen:
+        raise RegablateError(f"{path}: grid.extends goes round in a circle: {' -> '.join(map(str, seen))}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -102,29 +127,92 @@ def load_grid(path: str | Path) -> Grid:
         raise RegablateError(f"{path} is not a grid file: it needs a top-level 'grid:' mapping (see configs/fig8/)")
     spec = data["grid"]
     _check_keys(path, "grid", spec, GRID_KEYS)
-    for required in ("name", "base", "axes", "stages"):
-        if required not in spec:
-            raise RegablateError(f"{path}: grid.{required} is missing")
-    base = [(path.parent / p).resolve() for p in _as_list(spec["base"])]
-    for config in base:
-        if not config.is_file():
-            raise RegablateError(f"{path}: base config not found: {config}")
     launcher = spec.get("launcher") or {}
     report = spec.get("report") or {}
     _check_keys(path, "grid.launcher", launcher, LAUNCHER_KEYS)
     _check_keys(path, "grid.report", report, REPORT_KEYS)
-    grid = Grid(
+    if report.get("images"):
+        report = {**report, "images": str((path.parent / report["images"]).resolve())}
+    if "extends" not in spec:
+        if "stage_args" in spec:
+            raise RegablateError(
+                f"{path}: grid.stage_args changes the stages of the grid it extends; give grid.extends"
+            )
+        for required in ("name", "base", "axes", "stages"):
+            if required not in spec:
+                raise RegablateError(f"{path}: grid.{required} is missing")
+        return Grid(
+            path=path,
+            name=str(spec["name"]),
+            base=_base_configs(path, spec["base"]),
+            overrides=dict(spec.get("overrides") or {}),
+            axes=_check_axes(path, spec["axes"]),
+            stages=_parse_stages(path, spec["stages"]),
+            launcher=launcher,
+            report=report,
+        )
+    if "stages" in spec:
+        raise RegablateError(
+            f"{path}: a grid that extends another runs its stages; change their arguments with grid.stage_args"
+        )
+    if "name" not in spec:
+        raise RegablateError(f"{path}: grid.name is missing (an extending grid writes its own experiment folder)")
+    parent = _read_grid((path.parent / str(spec["extends"])).resolve(), seen=(*seen, path.resolve()))
+    axes = {**parent.axes, **_check_axes(path, spec["axes"])} if "axes" in spec else parent.axes
+    slurm = {**(parent.launcher.get("slurm") or {}), **(launcher.get("slurm") or {})}
+    return Grid(
         path=path,
         name=str(spec["name"]),
-        base=base,
-        overrides=dict(spec.get("overrides") or {}),
-        axes=_check_axes(path, spec["axes"]),
-        stages=_parse_stages(path, spec["stages"]),
-        launcher=launcher,
-        report=report,
+        base=_base_configs(path, spec["base"]) if "base" in spec else parent.base,
+        overrides={**parent.overrides, **(spec.get("overrides") or {})},
+        axes=axes,
+        stages=_changed_stages(path, parent.stages, spec.get("stage_args") or {}),
+        launcher={**parent.launcher, **launcher, **({"slurm": slurm} if slurm else {})},
+        report={**parent.report, **report},
     )
-    grid.runs = expand(grid.axes, grid.overrides)
-    return grid
+
+
+def _base_configs(path: Path, base: Any) -> list[Path]:
+    configs = [(path.parent / p).resolve() for p in _as_list(base)]
+    for config in configs:
+        if not config.is_file():
+            raise RegablateError(f"{path}: base config not found: {config}")
+    return configs
+
+
+def _changed_stages(path: Path, stages: list[Stage], changes: Any) -> list[Stage]:
+    """``stages`` with ``changes`` (``{stage: {flag: value}}``) applied: each flag's value replaced,
+    added when the stage lacks the flag, or removed with its value when the new value is null."""
+    if not isinstance(changes, dict):
+        raise RegablateError(f"{path}: grid.stage_args maps stage names to {{--flag: value}} mappings")
+    names = [stage.name for stage in stages]
+    unknown = sorted(set(changes) - set(names))
+    if unknown:
+        raise RegablateError(f"{path}: grid.stage_args names no stage {', '.join(unknown)}; stages: {', '.join(names)}")
+    changed = []
+    for stage in stages:
+        args = list(stage.args)
+        flags = changes.get(stage.name) or {}
+        if not isinstance(flags, dict):
+            raise RegablateError(f"{path}: grid.stage_args.{stage.name} must map flags to values")
+        for flag, value in flags.items():
+            index = args.index(flag) if flag in args else None
+            if value is None:
+                if index is not None:
+                    del args[index : index + 2]
+                continue
+            text = _grid_dir(path, value)
+            if index is None:
+                args += [flag, text]
+            else:
+                args[index + 1] = text
+        changed.append(Stage(stage.name, stage.command, tuple(args)))
+    return changed
+
+
+def _grid_dir(path: Path, value: Any) -> str:
+    """A stage argument as text, with ``{grid_dir}`` (the folder of the file that names it) filled in."""
+    return str(value).replace("{grid_dir}", str(path.parent.resolve()))
 
 
 def expand(axes: dict[str, Any], overrides: dict[str, Any]) -> list[PlannedRun]:
@@ -197,7 +285,7 @@ def _parse_stages(path: Path, stages: Any) -> list[Stage]:
         command = entry["command"]
         if command not in STAGE_COMMANDS:
             raise RegablateError(f"{path}: unknown stage command {command!r}; use {', '.join(STAGE_COMMANDS)}")
-        args = tuple(str(arg).replace("{grid_dir}", str(path.parent.resolve())) for arg in entry.get("args") or ())
+        args = tuple(_grid_dir(path, arg) for arg in entry.get("args") or ())
         parsed.append(Stage(str(entry.get("name", command)), command, args))
     names = [stage.name for stage in parsed]
     if len(set(names)) != len(names):

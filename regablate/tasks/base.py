@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning import LightningModule
 from timm.models.vision_transformer import VisionTransformer
 
@@ -37,9 +37,9 @@ class BackboneTask(LightningModule):
         checkpoint: str | None = None,
         pretrained: bool = False,
         lr: PositiveFloat = 1e-3,
-        weight_decay: float = 0.05,
+        weight_decay: NonNegativeFloat = 0.05,
         warmup_steps: NonNegativeInt = 100,
-        min_lr_ratio: float = 0.01,
+        min_lr_ratio: ClosedUnitInterval = 0.01,
     ) -> None:
         """
         Args:

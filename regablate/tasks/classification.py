@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from jsonargparse.typing import ClosedUnitInterval, PositiveInt
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from regablate.errors import RegablateError
+from regablate.models.backbone import extract_features
 from regablate.tasks.base import BackboneTask
 from regablate.tasks.optim import require_finite
 
@@ -21,21 +23,23 @@ class Classification(BackboneTask):
 
     Batches are dicts with ``image`` (B, 3, H, W) and ``label`` (B,). Logs ``train/loss``,
     ``{train,val,test}/top1`` (and ``top5`` with more than five classes), ``val/loss`` and
-    ``test/loss``. Registers never enter the head: ``mean`` pools the patch tokens only.
+    ``test/loss``. Registers never enter the head: ``mean`` pools the patch tokens only, and
+    ``cls`` is the backbone's global feature: the CLS token, or for a ViT without one its own
+    pooling of the patch tokens (``avg``, or the attention pool of ``map`` models).
     """
 
     def __init__(
         self,
-        num_classes: int = 10,
+        num_classes: PositiveInt = 10,
         pool: Pool = "cls",
         freeze_backbone: bool = False,
-        label_smoothing: float = 0.0,
+        label_smoothing: ClosedUnitInterval = 0.0,
         **kwargs: Any,
     ) -> None:
         """
         Args:
             num_classes: classes of the dataset (must match the data module's).
-            pool: head input: the CLS token, the mean patch token, or both concatenated.
+            pool: head input: the CLS token (the pooled feature without one), the mean patch token, or both.
             freeze_backbone: train the head only (a linear probe trained end to end).
             label_smoothing: cross-entropy label smoothing.
             **kwargs: the backbone and optimiser arguments of ``BackboneTask``.
@@ -64,16 +68,14 @@ class Classification(BackboneTask):
         self.test_metrics = collection.clone(prefix="test/")
 
     def forward(self, images: Tensor) -> Tensor:
-        tokens = self.backbone.forward_features(images)
-        cls = tokens[:, 0]
-        patches = tokens[:, self.backbone.num_prefix_tokens :]
+        features = extract_features(self.backbone, images)
         pool = self.hparams.pool
         if pool == "cls":
-            pooled = cls
+            pooled = features.pooled
         elif pool == "mean":
-            pooled = patches.mean(dim=1)
+            pooled = features.patches.mean(dim=1)
         else:
-            pooled = torch.cat([cls, patches.mean(dim=1)], dim=-1)
+            pooled = torch.cat([features.pooled, features.patches.mean(dim=1)], dim=-1)
         return self.head(pooled)
 
     def setup(self, stage: str) -> None:

@@ -18,13 +18,25 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    restricted_number_type,
+)
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 from torchvision.ops import roi_align
 
 from regablate.errors import RegablateError
+from regablate.models.backbone import global_feature
 from regablate.tasks.base import BackboneTask
 from regablate.tasks.optim import require_finite
+
+# A crop's area as a fraction of the image.
+CropScale = restricted_number_type("CropScale", float, [(">", 0), ("<=", 1)], docstring="a fraction in (0, 1]")
 
 
 class DINOHead(nn.Module):
@@ -100,6 +112,19 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
 
 
+def zero_gradient_anchor(module: nn.Module) -> Tensor:
+    """``0 * sum(p.sum())`` over the parameters of ``module`` that train: a zero term for the loss.
+
+    Under DDP (``find_unused_parameters=False``) every trainable parameter must receive a
+    gradient each step, or the reducer fails at the next one. During the head warm-up the
+    backbone runs without autograd (no activations kept, no backward through it); this term gives
+    each of its parameters a zero gradient at the cost of one sum per tensor, instead of DDP's
+    ``find_unused_parameters=True``, which walks the autograd graph every step of the whole run.
+    """
+    trainable = [param.sum() for param in module.parameters() if param.requires_grad]
+    return torch.stack(trainable).sum() * 0.0 if trainable else torch.zeros(())
+
+
 class DINO(BackboneTask):
     """Self-distillation with an EMA teacher and multi-crop (Caron et al. 2021), with R registers.
 
@@ -115,22 +140,22 @@ class DINO(BackboneTask):
 
     def __init__(
         self,
-        out_dim: int = 4096,
-        hidden_dim: int = 1024,
-        bottleneck_dim: int = 256,
-        num_local_crops: int = 6,
-        local_crop_size: int = 96,
-        global_crop_scale: tuple[float, float] = (0.4, 1.0),
-        local_crop_scale: tuple[float, float] = (0.05, 0.4),
-        student_temp: float = 0.1,
-        teacher_temp: float = 0.07,
-        warmup_teacher_temp: float = 0.04,
-        warmup_teacher_temp_steps: int = 100,
-        center_momentum: float = 0.9,
-        teacher_momentum: float = 0.996,
-        head_warmup_steps: int = 0,
-        lr: float = 5e-4,
-        weight_decay: float = 0.04,
+        out_dim: PositiveInt = 4096,
+        hidden_dim: PositiveInt = 1024,
+        bottleneck_dim: PositiveInt = 256,
+        num_local_crops: NonNegativeInt = 6,
+        local_crop_size: PositiveInt = 96,
+        global_crop_scale: tuple[CropScale, CropScale] = (0.4, 1.0),
+        local_crop_scale: tuple[CropScale, CropScale] = (0.05, 0.4),
+        student_temp: PositiveFloat = 0.1,
+        teacher_temp: PositiveFloat = 0.07,
+        warmup_teacher_temp: PositiveFloat = 0.04,
+        warmup_teacher_temp_steps: NonNegativeInt = 100,
+        center_momentum: ClosedUnitInterval = 0.9,
+        teacher_momentum: ClosedUnitInterval = 0.996,
+        head_warmup_steps: NonNegativeInt = 0,
+        lr: PositiveFloat = 5e-4,
+        weight_decay: NonNegativeFloat = 0.04,
         **kwargs: Any,
     ) -> None:
         """
@@ -140,7 +165,7 @@ class DINO(BackboneTask):
             bottleneck_dim: width before the prototypes.
             num_local_crops: small crops per image seen by the student only.
             local_crop_size: side of a local crop in pixels (a multiple of the patch size).
-            global_crop_scale: area range of the two global crops, as a fraction of the image.
+            global_crop_scale: area range (low, high) of the two global crops, as a fraction of the image.
             local_crop_scale: area range of the local crops.
             student_temp: student softmax temperature.
             teacher_temp: teacher temperature after its warmup.
@@ -167,6 +192,10 @@ class DINO(BackboneTask):
                 f"local_crop_size {hp.local_crop_size} must be a multiple of the patch size {patch} "
                 f"and num_local_crops >= 0 (got {hp.num_local_crops})"
             )
+        for name in ("global_crop_scale", "local_crop_scale"):
+            low, high = hp[name]
+            if low > high:
+                raise RegablateError(f"{name} is an area range (low, high) with low <= high, got {tuple(hp[name])}")
         heads = (self.student.embed_dim, hp.out_dim, hp.hidden_dim, hp.bottleneck_dim)
         self.student_head = DINOHead(*heads)
         self.backbone = self.make_backbone(weights=False, dynamic_img_size=True)
@@ -202,14 +231,20 @@ class DINO(BackboneTask):
         )
         return global_crops, local_crops
 
+    def backbone_frozen(self) -> bool:
+        """Whether this training step is one of the head warm-up's (only the heads train)."""
+        return self.training and self.global_step < self.hparams.head_warmup_steps
+
     def _student_out(self, global_crops: list[Tensor], local_crops: list[Tensor]) -> tuple[Tensor, Tensor]:
-        frozen = self.global_step < self.hparams.head_warmup_steps and self.training
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            cls = [
-                self.student.forward_features(torch.cat(group))[:, 0] for group in (global_crops, local_crops) if group
-            ]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen()):
+            cls = [self._global(self.student, torch.cat(group)) for group in (global_crops, local_crops) if group]
         cls = torch.cat(cls)
         return self.student_head(cls), cls
+
+    @staticmethod
+    def _global(backbone: nn.Module, images: Tensor) -> Tensor:
+        """The DINO heads' input: the CLS token, or the pooled feature of a ViT without one."""
+        return global_feature(backbone, backbone.forward_features(images))
 
     def dino_loss(self, student_out: Tensor, teacher_out: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
         """Cross-entropy of every student crop against every other global teacher crop.
@@ -248,7 +283,7 @@ class DINO(BackboneTask):
     def _shared_step(self, images: Tensor, step: int, generator: torch.Generator) -> dict[str, Tensor]:
         global_crops, local_crops = self.crops(images, generator)
         with torch.no_grad():
-            teacher_out = self.teacher_head(self.backbone.forward_features(torch.cat(global_crops))[:, 0])
+            teacher_out = self.teacher_head(self._global(self.backbone, torch.cat(global_crops)))
         student_out, student_cls = self._student_out(global_crops, local_crops)
         temperature = self.teacher_temperature(step)
         loss, probs = self.dino_loss(student_out, teacher_out, temperature)
@@ -268,11 +303,25 @@ class DINO(BackboneTask):
         out = self._shared_step(batch["image"], self.global_step, self.crop_generator(self.global_step))
         require_finite(out["loss"], self.global_step)
         self.update_center(out["teacher_out"])
-        self.log("train/loss", out["loss"], prog_bar=True)
+        # The mean over the global batch (one scalar all-reduce), so N devices log what one device logs.
+        self.log("train/loss", out["loss"], prog_bar=True, sync_dist=True)
         self.log_dict(
             {f"train/{k}": out[k] for k in ("teacher_temp", "teacher_entropy", "teacher_batch_entropy", "feature_std")}
         )
+        if self.backbone_frozen():
+            return out["loss"] + zero_gradient_anchor(self.student)
         return out["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """During the head warm-up, drop the backbone's (zero) gradients after DDP has reduced them.
+
+        A parameter whose ``.grad`` is None is skipped by AdamW: no weight decay, no moment or step
+        count, so the backbone stays bit-identical and its optimiser state starts at the first step
+        after the warm-up, on one device as on many. Runs before gradient clipping.
+        """
+        if self.backbone_frozen():
+            for param in self.student.parameters():
+                param.grad = None
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """After each optimiser step (not each batch, so gradient accumulation is respected), move the teacher."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 from torch import Tensor
 
 from regablate.errors import RegablateError
@@ -80,14 +81,14 @@ class Distillation(BackboneTask):
         self,
         teacher_registers: int = 0,
         trainable: str | list[str] = "registers+pos+last",
-        num_views: int = 4,
-        patch_cosine_weight: float = 1.0,
-        patch_mse_weight: float = 1.0,
-        cls_weight: float = 1.0,
-        register_init_std: float = 0.02,
+        num_views: PositiveInt = 4,
+        patch_cosine_weight: NonNegativeFloat = 1.0,
+        patch_mse_weight: NonNegativeFloat = 1.0,
+        cls_weight: NonNegativeFloat = 1.0,
+        register_init_std: NonNegativeFloat = 0.02,
         model_name: str = "vit_small_patch14_dinov2",
-        weight_decay: float = 0.0,
-        warmup_steps: int = 50,
+        weight_decay: NonNegativeFloat = 0.0,
+        warmup_steps: NonNegativeInt = 50,
         **kwargs: Any,
     ) -> None:
         """
@@ -98,7 +99,7 @@ class Distillation(BackboneTask):
             num_views: teacher views averaged into each target (1: no denoising).
             patch_cosine_weight: weight of (1 - cosine) between student and target patches.
             patch_mse_weight: weight of the MSE between student and target patches.
-            cls_weight: weight of the CLS loss ((1 - cosine) + MSE).
+            cls_weight: weight of the CLS loss ((1 - cosine) + MSE; the pooled feature for a ViT without CLS).
             register_init_std: std of the normal new registers start from.
             model_name: timm ViT name of the source model (the recipe's default: DINOv2 ViT-S/14).
             weight_decay: AdamW weight decay (the recipe's default: none, few parameters train).
@@ -146,7 +147,7 @@ class Distillation(BackboneTask):
         grid_h, grid_w = self.teacher.patch_embed.grid_size
         patches = features.patches.reshape(len(self.views), batch, grid_h, grid_w, -1)
         aligned = torch.stack([undo_view(patches[v], (dy, dx), flip) for v, (dy, dx, flip) in enumerate(self.views)])
-        cls = features.cls.reshape(len(self.views), batch, -1).mean(0)
+        cls = features.pooled.reshape(len(self.views), batch, -1).mean(0)
         return cls, aligned.mean(0).flatten(1, 2)
 
     def _losses(self, images: Tensor) -> dict[str, Tensor]:
@@ -157,8 +158,8 @@ class Distillation(BackboneTask):
         loss_patch = hp.patch_cosine_weight * (1 - patch_cos) + hp.patch_mse_weight * F.mse_loss(
             student.patches, target_patches
         )
-        loss_cls = (1 - F.cosine_similarity(student.cls, target_cls, dim=-1).mean()) + F.mse_loss(
-            student.cls, target_cls
+        loss_cls = (1 - F.cosine_similarity(student.pooled, target_cls, dim=-1).mean()) + F.mse_loss(
+            student.pooled, target_cls
         )
         return {
             "loss": loss_patch + hp.cls_weight * loss_cls,

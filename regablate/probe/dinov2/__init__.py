@@ -5,7 +5,7 @@
 so its numbers can sit beside the paper's. Modules: ``settings`` (every parameter, DINOv2's values
 as defaults), ``data`` (raw samples of a data module and the loaders), ``views`` (the transforms),
 ``backbone`` (the frozen backbone's last blocks at any input size), ``classification``,
-``segmentation``, ``depth`` (the three protocols), ``schedules`` (mmcv's lr schedules, progress)
+``segmentation``, ``depth`` (the three protocols), ``schedules`` (mmcv's lr schedules)
 and ``runner`` (all of them into one report). Only ``settings`` is imported here, so that
 ``regablate.probe.protocol`` can hold the settings without importing the protocols.
 """

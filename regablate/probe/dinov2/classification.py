@@ -29,10 +29,10 @@ from torch.utils.data import DataLoader, Dataset
 from regablate.errors import RegablateError
 from regablate.probe.dinov2.backbone import FrozenBackbone
 from regablate.probe.dinov2.data import Views, pad_collate, training_batches
-from regablate.probe.dinov2.schedules import Progress
 from regablate.probe.dinov2.settings import DINOv2Settings, scaled
 from regablate.probe.dinov2.views import ClassificationEvalView, ClassificationTrainView
 from regablate.probe.heads import LinearClassifierGrid
+from regablate.progress import Progress
 
 INIT_STD = 0.01  # LinearClassifier: weight.normal_(mean=0.0, std=0.01)
 
@@ -129,12 +129,13 @@ class ClassifierGrid:
         batches = training_batches(
             views, self.settings.cls_batch_size, seed, num_workers, self.backbone.device.type == "cuda"
         )
-        progress = Progress("cls", iterations)
+        progress = Progress("probe: dinov2 cls", iterations, unit="iterations")
         self.grid.train()
-        for iteration in range(1, iterations + 1):
-            loss = self.step(next(batches), optimizer)
+        for _ in range(iterations):
+            self.step(next(batches), optimizer)
             cosine.step()
-            progress.step(iteration, loss)
+            progress.update(1)
+        progress.finish()
 
     @torch.no_grad()
     def top1(self, views: Dataset, num_workers: int) -> Tensor:
@@ -164,8 +165,13 @@ def classify(
     normalisation: tuple[Sequence[float], Sequence[float]],
     seed: int,
     num_workers: int,
+    scored_on: str = "test",
 ) -> tuple[dict, dict]:
-    """Train the head grid on ``raw["train"]``, pick the best on val, score it on test: (metrics, protocol)."""
+    """Train the head grid on ``raw["train"]``, pick the best on val, score it on ``scored_on``: (metrics, protocol).
+
+    Scored on val (data without a test split), the selected head's val top-1 is the score
+    (``probe/cls_val_top1``, no ``probe/cls_top1``), as the fast protocol reports it.
+    """
     crop, resize = scaled(settings.cls_crop_size, scale), scaled(settings.cls_resize_size, scale)
     mean, std = normalisation
     heads = ClassifierGrid(backbone, settings, num_classes)
@@ -174,11 +180,11 @@ def classify(
     val = heads.top1(Views(raw["val"], evaluate), num_workers)
     best = int(val.flatten().argmax())  # torch.argmax: the first maximum, as dinov2's strict ">" keeps the first
     group, lr_index = divmod(best, val.shape[1])
-    test = heads.top1(Views(raw["test"], evaluate), num_workers)[group, lr_index]
+    test = heads.top1(Views(raw["test"], evaluate), num_workers)[group, lr_index] if scored_on == "test" else None
     chosen = heads.heads[best]
     features = f"{chosen.n_blocks} block{'s' if chosen.n_blocks > 1 else ''}{' + avgpool' if chosen.avgpool else ''}"
     metrics = {
-        "probe/cls_top1": float(test),
+        **({"probe/cls_top1": float(test)} if test is not None else {}),
         "probe/cls_val_top1": float(val[group, lr_index]),
         "probe/cls_lr": chosen.scaled_lr,
         "probe/cls_features": features,
@@ -201,7 +207,7 @@ def classify(
             "lr": chosen.lr,
             "scaled_lr": chosen.scaled_lr,
             "val_top1": float(val[group, lr_index]),
-            "test_top1": float(test),
+            **({"test_top1": float(test)} if test is not None else {}),
         },
         "val_top1": {head.name: float(score) for head, score in zip(heads.heads, val.flatten().tolist())},
     }

@@ -11,8 +11,8 @@ dataset of dicts with
   data's depth unit, 0 (or non-finite) where unknown; all at their stored resolution.
 
 A data module provides it with a ``raw_dataset(split)`` method; ``SyntheticScenes`` (the rendered
-scenes, unflipped and unnormalised) and ``HFDataModule`` (its rows through the same column mapping
-and ``depth_scale``, without geometry) are read here without one.
+scenes, unflipped and unnormalised) and ``HFDataModule`` (its rows through the same column mapping,
+``depth_scale`` and ``max_depth``, without geometry) are read here without one.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def raw_dataset(datamodule: LightningDataModule, split: str) -> Dataset:
         )
     if isinstance(datamodule, HFDataModule):
         columns = {key: column for key, column in datamodule.columns.items() if key in RAW_KEYS}
-        transform = BatchTransform(columns, _TO_TENSOR, datamodule.hparams.depth_scale)
+        hp = datamodule.hparams
+        transform = BatchTransform(columns, _TO_TENSOR, hp.depth_scale, hp.box_format, hp.max_depth)
         return datamodule.splits[split].with_transform(transform, columns=list(columns.values()))
     raise RegablateError(
         f"the dinov2 protocol reads raw images, which {type(datamodule).__name__} does not give; use SyntheticScenes "

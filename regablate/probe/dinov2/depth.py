@@ -17,7 +17,9 @@ as written it indexes the batch and channel axes of its (B, 1, H, W) inputs, so 
 GPU those runs used it is exactly 0. Scoring: the whole image (padded to the patch size), the
 prediction clamped to [min_depth, max_depth], resized to the ground truth and averaged with that of
 the mirrored image; RMSE per image over the Eigen crop where ``min_depth < gt < max_depth``, averaged
-over images (the toolbox's ``metrics`` and ``pre_eval_to_metrics``).
+over images (the toolbox's ``metrics`` and ``pre_eval_to_metrics``). The Eigen crop is the data's:
+``scripts/prepare_nyud.py`` writes the test split with depth 0 (no ground truth) outside it
+(``regablate.data.nyud``), and only pixels with a ground truth are scored.
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ from torch.utils.data import Dataset
 
 from regablate.probe.dinov2.backbone import FrozenBackbone
 from regablate.probe.dinov2.data import Views, evaluation_batches, same_size_groups, training_batches
-from regablate.probe.dinov2.schedules import Progress, warmup_cosine
-from regablate.probe.dinov2.settings import DINOv2Settings, frame_region, scaled
+from regablate.probe.dinov2.schedules import warmup_cosine
+from regablate.probe.dinov2.settings import DINOv2Settings, scaled
 from regablate.probe.dinov2.views import DepthEvalView, DepthTrainView
+from regablate.probe.heads import valid_depth
+from regablate.probe.protocol import scored_key
+from regablate.progress import Progress
 
 UPSAMPLE = 4
 LINEAR_EPS = 0.1  # depth_pred, norm_strategy "linear"
@@ -105,20 +110,10 @@ class LinearDepthHead(nn.Module):
         return torch.einsum("ikmn,k->imn", linear_normalise(logits), self.bins).unsqueeze(1)
 
 
-def eval_region(height: int, width: int, crop: Sequence[int] | None) -> Tensor:
-    """The pixels scored: the (scaled) Eigen crop of an ``height`` x ``width`` map, or all of it."""
-    region = torch.zeros(height, width, dtype=torch.bool)
-    if crop is None:
-        region[:] = True
-    else:
-        top, bottom, left, right = frame_region(crop, height, width)
-        region[top:bottom, left:right] = True
-    return region
-
-
-def image_rmse(prediction: Tensor, truth: Tensor, scored: Tensor, min_depth: float, max_depth: float) -> float:
-    """RMSE of one image over ``scored`` pixels whose truth is in (min_depth, max_depth); NaN when there are none."""
-    keep = scored & (truth > min_depth) & (truth < max_depth)
+def image_rmse(prediction: Tensor, truth: Tensor, min_depth: float, max_depth: float) -> float:
+    """RMSE of one image over the pixels with a ground truth (the data's ``valid_depth``: a prepared NYUd test
+    split is 0 outside the Eigen crop) in (min_depth, max_depth) (the toolbox's eval range); NaN without any."""
+    keep = valid_depth(truth) & (truth > min_depth) & (truth < max_depth)
     if not keep.any():
         return math.nan
     return float((truth[keep] - prediction[keep]).square().mean().sqrt())
@@ -150,10 +145,11 @@ class DepthProbe:
         schedule = LambdaLR(optimizer, warmup_cosine(iterations, round(settings.depth_warmup * iterations)))
         loss_warmup = round(settings.depth_loss_warmup * iterations)
         batches = training_batches(views, settings.depth_batch_size, seed, workers, self.backbone.device.type == "cuda")
-        progress = Progress("depth", iterations)
+        progress = Progress("probe: dinov2 depth", iterations, unit="iterations")
         self.head.train()
         for iteration in range(1, iterations + 1):
             batch = next(batches)
+            progress.update(1)
             truth = batch["depth"].to(self.backbone.device, non_blocking=True)[:, None]
             prediction = F.interpolate(
                 self.depth(batch["image"]), size=truth.shape[-2:], mode="bilinear", align_corners=False
@@ -167,7 +163,7 @@ class DepthProbe:
             torch.nn.utils.clip_grad_norm_(self.head.parameters(), settings.depth_grad_clip)
             optimizer.step()
             schedule.step()
-            progress.step(iteration, loss)
+        progress.finish()
 
     @torch.no_grad()
     def predict(self, images: Tensor, size: tuple[int, int]) -> Tensor:
@@ -197,9 +193,8 @@ class DepthProbe:
                 for size in sizes:
                     members = [i for i in group if tuple(samples[i]["depth"].shape) == size]
                     predictions = self.predict(torch.stack([samples[i]["image"] for i in members]), size).cpu()
-                    scored = eval_region(*size, settings.depth_eval_crop)
                     scores += [
-                        image_rmse(p, samples[i]["depth"], scored, settings.depth_min, settings.depth_max)
+                        image_rmse(p, samples[i]["depth"], settings.depth_min, settings.depth_max)
                         for i, p in zip(members, predictions)
                     ]
         known = [s for s in scores if not math.isnan(s)]
@@ -215,13 +210,14 @@ def estimate_depth(
     normalisation: tuple[Sequence[float], Sequence[float]],
     seed: int,
     num_workers: int,
+    scored_on: str = "test",
 ) -> tuple[dict, dict]:
-    """Train the linear depth head on ``raw["train"]`` and score RMSE on ``raw["test"]``: (metrics, protocol)."""
+    """Train the linear depth head on ``raw["train"]`` and score RMSE on ``raw[scored_on]``: (metrics, protocol)."""
     probe = DepthProbe(backbone, settings, scale)
     probe.train(raw["train"], normalisation, seed, num_workers)
-    rmse, images = probe.rmse(raw["test"], normalisation, num_workers)
+    rmse, images = probe.rmse(raw[scored_on], normalisation, num_workers)
     metrics = {
-        "probe/depth_rmse": rmse,
+        scored_key("depth", "rmse", scored_on): rmse,
         "probe/depth_lr": float(settings.depth_lr),
         "probe/depth_iterations": int(settings.depth_iterations),
         "probe/depth_bins": int(settings.depth_bins),
@@ -246,8 +242,9 @@ def estimate_depth(
             "colour aug (p 0.5)"
         ),
         "score": (
-            f"RMSE per image at the ground truth's resolution over the crop {settings.depth_eval_crop} where "
-            f"{settings.depth_min} < depth < {settings.depth_max}, mean over {images} images"
+            "RMSE per image at the ground truth's resolution over its valid pixels (the data's: NYUd's test split "
+            f"is 0 outside the Eigen crop) where {settings.depth_min} < depth < {settings.depth_max}, "
+            f"mean over {images} images"
             + (", prediction averaged with the mirrored image's" if settings.depth_flip_test else "")
         ),
         "iterations": int(settings.depth_iterations),

@@ -2,8 +2,11 @@
 
 Which probes run follows ``probes`` and the targets the data hold (a probe whose targets are
 missing is skipped with the reason, as in the fast protocol). Classification trains on train,
-picks its head on val and reports test; segmentation and depth train on train and report test.
-Everything is seeded by ``seed``; the backbone runs on ``device`` under ``autocast``.
+picks its head on val and reports the scored split; segmentation and depth train on train and
+report the scored split: ``scored_on`` is test, or val for data without a test split (then under
+the fast protocol's ``probe/<probe>_val_<metric>`` keys, ``regablate.probe.protocol.scored_key``).
+Everything is seeded by ``seed``; the backbone and the heads run on ``device`` (the probe's
+``ProbeDevice``), the backbone under its ``autocast``.
 """
 
 from __future__ import annotations
@@ -31,18 +34,17 @@ from regablate.probe.protocol import NEEDS, ProbeReport
 log = logging.getLogger(__name__)
 
 PROBES = ("cls", "seg", "depth")  # the protocols of DINOv2 (LOST has one protocol for both: the fast one)
-SPLITS = ("train", "val", "test")
 
 
 def missing_targets(raw: dict[str, Dataset], probes: Sequence[str]) -> dict[str, str]:
     """Probes whose targets a split lacks -> why (read from each split's first sample)."""
-    empty = [split for split in SPLITS if len(raw[split]) == 0]
+    empty = [split for split in raw if len(raw[split]) == 0]
     if empty:
         raise RegablateError(f"the {', '.join(empty)} split holds no samples: nothing to probe")
-    first = {split: raw[split][0] for split in SPLITS}
+    first = {split: dataset[0] for split, dataset in raw.items()}
     skipped = {}
     for probe in probes:
-        lacking = [split for split in SPLITS if NEEDS[probe] not in first[split]]
+        lacking = [split for split in raw if NEEDS[probe] not in first[split]]
         if lacking:
             skipped[probe] = f"the data have no '{NEEDS[probe]}' in {', '.join(lacking)}"
     return skipped
@@ -56,10 +58,16 @@ def run_dinov2(
     probes: Sequence[str],
     seed: int = 0,
     ignore_index: int | None = 255,
+    scored_on: str = "test",
     device: torch.device | None = None,
     autocast: Autocast | None = None,
 ) -> ProbeReport:
     """DINOv2's classification, segmentation and depth protocols (those of ``probes``) on ``model``."""
+    if getattr(model, "cls_token", None) is None:
+        raise RegablateError(
+            "the dinov2 protocol reads the class token (DINOv2's heads are on CLS), which this backbone has none of; "
+            "use --probe.protocol fast"
+        )
     backbone = FrozenBackbone(model, device, autocast)
     wanted = [probe for probe in PROBES if probe in probes]
     if "cls" in wanted and max(settings.cls_n_last_blocks) > backbone.depth:
@@ -67,7 +75,7 @@ def run_dinov2(
             f"cls_n_last_blocks {list(settings.cls_n_last_blocks)} asks for more blocks than the backbone's "
             f"{backbone.depth}; set --probe.dinov2.cls_n_last_blocks to values up to {backbone.depth}"
         )
-    raw = {split: raw_dataset(datamodule, split) for split in SPLITS}
+    raw = {split: raw_dataset(datamodule, split) for split in dict.fromkeys(("train", "val", scored_on))}
     report = ProbeReport(skipped=missing_targets(raw, wanted))
     for probe, reason in report.skipped.items():
         log.warning("skipping the %s probe: %s", probe, reason)
@@ -77,6 +85,7 @@ def run_dinov2(
         "normalisation": normalisation(datamodule),
         "seed": seed,
         "num_workers": int(getattr(datamodule, "hparams", {}).get("num_workers", 0)),
+        "scored_on": scored_on,
     }
     with torch.random.fork_rng(devices=[backbone.device] if backbone.device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -110,4 +119,5 @@ def run_dinov2(
         "seed": seed,
         "ignore_index": ignore_index,
     }
+    report.protocol["scored_on"] = scored_on
     return report

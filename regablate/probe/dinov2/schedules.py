@@ -1,4 +1,4 @@
-"""Learning-rate schedules of DINOv2's dense evaluations (mmcv's lr hooks), and progress lines with an ETA.
+"""Learning-rate schedules of DINOv2's dense evaluations (mmcv's lr hooks).
 
 mmcv (which DINOv2's mmseg-based evaluations run on) multiplies the regular schedule by a linear
 warm-up: at iteration ``t < warmup`` the learning rate is ``regular(t) * (1 - (1 - t / warmup) *
@@ -14,11 +14,7 @@ Both are written as the factor on the base learning rate, for ``torch.optim.lr_s
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
-
-from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
 
 
 def _warmup(t: int, warmup: int, ratio: float) -> float:
@@ -40,32 +36,3 @@ def warmup_cosine(
         return cosine * _warmup(t, warmup, warmup_ratio)
 
     return factor
-
-
-class Progress:
-    """Lines like ``dinov2 seg: 2000/40000 iterations (5%), loss 1.234, 3.1 it/s, ETA 3h24m`` about 20 times a run."""
-
-    def __init__(self, name: str, total: int, lines: int = 20) -> None:
-        self.name, self.total = name, total
-        self.every = max(1, total // lines)
-        self.started = time.perf_counter()
-
-    def step(self, done: int, loss: Tensor) -> None:
-        """Report after iteration ``done`` (1-based) when it is due (only then is ``loss`` read: no device sync)."""
-        if done % self.every and done != self.total:
-            return
-        loss = float(loss.detach())
-        elapsed = time.perf_counter() - self.started
-        rate = done / elapsed if elapsed > 0 else float("inf")
-        left = (self.total - done) / rate if rate > 0 else 0.0
-        rank_zero_info(
-            f"dinov2 {self.name}: {done}/{self.total} iterations ({done / self.total:.0%}), loss {loss:.4g}, "
-            f"{rate:.2f} it/s, ETA {_duration(left)}"
-        )
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

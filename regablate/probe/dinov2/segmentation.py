@@ -25,10 +25,12 @@ from torch.utils.data import Dataset
 from regablate.errors import RegablateError
 from regablate.probe.dinov2.backbone import FrozenBackbone
 from regablate.probe.dinov2.data import IGNORE, Views, evaluation_batches, same_size_groups, training_batches
-from regablate.probe.dinov2.schedules import Progress, warmup_poly
+from regablate.probe.dinov2.schedules import warmup_poly
 from regablate.probe.dinov2.settings import DINOv2Settings, scaled
 from regablate.probe.dinov2.views import SegmentationEvalView, SegmentationLabels, SegmentationTrainView
 from regablate.probe.heads import miou_metric
+from regablate.probe.protocol import scored_key
+from regablate.progress import Progress
 
 LOGIT_BUDGET = 2**28  # float32 logits held at once when scoring (1 GiB): ADE20k's 150 classes fit ~5 images
 
@@ -110,10 +112,11 @@ class SegmentationProbe:
         )
         schedule = LambdaLR(optimizer, warmup_poly(iterations, round(settings.seg_warmup * iterations)))
         batches = training_batches(views, settings.seg_batch_size, seed, workers, self.backbone.device.type == "cuda")
-        progress = Progress("seg", iterations)
+        progress = Progress("probe: dinov2 seg", iterations, unit="iterations")
         self.head.train()
-        for iteration in range(1, iterations + 1):
+        for _ in range(iterations):
             batch = next(batches)
+            progress.update(1)
             mask = batch["mask"].to(self.backbone.device, non_blocking=True)
             logits = F.interpolate(
                 self.logits(batch["image"]), size=mask.shape[-2:], mode="bilinear", align_corners=False
@@ -124,7 +127,7 @@ class SegmentationProbe:
             loss.backward()
             optimizer.step()
             schedule.step()
-            progress.step(iteration, loss)
+        progress.finish()
 
     @torch.no_grad()
     def slide(self, images: Tensor) -> Tensor:
@@ -176,17 +179,18 @@ def segment(
     normalisation: tuple[Sequence[float], Sequence[float]],
     seed: int,
     num_workers: int,
+    scored_on: str = "test",
 ) -> tuple[dict, dict]:
-    """Train the BNHead on ``raw["train"]`` and score mIoU on ``raw["test"]``: (metrics, protocol)."""
+    """Train the BNHead on ``raw["train"]`` and score mIoU on ``raw[scored_on]``: (metrics, protocol)."""
     if num_stored_classes is None:
         num_stored_classes = count_classes(raw["train"], ignore_index)
         rank_zero_info(f"dinov2 seg: {num_stored_classes} mask values in the train split")
     labels = SegmentationLabels(num_stored_classes, ignore_index)
     probe = SegmentationProbe(backbone, settings, labels, scale)
     probe.train(raw["train"], normalisation, seed, num_workers)
-    miou = probe.miou(raw["test"], normalisation, num_workers)
+    miou = probe.miou(raw[scored_on], normalisation, num_workers)
     metrics = {
-        "probe/seg_miou": miou,
+        scored_key("seg", "miou", scored_on): miou,
         "probe/seg_lr": float(settings.seg_lr),
         "probe/seg_iterations": int(settings.seg_iterations),
     }

@@ -26,11 +26,10 @@ from regablate.errors import RegablateError
 DINOV2_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 # The input side the protocol's pixel sizes are written for: the classification crop.
 REFERENCE_SIZE = 224
-# (top, bottom, left, right) rows/columns of a 480 x 640 NYUd frame: the toolbox's NYUCrop for
-# training (depth/datasets/pipelines/transforms.py) and the Eigen crop for scoring (depth/datasets/nyu.py).
+# (top, bottom, left, right) rows/columns of a 480 x 640 NYUd frame: the toolbox's NYUCrop for training
+# (depth/datasets/pipelines/transforms.py). The Eigen crop for scoring is the data's (regablate.data.nyud).
 NYU_FRAME = (480, 640)
 NYU_TRAIN_CROP = (45, 472, 43, 608)
-EIGEN_CROP = (45, 471, 41, 601)
 
 
 @dataclass
@@ -71,8 +70,6 @@ class DINOv2Settings:
         depth_crop_size: training crop (height, width) (pixels).
         depth_train_crop: region (top, bottom, left, right) of a 480 x 640 frame kept for training
             (NYUd's valid area), scaled to other frame sizes; null keeps the whole image.
-        depth_eval_crop: region (top, bottom, left, right) of a 480 x 640 frame scored (the Eigen crop),
-            scaled to other frame sizes; null scores the whole map.
         depth_flip_test: average the prediction with that of the mirrored image when scoring.
     """
 
@@ -107,7 +104,6 @@ class DINOv2Settings:
     depth_bins: PositiveInt = 256
     depth_crop_size: tuple[PositiveInt, PositiveInt] = (416, 544)
     depth_train_crop: tuple[int, int, int, int] | None = NYU_TRAIN_CROP
-    depth_eval_crop: tuple[int, int, int, int] | None = EIGEN_CROP
     depth_flip_test: bool = True
 
     def __post_init__(self) -> None:
@@ -118,14 +114,11 @@ class DINOv2Settings:
             raise RegablateError(f"seg_ratio_range must be (low, high) with low <= high, got {self.seg_ratio_range}")
         if self.depth_min >= self.depth_max:
             raise RegablateError(f"depth_min {self.depth_min} must be below depth_max {self.depth_max}")
-        for name in ("depth_train_crop", "depth_eval_crop"):
-            crop = getattr(self, name)
-            if crop is not None and not (
-                0 <= crop[0] < crop[1] <= NYU_FRAME[0] and 0 <= crop[2] < crop[3] <= NYU_FRAME[1]
-            ):
-                raise RegablateError(
-                    f"{name} {crop} is not a (top, bottom, left, right) region of a 480 x 640 frame; null for none"
-                )
+        crop = self.depth_train_crop
+        if crop is not None and not (0 <= crop[0] < crop[1] <= NYU_FRAME[0] and 0 <= crop[2] < crop[3] <= NYU_FRAME[1]):
+            raise RegablateError(
+                f"depth_train_crop {crop} is not a (top, bottom, left, right) region of a 480 x 640 frame (null: none)"
+            )
 
     def scale_for(self, img_size: int) -> float:
         """The factor on the protocol's pixel sizes for a backbone whose input side is ``img_size``."""

@@ -26,8 +26,10 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
+from regablate.data.dense import INVALID_DEPTH
 from regablate.probe.dinov2.data import IGNORE
 from regablate.probe.dinov2.settings import frame_region
+from regablate.probe.heads import valid_depth
 
 
 def _uniform(low: float, high: float) -> float:
@@ -252,6 +254,7 @@ class DepthEvalView:
 
 
 def known_depth(depth: Any) -> Tensor:
-    """A depth map as float32 with every unknown value (non-finite, negative) set to 0, the toolbox's "no depth"."""
+    """A depth map as float32 with every pixel without ground truth (``valid_depth`` false) set to ``INVALID_DEPTH``
+    (0, the toolbox's "no depth"; data from ``HFDataModule`` already are)."""
     depth = torch.as_tensor(depth).as_subclass(Tensor).float()
-    return torch.where(torch.isfinite(depth) & (depth > 0), depth, torch.zeros(()))
+    return torch.where(valid_depth(depth), depth, torch.tensor(INVALID_DEPTH))

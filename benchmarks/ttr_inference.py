@@ -8,8 +8,8 @@ that of the medians; target >= 0.97) and the ratio that the extra token's FLOPs 
 The register neurons are ``--units`` per block in the first ``--hooked`` blocks (random weights
 have no outliers to find them by, and the cost depends only on how many there are).
 
-    python benchmarks/test_time_registers.py [--model vit_tiny_patch16_224] [--img_size 224] [--batch 16]
-    python benchmarks/test_time_registers.py --model vit_tiny_patch16_224 --img_size 32 --batch 64 \\
+    python benchmarks/ttr_inference.py [--model vit_tiny_patch16_224] [--img_size 224] [--batch 16]
+    python benchmarks/ttr_inference.py --model vit_tiny_patch16_224 --img_size 32 --batch 64 \\
         --model_kwargs '{"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}'
 """
 

@@ -1,0 +1,71 @@
+"""Where each kind of token sits in a backbone's sequence, and what its global feature is.
+
+Every regablate backbone lays its tokens out as ``[CLS, REG_1..REG_R, TTR, PATCH_1..PATCH_N]``:
+the class token only where the ViT has one (SigLIP and average-pooled ViTs have none, and then
+the sequence starts with the registers), the R trained registers, a test-time register
+(``regablate.artifacts.register_neurons``) only where one was added, then the patches. Code that
+slices the sequence asks a :class:`TokenLayout` instead of assuming ``1 + R`` prefix tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from timm.models.vision_transformer import VisionTransformer
+
+# What the global feature of a ViT is, by its timm ``global_pool`` (registers are never part of it).
+GLOBAL_FEATURES = {
+    "token": "cls",
+    "avg": "mean of the patch tokens",
+    "max": "max of the patch tokens",
+    "avgmax": "(mean + max) / 2 of the patch tokens",
+    "map": "attention pool (attn_pool) over the patch tokens",
+}
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The token roles of one backbone's sequence.
+
+    ``num_registers`` counts the trained registers, ``test_time_registers`` the extra token a
+    test-time register adds (0 or 1); both sit after the class token, if any, and before the patches.
+    """
+
+    has_cls: bool
+    num_registers: int
+    test_time_registers: int = 0
+
+    @classmethod
+    def of(cls, model: VisionTransformer) -> TokenLayout:
+        has_cls = getattr(model, "cls_token", None) is not None
+        extra = model.num_prefix_tokens - int(has_cls) - model.num_reg_tokens
+        return cls(has_cls=has_cls, num_registers=model.num_reg_tokens, test_time_registers=extra)
+
+    @property
+    def num_prefix(self) -> int:
+        """Tokens before the first patch."""
+        return int(self.has_cls) + self.num_registers + self.test_time_registers
+
+    @property
+    def cls_index(self) -> int | None:
+        return 0 if self.has_cls else None
+
+    @property
+    def registers(self) -> slice:
+        """The register tokens, trained ones first, then a test-time register."""
+        return slice(int(self.has_cls), self.num_prefix)
+
+    @property
+    def num_all_registers(self) -> int:
+        return self.num_registers + self.test_time_registers
+
+    @property
+    def patches(self) -> slice:
+        return slice(self.num_prefix, None)
+
+
+def global_feature_name(model: VisionTransformer) -> str:
+    """What ``TokenFeatures.pooled`` is for ``model`` (probe.json and the README say it)."""
+    pooled = GLOBAL_FEATURES.get(model.global_pool, model.global_pool)
+    has_fc_norm = type(model.fc_norm).__name__ != "Identity"
+    return f"{pooled}, then fc_norm" if has_fc_norm else pooled

@@ -1,0 +1,109 @@
+"""The sweep's preflight: every stage's data checked before the first stage of the first run starts.
+
+A fit (or validate/test/predict) stage reads the run's resolved config; a probe stage reads the
+run's data with the stage's ``--data...`` arguments applied by the probe's own parser (parse
+only). Each distinct data config is checked once (``regablate.data.preflight``: metadata only,
+no image read, no network needed), and each stage gets one line. A grid whose later stage cannot
+load its data is refused before the fit of a day starts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import yaml
+from jsonargparse import ArgumentError, ArgumentParser
+
+from regablate.data.preflight import DataCheck, check_data
+from regablate.errors import RegablateError
+from regablate.sweep.grid import LIGHTNING_COMMANDS, Grid, Stage
+
+MARKS = {"ok": "ok", "unchecked": "not checked", "error": "ERROR"}
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """What the preflight found for one stage over the runs that still have it to do."""
+
+    stage: str
+    checks: tuple[DataCheck, ...]  # distinct verdicts, errors first
+
+    @property
+    def failed(self) -> bool:
+        return any(check.status == "error" for check in self.checks)
+
+    def line(self) -> str:
+        if not self.checks:
+            return f"  {self.stage}: nothing left to run"
+        return f"  {self.stage}: " + "; ".join(f"{MARKS[c.status]}: {c.message}" for c in self.checks)
+
+
+@cache
+def _probe_parser() -> ArgumentParser:
+    from regablate.probe.command import build_parser
+
+    return build_parser()
+
+
+def stage_data(stage: Stage, run_data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The data config a stage of a run will load (None: a stage whose data the preflight does not know)."""
+    if stage.command in LIGHTNING_COMMANDS:
+        return run_data
+    if stage.command != "probe":
+        return None  # inspect: its images come from --images or fixed scenes
+    parser = _probe_parser()
+    parser.set_defaults(data=run_data or {"class_path": "regablate.data.SyntheticScenes"})
+    try:
+        cfg = parser.parse_args(list(stage.args))
+    except ArgumentError as err:
+        raise RegablateError(f"stage {stage.name}: its arguments do not parse: {' '.join(str(err).split())}") from None
+    data = cfg.get("data")
+    return data.as_dict() if hasattr(data, "as_dict") else data
+
+
+def preflight(grid: Grid, resolved: dict[str, str], pending: dict[str, list[Stage]]) -> list[StageReport]:
+    """Check the data of every pending stage of every run (``resolved``: run name -> its config YAML)."""
+    checked: dict[str, DataCheck] = {}  # each distinct data config, and each (stage, run data), once
+    found: dict[str, Counter] = {stage.name: Counter() for stage in grid.stages}
+    for run, config in resolved.items():
+        run_data = (yaml.safe_load(config) or {}).get("data")
+        for stage in pending.get(run, []):
+            key = json.dumps([stage.name, run_data], sort_keys=True, default=str)
+            if key not in checked:
+                checked[key] = _check_stage(stage, run_data, checked)
+            found[stage.name][checked[key]] += 1
+    order = {"error": 0, "unchecked": 1, "ok": 2}
+    return [
+        StageReport(stage.name, tuple(sorted(found[stage.name], key=lambda c: order[c.status])))
+        for stage in grid.stages
+    ]
+
+
+def _check_stage(stage: Stage, run_data: dict[str, Any] | None, checked: dict[str, DataCheck]) -> DataCheck:
+    try:
+        data = stage_data(stage, run_data)
+    except RegablateError as err:
+        return DataCheck("error", str(err))
+    if data is None:
+        return DataCheck("unchecked", f"no data check for command {stage.command}")
+    key = json.dumps(data, sort_keys=True, default=str)
+    if key not in checked:
+        checked[key] = check_data(data)
+    return checked[key]
+
+
+def refusal(reports: list[StageReport]) -> RegablateError | None:
+    """The one-line error that stops a sweep whose stages cannot load their data, or None."""
+    failed = [r for r in reports if r.failed]
+    if not failed:
+        return None
+    first = next(c for c in failed[0].checks if c.status == "error")
+    more = f" (and {len(failed) - 1} more stage(s), see above)" if len(failed) > 1 else ""
+    return RegablateError(
+        f"preflight: stage {failed[0].stage} cannot load its data: {first.message}{more}; "
+        "fix the data or the grid, or run with --preflight false"
+    )
