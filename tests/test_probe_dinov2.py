@@ -20,9 +20,12 @@ from PIL import Image
 from regablate.cli import main
 from regablate.data import HFDataModule, SyntheticScenes
 from regablate.data.nyud import depth_png
+from regablate.errors import RegablateError
 from regablate.models import build_backbone, extract_features
-from regablate.probe import LinearProbe, ViTExtractor, run_probe
+from regablate.probe import LinearProbe, ProbeDevice, ViTExtractor, run_probe
+from regablate.probe.device import available_cpus
 from regablate.probe.dinov2 import DINOv2Settings
+from regablate.probe.dinov2 import runner as dinov2_runner
 from regablate.probe.dinov2.backbone import FrozenBackbone, center_padding
 from regablate.probe.dinov2.classification import ClassifierGrid, head_grid
 from regablate.probe.dinov2.data import IGNORE, raw_dataset
@@ -39,6 +42,7 @@ from regablate.probe.dinov2.schedules import warmup_cosine, warmup_poly
 from regablate.probe.dinov2.segmentation import SegmentationProbe, slide_windows
 from regablate.probe.dinov2.settings import DINOV2_LRS, NYU_TRAIN_CROP, frame_region
 from regablate.probe.dinov2.views import SegmentationLabels, SegmentationTrainView, rescale_size
+from regablate.probe.run import check_protocol_devices
 from tests.conftest import TINY, tiny_fit_args
 
 TINY_MODEL = dict(TINY)
@@ -340,6 +344,47 @@ def test_dense_protocols_run_on_a_local_hf_dataset(local_dense_dataset):
     assert report.protocol["seg"]["classes"] == 3 and report.protocol["seg"]["reduce_zero_label"]
     assert math.isfinite(report.metrics["probe/depth_rmse"]) and report.metrics["probe/depth_rmse"] > 0
     assert "mean over 4 images" in report.protocol["depth"]["score"]
+
+
+def test_the_backbone_runs_on_the_probe_devices_autocast():
+    model = tiny_backbone()
+    images = torch.randn(2, 3, 32, 32)
+    ((full, _),) = FrozenBackbone(model).last_blocks(images, 1, norm=True)
+    where = ProbeDevice(accelerator="cpu", devices=1, precision="bf16-mixed")
+    ((mixed, _),) = FrozenBackbone(model, where.device, where.autocast).last_blocks(images, 1, norm=True)
+    assert mixed.dtype == torch.float32  # the heads compute in float32
+    assert not torch.equal(mixed, full) and torch.allclose(mixed, full, atol=0.1)  # computed in bf16
+
+
+@pytest.mark.skipif(available_cpus() < 2, reason="ProbeDevice(devices=2) on the CPU needs 2 cores")
+def test_the_dinov2_protocol_refuses_several_devices_before_any_work():
+    where = ProbeDevice(accelerator="cpu", devices=2, precision="32-true")
+    with pytest.raises(RegablateError, match="runs on one device, not 2; use --devices 1"):
+        check_protocol_devices(LinearProbe(protocol="dinov2"), where)
+    check_protocol_devices(LinearProbe(), where)  # the fast protocol splits its extraction over them
+
+
+def test_without_a_test_split_dinov2_scores_on_val_under_the_val_keys(monkeypatch):
+    data = SyntheticScenes(img_size=32, train_size=32, val_size=16, test_size=16, batch_size=16)
+    read = []
+    real = dinov2_runner.raw_dataset
+    monkeypatch.setattr(dinov2_runner, "raw_dataset", lambda dm, split: read.append(split) or real(dm, split))
+    settings = DINOv2Settings(
+        eval_batch_size=16,
+        cls_iterations=2,
+        cls_batch_size=8,
+        cls_n_last_blocks=[1, 2],
+        seg_iterations=2,
+        seg_batch_size=4,
+        depth_iterations=2,
+        depth_batch_size=4,
+    )
+    report = run_dinov2(tiny_backbone(), data, settings, probes=["cls", "seg", "depth"], scored_on="val")
+    assert read == ["train", "val"]  # no test split is read
+    assert 0.0 <= report.metrics["probe/cls_val_top1"] <= 1.0 and "probe/cls_top1" not in report.metrics
+    assert 0.0 <= report.metrics["probe/seg_val_miou"] <= 1.0 and "probe/seg_miou" not in report.metrics
+    assert report.metrics["probe/depth_val_rmse"] > 0 and "probe/depth_rmse" not in report.metrics
+    assert report.protocol["scored_on"] == "val" and "test_top1" not in report.protocol["cls"]["selected"]
 
 
 # --- end to end: fast against dinov2 on a trained tiny backbone -----------------------------------------

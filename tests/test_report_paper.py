@@ -9,7 +9,7 @@ import pytest
 from regablate.cli import main
 from regablate.report.figure import draw_figure8
 from regablate.report.paper import AVERAGED, PAPER_VALUES, paper_dataset, paper_overlays
-from regablate.report.tables import aggregate
+from regablate.report.tables import aggregate, collect_rows
 
 
 @pytest.mark.parametrize(
@@ -104,3 +104,14 @@ def test_report_command_prints_what_it_overlaid(tmp_path, capsys):
     assert "paper values on probe/seg_miou: paper, Table 2a (ViT-L/14, ade20k)" in out
     assert "paper values on probe/depth_rmse: none (no paper values for SyntheticScenes)" in out
     assert (experiment / "figure8.png").is_file()
+
+
+def test_a_probe_scored_on_val_fills_its_panel(tmp_path):
+    """ADE20k has no test split (paper.yaml: test_split null): its val mIoU is the panel's, as the paper's is."""
+    run = tmp_path / "r4_s0"
+    run.mkdir()
+    summary = {"status": "complete", "num_registers": 4, "probe/seg_val_miou": 0.47, "probe/cls_top1": 0.8}
+    (run / "summary.json").write_text(json.dumps({**summary, "probe/cls_val_top1": 0.9}))
+    (row,) = collect_rows(tmp_path)
+    assert row["probe/seg_miou"] == 0.47 and row["probe/cls_top1"] == 0.8  # a test score is never replaced
+    assert "probe/depth_rmse" not in row

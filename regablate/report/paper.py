@@ -122,6 +122,21 @@ PANELS = (
     ("probe/depth_rmse", "depth RMSE", False),
     ("artifacts/outlier_frac", "outlier fraction", False),
 )
+
+
+def val_scored_panels(summary: dict[str, Any]) -> dict[str, Any]:
+    """Panel values of probes scored on val (data without a test split: ``probe/seg_val_miou`` for ADE20k,
+    whose paper numbers are its validation split's too) under the panel's key, where the test key is absent."""
+    found = {}
+    for key, _, _ in PANELS:
+        if key.startswith("probe/") and key not in summary:
+            probe, _, metric = key.removeprefix("probe/").partition("_")
+            val_key = f"probe/{probe}_val_{metric}"
+            if val_key in summary:
+                found[key] = summary[val_key]
+    return found
+
+
 # Columns of results.md beyond the panels, when the runs have them.
 TABLE_EXTRA = (
     ("probe/lost_corloc", True),
