@@ -55,7 +55,7 @@ from regablate.probe.device import ProbeDevice
 from regablate.probe.features import ViTExtractor
 from regablate.probe.plan import frozen_dataset, plan_probe
 from regablate.probe.protocol import LinearProbe
-from regablate.probe.run import feature_store, run_probe
+from regablate.probe.run import check_protocol_devices, feature_store, run_probe
 from regablate.runs import read_summary, update_summary
 
 DEFAULT_DATA = {"class_path": "regablate.data.SyntheticScenes"}
@@ -70,7 +70,11 @@ RENAMED = (
 
 
 def probe_options(
-    output: str | None = None, cache: bool = True, test_time_registers: str | None = None, dry_run: bool = False
+    output: str | None = None,
+    cache: bool = True,
+    test_time_registers: str | None = None,
+    dry_run: bool = False,
+    dataset: str | None = None,
 ) -> None:
     """The probe command's own flags (the model, data, devices and protocol have theirs).
 
@@ -79,6 +83,8 @@ def probe_options(
         cache: reuse and store the extracted features in OUTPUT/probe_cache (false: a scratch store, deleted after).
         test_time_registers: 'auto' or a register_neurons.json: probe with one test-time register added.
         dry_run: print, per split, the samples, the fields kept and the bytes they take; extract nothing.
+        dataset: name of the probed data in summary.json (default: the data's path); the report overlays the paper's
+            values on imagenet-1k, ade20k and nyud.
     """
 
 
@@ -190,7 +196,10 @@ def main(argv: list[str]) -> None:
     cfg = parser.parse_args(argv)
     init = parser.instantiate(cfg)
     datamodule, probe = init.data, init.probe
-    where = ProbeDevice(accelerator=cfg.accelerator, devices=cfg.devices, precision=cfg.precision)
+    # dinov2 trains with the backbone in the loop on one device: there, auto means one (the paper grid's GPU nodes)
+    devices = 1 if probe.protocol == "dinov2" and cfg.devices == "auto" else cfg.devices
+    where = ProbeDevice(accelerator=cfg.accelerator, devices=devices, precision=cfg.precision)
+    check_protocol_devices(probe, where)
     with torch.random.fork_rng():
         torch.manual_seed(0)  # random weights and new registers: the same on every rank and in every run
         resolved = resolve_backbone(backbone_source(cfg), cfg.run, getattr(datamodule, "img_size", None))
@@ -226,6 +235,7 @@ def main(argv: list[str]) -> None:
             where=where,
             plan=plan,
             summary=summary,
+            dataset=cfg.dataset,
         )
     if report is None:  # another rank than 0: its share is extracted
         return

@@ -46,7 +46,7 @@ class ProbeDevice:
     Args:
         accelerator: cpu, gpu, or auto (a GPU when torch sees one, else the CPU).
         devices: devices that split the feature extraction, one process each (auto: every
-            visible GPU, or 1 on the CPU); the results do not depend on it.
+            visible GPU, or 1 on the CPU; 1 under --probe.protocol dinov2); the results do not depend on it.
         precision: autocast of the backbone: auto (bf16-mixed on a GPU with bf16, else 32-true),
             32-true, bf16-mixed or 16-mixed (GPU only).
     """

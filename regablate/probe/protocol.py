@@ -22,13 +22,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from regablate.errors import RegablateError
+from regablate.probe.dinov2.settings import DINOv2Settings
 from regablate.probe.features import FeatureSet
 from regablate.probe.heads import (
     DepthHead,
@@ -81,9 +82,16 @@ class ProbeReport:
 
 @dataclass
 class LinearProbe:
-    """Frozen-feature probes on cached features.
+    """Frozen-feature probes: ``fast`` (heads on cached features, this class) or ``dinov2`` (DINOv2's protocols).
+
+    ``protocol: dinov2`` runs ``regablate.probe.dinov2`` with the ``dinov2`` settings for the
+    classification, segmentation and depth probes (the backbone in the loop, nothing cached); LOST
+    trains nothing and has one protocol, this one, under both. ``probes``, ``ignore_index``, ``seed``
+    and ``lost_k`` apply to both protocols, the other settings here to ``fast`` only.
 
     Args:
+        protocol: fast (cached features, the CPU grid's default) or dinov2 (DINOv2's protocols, the paper's).
+        dinov2: settings of the dinov2 protocol (defaults: DINOv2's).
         lrs: learning-rate grid of the classification heads (SGD, momentum 0.9, cosine).
         cls_steps: steps of the classification heads.
         seg_steps: steps of the segmentation head (AdamW, cosine).
@@ -100,6 +108,8 @@ class LinearProbe:
         seed: seed of head initialisation, mini-batch order and the sampled pixels.
     """
 
+    protocol: Literal["fast", "dinov2"] = "fast"
+    dinov2: DINOv2Settings = field(default_factory=DINOv2Settings)
     lrs: Sequence[float] = DEFAULT_LRS
     cls_steps: int = 300
     seg_steps: int = 400
@@ -124,14 +134,19 @@ class LinearProbe:
             if getattr(self, name) < 1:
                 raise RegablateError(f"{name} must be at least 1, got {getattr(self, name)}")
 
+    @property
+    def cached_probes(self) -> list[str]:
+        """The probes that run here, on cached features: all under ``fast``, LOST only under ``dinov2``."""
+        return [probe for probe in self.probes if self.protocol == "fast" or probe == "lost"]
+
     def schedule(self, steps: int) -> Schedule:
         return Schedule(steps=steps, batch_size=self.batch_size, seed=self.seed)
 
     def fields(self, split: str, scored_on: str, skipped: Sequence[str] = ()) -> set[str]:
-        """The fields ``split`` must hold for the probes that run (all but ``skipped``)."""
+        """The fields ``split`` must hold for the cached probes that run (all but ``skipped``)."""
         return {
             name
-            for probe in self.probes
+            for probe in self.cached_probes
             if probe not in skipped
             for role, names in READS[probe].items()
             if role_splits(scored_on)[role] == split
@@ -141,7 +156,7 @@ class LinearProbe:
     def missing_targets(self, targets: dict[str, set[str]], scored_on: str) -> dict[str, str]:
         """Probes that cannot run -> why, given the targets each split carries (``targets``)."""
         skipped = {}
-        for probe in self.probes:
+        for probe in self.cached_probes:
             needed = sorted({role_splits(scored_on)[role] for role in READS[probe]}, key=["train", "val", "test"].index)
             lacking = [split for split in needed if NEEDS[probe] not in targets.get(split, set())]
             if lacking:
@@ -172,7 +187,7 @@ class LinearProbe:
         train, val, score = splits.get("train"), splits.get("val"), splits.get(scored_on)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)
-            for probe in self.probes:
+            for probe in self.cached_probes:
                 if probe in report.skipped:
                     continue
                 if probe == "cls":
@@ -188,9 +203,9 @@ class LinearProbe:
             report.protocol["scored_on_why"] = (
                 "the data have no test split: heads trained on train, every score (and the classifier's lr) on val"
             )
-        report.protocol["settings"] = {
-            k: list(v) if isinstance(v, (list, tuple)) else v for k, v in asdict(self).items()
-        }
+        report.metrics["probe/protocol"] = self.protocol
+        settings = {k: v for k, v in asdict(self).items() if k != "dinov2"}  # the dinov2 runner records its own
+        report.protocol["settings"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in settings.items()}
         return report
 
     def _classify(

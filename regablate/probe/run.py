@@ -29,6 +29,7 @@ from regablate.errors import RegablateError
 from regablate.models.fingerprint import weights_fingerprint
 from regablate.probe.cache import FeatureCache
 from regablate.probe.device import ProbeDevice
+from regablate.probe.dinov2.runner import run_dinov2
 from regablate.probe.features import TARGET_KEYS, Extractor, FeatureSet, extract_split
 from regablate.probe.plan import ProbePlan, SplitPlan, plan_probe
 from regablate.probe.protocol import LinearProbe, ProbeReport
@@ -37,6 +38,8 @@ from regablate.runs import first_line, read_summary, update_summary, write_json_
 
 log = logging.getLogger(__name__)
 
+# The headline metric of each probe (on a test split; ``probe/<probe>_val_<metric>`` when scored on val).
+PROBE_METRICS = {"cls": "cls_top1", "seg": "seg_miou", "depth": "depth_rmse", "lost": "lost_corloc"}
 PROBE_FILE = "probe.json"
 CACHE_FOLDER = "probe_cache"
 SCRATCH_FOLDER = ".probe_features"  # the feature store of a run with --cache false, deleted after it
@@ -141,15 +144,21 @@ def run_probe(
     where: ProbeDevice | None = None,
     plan: ProbePlan | None = None,
     summary: dict[str, Any] | None = None,
+    dataset: str | None = None,
 ) -> ProbeReport | None:
     """Probe ``extractor``'s frozen features on ``datamodule`` and write the results to ``output_dir``.
 
     ``data_config`` (with the extractor's weights and the precision) keys the feature store in
     ``output_dir/probe_cache``; ``source`` describes the backbone in ``probe.json``; ``summary``
-    adds keys to ``summary.json``. With several devices (``where``, already launched) every rank
+    adds keys to ``summary.json``; ``dataset`` names the data there (``probe/<probe>_dataset``,
+    default: from ``data_config``). With several devices (``where``, already launched) every rank
     extracts its share and only rank 0 trains the heads, writes the outputs and returns the report.
+
+    ``probe.protocol == "dinov2"`` runs DINOv2's protocols on ``extractor.model`` (a
+    ``ViTExtractor``'s backbone) on ``where``'s device and autocast, after the cached part (LOST).
     """
     where = where or ProbeDevice(accelerator="cpu", devices=1, precision="32-true")
+    check_protocol_devices(probe, where)
     output_dir = Path(output_dir)
     cache = feature_store(extractor, output_dir, data_config, where.resolved_precision, use_cache)
     if where.broadcast(cache.fingerprint) != cache.fingerprint:
@@ -176,6 +185,8 @@ def run_probe(
             scored_on=plan.scored_on,
             device=where.device,
         )
+        if probe.protocol == "dinov2":
+            report = merged(report, _run_dinov2(extractor, datamodule, probe, plan.scored_on, where))
     except BaseException:
         if where.is_main:
             for name, split in plan.splits.items():
@@ -186,6 +197,7 @@ def run_probe(
         if where.is_main and not use_cache:
             shutil.rmtree(cache.folder.parent, ignore_errors=True)
     report.skipped = {**plan.skipped, **report.skipped}
+    report.metrics.update(dataset_keys(report.metrics, dataset or data_name(data_config)))
     report.metrics["probe/seconds"] = round(time.perf_counter() - started, 3)
     details = {
         "source": source or {},
@@ -196,6 +208,55 @@ def run_probe(
     }
     write_outputs(output_dir, report, details, summary or {})
     return report
+
+
+def check_protocol_devices(probe: LinearProbe, where: ProbeDevice) -> None:
+    """The dinov2 protocol trains with the backbone in the loop on one device (rank 0's); refuse more."""
+    if probe.protocol == "dinov2" and where.world_size > 1:
+        raise RegablateError(f"--probe.protocol dinov2 runs on one device, not {where.world_size}; use --devices 1")
+
+
+def _run_dinov2(
+    extractor: Extractor, datamodule: LightningDataModule, probe: LinearProbe, scored_on: str, where: ProbeDevice
+) -> ProbeReport:
+    return run_dinov2(
+        extractor.model,
+        datamodule,
+        probe.dinov2,
+        probes=probe.probes,
+        seed=probe.seed,
+        ignore_index=probe.ignore_index,
+        scored_on=scored_on,
+        device=where.device,
+        autocast=where.autocast,
+    )
+
+
+def merged(cached: ProbeReport, dinov2: ProbeReport) -> ProbeReport:
+    """The report of the cached probes (LOST) and of the dinov2 protocols together; dinov2's settings win."""
+    return ProbeReport(
+        metrics={**cached.metrics, **dinov2.metrics},
+        protocol={**cached.protocol, **dinov2.protocol},
+        skipped={**cached.skipped, **dinov2.skipped},
+    )
+
+
+def data_name(data_config: dict[str, Any]) -> str:
+    """A name for the probed data: a data module's ``path`` (and ``name``), else its class name."""
+    args = data_config.get("init_args") or {}
+    if args.get("path"):
+        return f"{args['path']}:{args['name']}" if args.get("name") else str(args["path"])
+    return str(data_config.get("class_path", "unknown")).rpartition(".")[2]
+
+
+def dataset_keys(metrics: dict[str, Any], name: str) -> dict[str, str]:
+    """``probe/<probe>_dataset``: the data each probe that ran was measured on (the report matches it to the paper)."""
+    ran = [
+        probe
+        for probe, metric in PROBE_METRICS.items()
+        if f"probe/{metric}" in metrics or f"probe/{metric.replace('_', '_val_', 1)}" in metrics
+    ]
+    return {f"probe/{probe}_dataset": name for probe in ran}
 
 
 def _remove_empty_folders(folder: Path, up_to: Path) -> None:

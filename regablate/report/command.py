@@ -1,7 +1,7 @@
 """``regablate report runs/<experiment>``: a grid's results as a table, a Figure 8 and a TensorBoard HPARAMS view.
 
     regablate report runs/fig8_cpu                    # any grid, complete or partial
-    regablate report runs/fig8_paper --paper true     # overlay the paper's Figure 8 numbers
+    regablate report runs/fig8_paper --paper true     # overlay the paper's numbers that match the grid's data
 
 Writes into the experiment folder (each file atomically):
 
@@ -11,7 +11,9 @@ Writes into the experiment folder (each file atomically):
 * ``figure8.png``: top, the last block's CLS attention on the same images for each register
   count (from each count's lowest-seed run, via ``regablate.artifacts.scan``); bottom, classification
   top-1, segmentation mIoU, depth RMSE and outlier fraction against the register count, with
-  error bars over seeds;
+  error bars over seeds; with ``--paper true``, the paper's values that were measured on the same
+  dataset with the same protocol (Figure 8's ImageNet curve, Table 2a's single-dataset points; see
+  ``regablate.report.paper``), each labelled with its source;
 * ``hparams/<run>/``: each run's hyper-parameters with its final metrics for TensorBoard's HPARAMS tab.
 """
 
@@ -25,6 +27,7 @@ from jsonargparse.typing import PositiveInt
 
 from regablate.commands import Renamed, function_arguments, modernise, tool_parser
 from regablate.report.figure import attention_rows, draw_figure8
+from regablate.report.paper import paper_overlays
 from regablate.report.tables import aggregate, collect_rows, results_csv, results_markdown, write_hparams
 from regablate.runs import atomic_path, write_text_atomic
 
@@ -42,7 +45,7 @@ def report(experiment: str, images: str | None = None, num_images: PositiveInt =
         experiment: the grid's folder, e.g. runs/fig8_cpu.
         images: image folder for the attention maps (default: fixed synthetic scenes).
         num_images: images in the attention-map rows.
-        paper: overlay the paper's Figure 8 values.
+        paper: overlay the paper's values measured like the grid's (same dataset, dinov2 protocol), with their source.
     """
     paths = write_report(Path(experiment), images=images, num_images=num_images, paper=paper)
     print(f"wrote {', '.join(str(p) for p in paths)}")
@@ -85,7 +88,11 @@ def write_report(
     write_text_atomic(written[0], results_csv(rows))
     write_text_atomic(written[1], results_markdown(experiment.name, rows))
     maps = attention_rows(experiment, rows, images, num_images)
+    overlays = paper_overlays(rows) if paper else None
     with atomic_path(written[2]) as tmp:
-        draw_figure8(tmp, experiment.name, aggregate(rows), maps, paper)
+        draw_figure8(tmp, experiment.name, aggregate(rows), maps, overlays)
+    for metric, overlay in (overlays or {}).items():
+        sources = ", ".join(values.label for values in overlay.values)
+        print(f"paper values on {metric}: {sources or 'none (' + overlay.reason + ')'}")
     write_hparams(written[3], rows)
     return written

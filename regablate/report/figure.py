@@ -19,7 +19,7 @@ from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
 from regablate.data.images import load_image_folder, synthetic_images
 from regablate.errors import RegablateError
 from regablate.models.resolve import load_backbone
-from regablate.report.paper import PANELS, PAPER, TTR_SERIES
+from regablate.report.paper import PANELS, TTR_SERIES, Overlay
 
 IMAGE_SEED = 0  # the fixed synthetic scenes every register count is shown on
 
@@ -53,9 +53,17 @@ def attention_rows(experiment: Path, rows: list[dict[str, Any]], images: str | N
 
 
 def draw_figure8(
-    path: Path, title: str, table: dict[str, dict[int, dict[str, list[float]]]], attention: dict[str, Any], paper: bool
-) -> None:
-    """Save the figure: attention rows (one per image) over the four metric panels."""
+    path: Path,
+    title: str,
+    table: dict[str, dict[int, dict[str, list[float]]]],
+    attention: dict[str, Any],
+    overlays: dict[str, Overlay] | None = None,
+) -> Figure:
+    """Save (and return) the figure: attention rows (one per image) over the four metric panels.
+
+    ``overlays`` (``paper_overlays``) puts the paper's matching values on their panels, in the
+    grid's units and axis, each labelled with its source; a panel without any says why.
+    """
     maps: dict[int, Tensor] = attention["maps"]
     images: Tensor | None = attention["images"]
     counts = sorted({registers for series in table.values() for registers in series})
@@ -87,28 +95,39 @@ def draw_figure8(
             ax.text(
                 0.5, 0.5, f"no {key}\nin the summaries", ha="center", va="center", transform=ax.transAxes, color="grey"
             )
-        if paper and key in PAPER:
-            twin = ax.twinx()
-            reference = [(positions[r], PAPER[key][r]) for r in counts if r in PAPER[key]]
-            twin.plot(
-                [x for x, _ in reference],
-                [y for _, y in reference],
-                "s--",
-                color="grey",
-                alpha=0.8,
-                label="paper (ViT-L/14)",
-            )
-            twin.tick_params(axis="y", colors="grey", labelsize=8)
-            twin.set_ylabel("paper", color="grey", fontsize=8)
-            twin.legend(loc="lower right", fontsize=7)
+        overlay = (overlays or {}).get(key)
+        if overlay is not None:
+            _draw_paper(ax, overlay, positions)
+            plotted = plotted or bool(overlay.values)
         ax.set_xticks(range(len(counts)), [str(c) for c in counts])
         ax.set_xlabel("registers")
         ax.set_title(f"{label} ({'higher' if higher else 'lower'} is better)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
-        if plotted and len(table) > 1:
+        if plotted and (len(table) > 1 or (overlay is not None and overlay.values)):
             ax.legend(fontsize=7)
     figure.savefig(path, dpi=90)
+    return figure
+
+
+def _draw_paper(ax: Any, overlay: Overlay, positions: dict[int, int]) -> None:
+    """The paper's values on the panel's own axis (Figure 8: a curve; Table 2a: points), or why there are none."""
+    for values in overlay.values:
+        points = [(positions[r], v) for r, v in sorted(values.points().items()) if r in positions]
+        curve = values.source.startswith("Figure")
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(
+                xs,
+                ys,
+                "s--" if curve else "*",
+                color="grey",
+                alpha=0.8,
+                markersize=6 if curve else 10,
+                label=values.label,
+            )
+    if not overlay.values:
+        ax.text(0.02, 0.02, f"paper: {overlay.reason}", transform=ax.transAxes, fontsize=7, color="grey")
 
 
 def _attention_panel(top: Any, images: Tensor, maps: dict[int, Tensor]) -> None:

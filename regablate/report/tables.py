@@ -21,12 +21,14 @@ from regablate.report.paper import (
     TABLE_EXTRA,
     TRAINED_SERIES,
     TTR_SERIES,
+    val_scored_panels,
 )
 from regablate.runs import SUMMARY_FILE, read_summary, write_folder_atomic
 
 
 def collect_rows(experiment: Path) -> list[dict[str, Any]]:
-    """One row per run folder with a summary: ``run`` and every key but the (multi-line) log tails."""
+    """One row per run folder with a summary: ``run`` and every key but the (multi-line) log tails; a probe
+    scored on val (no test split) fills its panel's key (:func:`~regablate.report.paper.val_scored_panels`)."""
     if not experiment.is_dir():
         raise RegablateError(f"experiment folder not found: {experiment} (give runs/<grid name>)")
     rows = []
@@ -34,7 +36,8 @@ def collect_rows(experiment: Path) -> list[dict[str, Any]]:
         if not (run_dir / SUMMARY_FILE).is_file():
             continue
         summary = read_summary(run_dir)
-        rows.append({"run": run_dir.name, **{k: v for k, v in summary.items() if not k.endswith("/log_tail")}})
+        row = {"run": run_dir.name, **{k: v for k, v in summary.items() if not k.endswith("/log_tail")}}
+        rows.append({**row, **val_scored_panels(row)})
     if not rows:
         raise RegablateError(f"{experiment} holds no run folder with a summary.json: has the sweep run?")
     return rows
