@@ -32,7 +32,7 @@ def test_grid_file_loads_and_its_runs_resolve(path: Path):
     assert grid.runs and grid.stages
     # The first and last grid points parse as run configs (base configs + their overrides).
     for run in (grid.runs[0], grid.runs[-1]):
-        config = yaml.safe_load(resolve_config(grid.base, run.overrides))
+        config = yaml.safe_load(resolve_config(grid.base_of(run), run.overrides))
         assert config["model"]["init_args"]["num_registers"] in (0, 1, 2, 4, 8, 16)
 
 

@@ -50,8 +50,11 @@ PATHS = {
     "model.init_args.pretrained",  # ... DINOv2's hub weights
 }
 DEVICE = {"trainer.accelerator", "trainer.precision"}  # CPU ranks in float32 instead of GPUs in bf16
-# Every probe flag the rehearsal may change: head steps and dataset paths.
-STAGE_FLAGS = {"--probe.cls_steps", "--probe.seg_steps", "--probe.depth_steps", "--data.init_args.path"}
+# Every probe flag the rehearsal may set or change: the protocol's iterations and batch sizes, and dataset paths.
+STAGE_FLAGS = {
+    *(f"--probe.dinov2.{probe}_{size}" for probe in ("cls", "seg", "depth") for size in ("iterations", "batch_size")),
+    "--data.init_args.path",
+}
 
 
 def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -100,9 +103,10 @@ def test_rehearsal_stages_and_probe_flags_are_the_paper_grids():
     assert [(s.name, s.command) for s in rehearsal.stages] == [(s.name, s.command) for s in paper.stages]
     for ours, theirs in zip(rehearsal.stages, paper.stages):
         a, b = flags(theirs.args), flags(ours.args)
-        assert list(a) == list(b), ours.name  # the same flags, in the same order
-        changed = {flag for flag in a if a[flag] != b[flag]}
+        assert list(b)[: len(a)] == list(a), ours.name  # the paper's flags, in its order, then sizes added
+        changed = {flag for flag in b if a.get(flag) != b[flag]}
         assert changed <= STAGE_FLAGS, (ours.name, changed - STAGE_FLAGS)
+        assert ("--probe.protocol", "dinov2") in zip(ours.args, ours.args[1:]) or ours.command != "probe"
     assert rehearsal.report["paper"] is True and paper.report["paper"] is True
     assert rehearsal.launcher["devices_per_run"] == 2  # 2 DDP ranks, as paper.yaml's 8 GPUs are 8 ranks
 

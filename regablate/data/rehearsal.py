@@ -37,7 +37,7 @@ from regablate.runs import write_folder_atomic
 
 NUM_CLASSES = 10  # object classes of the scenes: ImageNet labels, ADE ids 1..10
 NYU_FRAME = (480, 640)  # the Kinect frame the Eigen crop is defined on
-BACKBONE = {"model_name": "vit_large_patch14_dinov2", "embed_dim": 48, "depth": 2, "num_heads": 3}
+BACKBONE = {"model_name": "vit_large_patch14_dinov2", "embed_dim": 48, "depth": 4, "num_heads": 3}
 
 
 def _jpeg(image: np.ndarray, quality: int = 90) -> bytes:
