@@ -139,7 +139,7 @@ def test_rehearsal_runs_every_stage_of_the_paper_grid(tmp_path):
         assert summary["status"] == "complete" and summary["num_registers"] == registers
         assert [summary[f"stages/{s}"] for s in ("fit", "probe_cls", "probe_seg", "probe_depth")] == ["complete"] * 4
         assert summary["task"] == "DINO" and summary["global_step"] == 6
-        assert 0 <= summary["probe/cls_top1"] <= 1 and 0 <= summary["probe/seg_val_miou"] <= 1
+        assert 0 <= summary["probe/cls_top1"] <= 1 and 0 <= summary["probe/seg_miou"] <= 1
         assert summary["probe/depth_rmse"] > 0
         log = (experiment / name / "sweep.log").read_text()
         assert "Starting with 2 processes" in log and "distributed_backend=gloo" in log  # fit is a 2-rank DDP world
