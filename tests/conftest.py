@@ -84,6 +84,27 @@ def tiny_fit_args(tmp_path: Path, *extra: str, registers: int = 2) -> list[str]:
     ]
 
 
+TRAINED_MODEL = "{patch_size: 4, embed_dim: 48, depth: 2, num_heads: 2}"  # 8x8 patches of 4 px at 32 px
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tmp_path_factory) -> Path:
+    """A tiny ViT (``TRAINED_MODEL``) fitted for 120 steps on synthetic scenes: a backbone worth probing."""
+    from regablate.cli import main
+
+    tmp = tmp_path_factory.mktemp("trained")
+    main(
+        [
+            "fit",
+            *tiny_fit_args(tmp),
+            *("--model.model_kwargs", TRAINED_MODEL, "--model.lr", "3e-3", "--model.warmup_steps", "10"),
+            *("--data.train_size", "4000", "--data.batch_size", "32"),
+            *("--trainer.max_steps", "120", "--trainer.val_check_interval", "120"),
+        ]
+    )
+    return next((tmp / "runs" / "tiny").iterdir())
+
+
 def write_source_checkpoint(path: Path, model_name: str, img_size: int, model_kwargs: dict, registers: int = 0) -> Path:
     """A trained-looking source model (random weights, no registers) for distillation tests."""
     import torch

@@ -15,7 +15,7 @@ from regablate.cli import main
 from regablate.data import HFDataModule, SyntheticScenes, SyntheticScenesDataset
 from regablate.probe import BatchFeatures, LinearProbe, run_probe
 from regablate.probe import run as probe_run
-from tests.conftest import tiny_fit_args
+from tests.conftest import TRAINED_MODEL
 
 SMALL_DATA = ["--data.train_size", "384", "--data.val_size", "128", "--data.test_size", "192"]
 FAST = [
@@ -28,7 +28,6 @@ FAST = [
     "--probe.depth_steps",
     "300",
 ]
-MODEL = "{patch_size: 4, embed_dim: 48, depth: 2, num_heads: 2}"
 
 
 def probe(*args):
@@ -40,32 +39,10 @@ def summary(folder):
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
-    """A tiny ViT (8x8 patches of 4 px) fitted for 120 steps on synthetic scenes, probed once."""
-    tmp = tmp_path_factory.mktemp("trained")
-    main(
-        [
-            "fit",
-            *tiny_fit_args(tmp),
-            "--model.model_kwargs",
-            MODEL,
-            "--model.lr",
-            "3e-3",
-            "--model.warmup_steps",
-            "10",
-            "--data.train_size",
-            "4000",
-            "--data.batch_size",
-            "32",
-            "--trainer.max_steps",
-            "120",
-            "--trainer.val_check_interval",
-            "120",
-        ]
-    )
-    run = next((tmp / "runs" / "tiny").iterdir())
-    probe(str(run))
-    return run
+def trained_run(trained_tiny_run):
+    """The trained tiny run, probed once (in its own folder)."""
+    probe(str(trained_tiny_run))
+    return trained_tiny_run
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +56,7 @@ def random_probe(tmp_path_factory):
         "--num_registers",
         "2",
         "--model_kwargs",
-        MODEL,
+        TRAINED_MODEL,
         "--output",
         str(out),
     )

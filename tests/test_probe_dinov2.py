@@ -43,7 +43,7 @@ from regablate.probe.dinov2.segmentation import SegmentationProbe, slide_windows
 from regablate.probe.dinov2.settings import DINOV2_LRS, NYU_TRAIN_CROP, frame_region
 from regablate.probe.dinov2.views import SegmentationLabels, SegmentationTrainView, rescale_size
 from regablate.probe.run import check_protocol_devices
-from tests.conftest import TINY, tiny_fit_args
+from tests.conftest import TINY
 
 TINY_MODEL = dict(TINY)
 
@@ -389,44 +389,16 @@ def test_without_a_test_split_dinov2_scores_on_val_under_the_val_keys(monkeypatc
 
 # --- end to end: fast against dinov2 on a trained tiny backbone -----------------------------------------
 
-MODEL = "{patch_size: 4, embed_dim: 48, depth: 2, num_heads: 2}"
 DATA = ["--data.train_size", "512", "--data.val_size", "256", "--data.test_size", "512"]
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A tiny ViT (8x8 patches of 4 px) fitted for 120 steps on synthetic scenes."""
-    tmp = tmp_path_factory.mktemp("trained")
-    main(
-        [
-            "fit",
-            *tiny_fit_args(tmp),
-            "--model.model_kwargs",
-            MODEL,
-            "--model.lr",
-            "3e-3",
-            "--model.warmup_steps",
-            "10",
-            "--data.train_size",
-            "4000",
-            "--data.batch_size",
-            "32",
-            "--trainer.max_steps",
-            "120",
-            "--trainer.val_check_interval",
-            "120",
-        ]
-    )
-    return next((tmp / "runs" / "tiny").iterdir())
-
-
 @pytest.mark.slow  # the trained backbone: a 120-step fit (~65 s here)
-def test_fast_and_dinov2_top1_agree_on_a_trained_backbone(trained_run, tmp_path):
-    main(["probe", str(trained_run), *DATA, "--probe.probes", "[cls]", "--output", str(tmp_path / "fast")])
+def test_fast_and_dinov2_top1_agree_on_a_trained_backbone(trained_tiny_run, tmp_path):
+    main(["probe", str(trained_tiny_run), *DATA, "--probe.probes", "[cls]", "--output", str(tmp_path / "fast")])
     main(
         [
             "probe",
-            str(trained_run),
+            str(trained_tiny_run),
             *DATA,
             "--probe.protocol",
             "dinov2",
@@ -461,7 +433,7 @@ def test_fast_and_dinov2_top1_agree_on_a_trained_backbone(trained_run, tmp_path)
 
 
 @pytest.mark.slow  # the trained backbone: a 120-step fit (~65 s here)
-def test_lost_runs_beside_the_dinov2_protocol_on_the_test_split_only(trained_run, tmp_path, monkeypatch):
+def test_lost_runs_beside_the_dinov2_protocol_on_the_test_split_only(trained_tiny_run, tmp_path, monkeypatch):
     from regablate.probe import run as probe_run
 
     extracted = []
@@ -470,7 +442,7 @@ def test_lost_runs_beside_the_dinov2_protocol_on_the_test_split_only(trained_run
     data = SyntheticScenes(img_size=32, train_size=64, val_size=32, test_size=64, batch_size=32)
     from regablate.models.resolve import load_backbone
 
-    model = load_backbone(trained_run, "best")
+    model = load_backbone(trained_tiny_run, "best")
     probe = LinearProbe(protocol="dinov2", probes=["lost"])
     report = run_probe(ViTExtractor(model), data, probe, output_dir=tmp_path, patch_size=(4, 4), data_config={})
     assert len(extracted) == 1  # the test split, nothing else

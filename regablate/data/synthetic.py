@@ -121,6 +121,19 @@ def render_scene(
     return {key: torch.from_numpy(value) for key, value in scene.items()}
 
 
+def background(rng: np.random.Generator, xs: np.ndarray, ys: np.ndarray, size: int) -> np.ndarray:
+    """A scene's background (3, H, W): a two-colour gradient of low saturation plus a low-frequency ripple."""
+    hue, sat, val = rng.random(3), rng.uniform(0.0, 0.25, 2), rng.uniform(0.25, 0.85, 2)
+    near_colour, far_colour = (_rgb(hue[i], sat[i], val[i])[:, None, None] for i in range(2))
+    angle, fx, fy, phase, ripple = rng.random(5).tolist()
+    angle *= 2 * math.pi
+    t = np.clip(((xs - size / 2) * math.cos(angle) + (ys - size / 2) * math.sin(angle)) / size + 0.5, 0.0, 1.0)
+    wave = (0.03 + 0.05 * ripple) * np.sin(
+        (2 * math.pi / size) * ((3 * fx - 1.5) * xs + (3 * fy - 1.5) * ys) + 2 * math.pi * phase
+    )
+    return near_colour + (far_colour - near_colour) * t + wave
+
+
 def _render(
     seed: int,
     split: str,
@@ -137,17 +150,7 @@ def _render(
     rng = _rng(seed, split, index)
     centres = _pixel_centres(size)
     xs, ys = centres[None, :], centres[:, None]
-
-    # Background: a two-colour gradient of low saturation plus a low-frequency ripple.
-    hue, sat, val = rng.random(3), rng.uniform(0.0, 0.25, 2), rng.uniform(0.25, 0.85, 2)
-    near_colour, far_colour = (_rgb(hue[i], sat[i], val[i])[:, None, None] for i in range(2))
-    angle, fx, fy, phase, ripple = rng.random(5).tolist()
-    angle *= 2 * math.pi
-    t = np.clip(((xs - size / 2) * math.cos(angle) + (ys - size / 2) * math.sin(angle)) / size + 0.5, 0.0, 1.0)
-    wave = (0.03 + 0.05 * ripple) * np.sin(
-        (2 * math.pi / size) * ((3 * fx - 1.5) * xs + (3 * fy - 1.5) * ys) + 2 * math.pi * phase
-    )
-    image = near_colour + (far_colour - near_colour) * t + wave
+    image = background(rng, xs, ys, size)
     # Depth must be readable from the image, or no depth probe can beat the mean: the
     # background is a ground plane (depth grows with height in the image) and nearer objects
     # are brighter (their colour value falls from 1.0 at depth 1 to 0.6 at depth 5).

@@ -13,22 +13,24 @@ import time
 
 import numpy as np
 
-from regablate.data.synthetic import _REACH, _SHAPES, _pixel_centres, _render, _rgb, _rng, _texture, class_identity
+from regablate.data.synthetic import (
+    _REACH,
+    _SHAPES,
+    _pixel_centres,
+    _render,
+    _rgb,
+    _rng,
+    _texture,
+    background,
+    class_identity,
+)
 
 
 def render(seed, split, index, size, K, min_objects, max_objects, rmin, rmax, hue_jitter=0.03):
     rng = _rng(seed, split, index)
     centres = _pixel_centres(size)
     xs, ys = centres[None, :], centres[:, None]
-    hue, sat, val = rng.random(3), rng.uniform(0.0, 0.25, 2), rng.uniform(0.25, 0.85, 2)
-    near_colour, far_colour = (_rgb(hue[i], sat[i], val[i])[:, None, None] for i in range(2))
-    angle, fx, fy, phase, ripple = rng.random(5).tolist()
-    angle *= 2 * math.pi
-    t = np.clip(((xs - size / 2) * math.cos(angle) + (ys - size / 2) * math.sin(angle)) / size + 0.5, 0.0, 1.0)
-    wave = (0.03 + 0.05 * ripple) * np.sin(
-        (2 * math.pi / size) * ((3 * fx - 1.5) * xs + (3 * fy - 1.5) * ys) + 2 * math.pi * phase
-    )
-    image = near_colour + (far_colour - near_colour) * t + wave
+    image = background(rng, xs, ys, size)
     n = int(rng.integers(min_objects, max_objects + 1))
     classes = rng.permutation(K)[:n]
     placed = []  # (x, y, r)
