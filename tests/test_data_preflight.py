@@ -153,7 +153,7 @@ def test_a_later_stage_that_cannot_load_stops_the_sweep_before_anything_runs(tmp
     assert sweep(tmp_path, grid, "--dry_run", "true") == 2
     captured = capsys.readouterr()
     assert "  probe_seg: ERROR: data folder not found" in captured.out
-    assert captured.err.startswith("regablate: error: preflight: stage probe_seg cannot load its data")
+    assert captured.err.startswith("regablate: error: preflight: stage probe_seg cannot run")
     started = time.perf_counter()
     assert sweep(tmp_path, grid) == 2  # the real sweep: refused before any fit
     assert time.perf_counter() - started < 30 and not (tmp_path / "runs").exists()
@@ -167,3 +167,35 @@ def test_preflight_false_skips_the_check(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "r2_s0: new, fit -> probe_seg" in out and "preflight:" not in out
+
+
+def test_a_dinov2_probe_on_more_blocks_than_the_model_has_is_refused_before_the_fit(tmp_path, capsys):
+    """tiny.yaml's ViT has 2 blocks; DINOv2's heads read the last 1 and 4 by default."""
+    path = tmp_path / "deep.yaml"
+    path.write_text(
+        f"""grid:
+  name: deep
+  base: {REPO / "tests" / "configs" / "tiny.yaml"}
+  axes: {{model.init_args.num_registers: [0], seed_everything: [0]}}
+  stages:
+    - {{name: fit, command: fit}}
+    - {{name: probe_cls, command: probe, args: [--probe.protocol, dinov2, --probe.probes, "[cls]"]}}
+"""
+    )
+    assert sweep(tmp_path, path) == 2
+    captured = capsys.readouterr()
+    assert "  probe_cls: ERROR: --probe.dinov2.cls_n_last_blocks reads the last 4 blocks, the run's model has 2" in (
+        captured.out
+    )
+    assert captured.err.startswith("regablate: error: preflight: stage probe_cls cannot run")
+    assert not (tmp_path / "runs").exists()
+    path.write_text(path.read_text().replace('"[cls]"]', '"[cls]", --probe.dinov2.cls_n_last_blocks, "[1, 2]"]'))
+    regablate_main(["sweep", str(path), "--output", str(tmp_path / "runs"), "--dry_run", "true"])
+    assert "  probe_cls: ok: SyntheticScenes" in capsys.readouterr().out
+
+
+def test_the_depth_of_a_timm_model_without_model_kwargs_comes_from_timm():
+    from regablate.sweep.preflight import model_depth
+
+    assert model_depth({"model_name": "vit_large_patch14_dinov2"}) == 24
+    assert model_depth({"model_name": "vit_small_patch16_224", "model_kwargs": {"depth": 3}}) == 3

@@ -16,7 +16,7 @@ from functools import cache
 from typing import Any
 
 import yaml
-from jsonargparse import ArgumentError, ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
 from regablate.data.preflight import DataCheck, check_data
 from regablate.errors import RegablateError
@@ -49,20 +49,64 @@ def _probe_parser() -> ArgumentParser:
     return build_parser()
 
 
+def _probe_args(stage: Stage, run_data: dict[str, Any] | None) -> Namespace:
+    parser = _probe_parser()
+    parser.set_defaults(data=run_data or {"class_path": "regablate.data.SyntheticScenes"})
+    try:
+        return parser.parse_args(list(stage.args))
+    except ArgumentError as err:
+        raise RegablateError(f"stage {stage.name}: its arguments do not parse: {' '.join(str(err).split())}") from None
+
+
 def stage_data(stage: Stage, run_data: dict[str, Any] | None) -> dict[str, Any] | None:
     """The data config a stage of a run will load (None: a stage whose data the preflight does not know)."""
     if stage.command in LIGHTNING_COMMANDS:
         return run_data
     if stage.command != "probe":
         return None  # inspect: its images come from --images or fixed scenes
-    parser = _probe_parser()
-    parser.set_defaults(data=run_data or {"class_path": "regablate.data.SyntheticScenes"})
-    try:
-        cfg = parser.parse_args(list(stage.args))
-    except ArgumentError as err:
-        raise RegablateError(f"stage {stage.name}: its arguments do not parse: {' '.join(str(err).split())}") from None
-    data = cfg.get("data")
+    data = _probe_args(stage, run_data).get("data")
     return data.as_dict() if hasattr(data, "as_dict") else data
+
+
+def model_problem(stage: Stage, run_data: dict[str, Any] | None, depth: int | None) -> str | None:
+    """What a probe stage asks of the run's model (``depth`` blocks; None: unknown) that the model lacks, or None.
+
+    DINOv2's classification heads read the last ``cls_n_last_blocks`` blocks: a model with fewer
+    would fail the probe only after the fit, a day into the run.
+    """
+    if stage.command != "probe" or depth is None:
+        return None
+    probe = _probe_args(stage, run_data).probe
+    if probe.protocol != "dinov2" or "cls" not in probe.probes:
+        return None
+    wanted = max(probe.dinov2.cls_n_last_blocks)
+    if wanted <= depth:
+        return None
+    return (
+        f"--probe.dinov2.cls_n_last_blocks reads the last {wanted} blocks, "
+        f"the run's model has {depth}; give the stage --probe.dinov2.cls_n_last_blocks with values up to {depth}"
+    )
+
+
+def model_depth(init_args: dict[str, Any]) -> int | None:
+    """Blocks of a run's backbone: ``model_kwargs.depth``, else its timm model's own (built on the meta device)."""
+    depth = (init_args.get("model_kwargs") or {}).get("depth")
+    if depth is not None:
+        return int(depth)
+    name = init_args.get("model_name")
+    return _timm_depth(name) if name else None
+
+
+@cache
+def _timm_depth(name: str) -> int | None:
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return len(timm.create_model(name, pretrained=False, num_classes=0).blocks)
+    except (RuntimeError, AttributeError):  # not a timm ViT: the fit stage says so
+        return None
 
 
 def preflight(grid: Grid, resolved: dict[str, str], pending: dict[str, list[Stage]]) -> list[StageReport]:
@@ -70,11 +114,14 @@ def preflight(grid: Grid, resolved: dict[str, str], pending: dict[str, list[Stag
     checked: dict[str, DataCheck] = {}  # each distinct data config, and each (stage, run data), once
     found: dict[str, Counter] = {stage.name: Counter() for stage in grid.stages}
     for run, config in resolved.items():
-        run_data = (yaml.safe_load(config) or {}).get("data")
+        tree = yaml.safe_load(config) or {}
+        run_data, model = tree.get("data"), tree.get("model") or {}
+        depth = model_depth(model.get("init_args") or {})  # all the checks ask of the model
         for stage in pending.get(run, []):
-            key = json.dumps([stage.name, run_data], sort_keys=True, default=str)
+            key = json.dumps([stage.name, run_data, depth], sort_keys=True, default=str)
             if key not in checked:
-                checked[key] = _check_stage(stage, run_data, checked)
+                problem = model_problem(stage, run_data, depth)
+                checked[key] = DataCheck("error", problem) if problem else _check_stage(stage, run_data, checked)
             found[stage.name][checked[key]] += 1
     order = {"error": 0, "unchecked": 1, "ok": 2}
     return [
@@ -97,13 +144,13 @@ def _check_stage(stage: Stage, run_data: dict[str, Any] | None, checked: dict[st
 
 
 def refusal(reports: list[StageReport]) -> RegablateError | None:
-    """The one-line error that stops a sweep whose stages cannot load their data, or None."""
+    """The one-line error that stops a sweep whose stages cannot load their data (or fit the model), or None."""
     failed = [r for r in reports if r.failed]
     if not failed:
         return None
     first = next(c for c in failed[0].checks if c.status == "error")
     more = f" (and {len(failed) - 1} more stage(s), see above)" if len(failed) > 1 else ""
     return RegablateError(
-        f"preflight: stage {failed[0].stage} cannot load its data: {first.message}{more}; "
+        f"preflight: stage {failed[0].stage} cannot run: {first.message}{more}; "
         "fix the data or the grid, or run with --preflight false"
     )
