@@ -361,6 +361,15 @@ class SyntheticScenes(SplitDataModule):
 
     def dataset(self, split: str) -> SyntheticScenesDataset:
         """The dataset of ``split`` ("train", "val" or "test"); only train is flipped."""
+        return self._scenes(split, self.mean, self.std, hflip=self.hparams.hflip and split == "train")
+
+    def raw_dataset(self, split: str) -> SyntheticScenesDataset:
+        """``split``'s scenes as rendered: images in [0, 1], not normalised, never flipped (DINOv2's own views)."""
+        return self._scenes(split, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), hflip=False)
+
+    def _scenes(
+        self, split: str, mean: tuple[float, ...], std: tuple[float, ...], hflip: bool
+    ) -> SyntheticScenesDataset:
         hp = self.hparams
         return SyntheticScenesDataset(
             seed=hp.seed,
@@ -370,9 +379,9 @@ class SyntheticScenes(SplitDataModule):
             num_classes=self.num_object_classes,
             max_objects=hp.max_objects,
             hue_jitter=hp.hue_jitter,
-            mean=self.mean,
-            std=self.std,
-            hflip=hp.hflip and split == "train",
+            mean=mean,
+            std=std,
+            hflip=hflip,
             min_objects=hp.min_objects,
             object_size=hp.object_size,
             label=hp.label,

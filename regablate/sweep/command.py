@@ -251,8 +251,9 @@ def run_after_needs(launcher: LocalLauncher | SlurmLauncher, plan: Plan, progres
         ready = [job for job in waiting if set(job.run.needs) <= complete]
         waiting = [job for job in waiting if job not in ready and job not in blocked]
         if ready:
-            for name, ok in launcher.run(ready).items():
-                (complete if ok else failed).add(name)
+            results = launcher.run(ready)
+            for job in ready:  # a run the launcher gave no result for counts as failed
+                (complete if results.get(job.run.name) else failed).add(job.run.name)
 
 
 def print_preflight(reports: list[StageReport], seconds: float) -> None:

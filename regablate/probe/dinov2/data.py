@@ -10,9 +10,9 @@ dataset of dicts with
 * any of ``label`` (int), ``mask`` (H, W) integer class ids, ``depth`` (H, W) float32 in the
   data's depth unit, 0 (or non-finite) where unknown; all at their stored resolution.
 
-A data module provides it with a ``raw_dataset(split)`` method; ``SyntheticScenes`` (the rendered
-scenes, unflipped and unnormalised) and ``HFDataModule`` (its rows through the same column mapping,
-``depth_scale`` and ``max_depth``, without geometry) are read here without one.
+A data module provides it with a ``raw_dataset(split)`` method (``SyntheticScenes``: the rendered
+scenes, unflipped and unnormalised); ``HFDataModule`` (its rows through the same column mapping,
+``depth_scale`` and ``max_depth``, without geometry) is read here without one.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from torchvision.transforms import v2
 
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
 from regablate.data.huggingface import BatchTransform, HFDataModule
-from regablate.data.synthetic import SyntheticScenes, SyntheticScenesDataset
 from regablate.errors import RegablateError
 
 RAW_KEYS = ("image", "label", "mask", "depth")
@@ -44,19 +43,6 @@ def raw_dataset(datamodule: LightningDataModule, split: str) -> Dataset:
     hook = getattr(datamodule, "raw_dataset", None)
     if callable(hook):
         return hook(split)
-    if isinstance(datamodule, SyntheticScenes):
-        hp = datamodule.hparams
-        return SyntheticScenesDataset(
-            seed=hp.seed,
-            split=split,
-            size=hp[f"{split}_size"],
-            img_size=hp.img_size,
-            num_classes=hp.num_classes,
-            max_objects=hp.max_objects,
-            hue_jitter=hp.hue_jitter,
-            mean=(0.0, 0.0, 0.0),
-            std=(1.0, 1.0, 1.0),
-        )
     if isinstance(datamodule, HFDataModule):
         columns = {key: column for key, column in datamodule.columns.items() if key in RAW_KEYS}
         hp = datamodule.hparams
