@@ -12,13 +12,16 @@ line, ``regablate: error: ...``, and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import sys
 from collections.abc import Callable
 
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, Namespace
 
 from regablate.artifacts import inspect as inspect_command
+from regablate.commands import modernise
 from regablate.errors import RegablateError
 from regablate.lightning_cli import build_cli
 from regablate.probe import command as probe_command
@@ -52,6 +55,30 @@ def main(args: list[str] | None = None) -> None:
         if user_error is None:
             raise
         _fail(str(user_error))
+
+
+def parse_command(args: list[str]) -> Namespace | None:
+    """Parse a ``regablate`` command line as :func:`main` would, and run nothing (the docs' test uses it).
+
+    A tool's command line gives its parsed namespace; LightningCLI's subcommands are parsed with
+    ``--print_config`` (what it prints is dropped) and give None. Bad arguments raise as in ``main``.
+    """
+    if args and args[0] in TOOLS:
+        module = sys.modules[TOOLS[args[0]][0].__module__]
+        parse = getattr(module, "parse", None)
+        if parse is not None:
+            return parse(args[1:])
+        return module.build_parser().parse_args(
+            modernise(args[1:], args[0], getattr(module, "RENAMED", ()), repeatable=("--only",))
+        )
+    printed = [] if "--print_config" in args else ["--print_config"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            build_cli([*args, *printed])
+        except SystemExit as exit_:
+            if exit_.code not in (0, None):
+                raise
+    return None
 
 
 def run_script(function: Callable[..., None], argv: list[str] | None = None) -> None:

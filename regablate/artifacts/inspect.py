@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor
 from torchvision.utils import save_image
@@ -173,9 +173,14 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def parse(argv: list[str]) -> Namespace:
+    """``regablate inspect``'s command line, parsed (errors surface as ArgumentError)."""
+    return build_parser().parse_args(modernise(argv, "inspect", RENAMED))
+
+
 def main(argv: list[str]) -> None:
     """Run ``regablate inspect`` with ``argv`` (the arguments after ``inspect``)."""
-    cfg = build_parser().parse_args(modernise(argv, "inspect", RENAMED))
+    cfg = parse(argv)
     options = function_arguments(cfg, skip=(*BACKBONE_ARGUMENTS, "register_neurons"))
     search = NeuronSearch(**function_arguments(cfg.register_neurons))
     inspect(cfg.run, backbone_source(cfg), register_neurons=search, **options)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt
 
 from regablate.commands import Renamed, function_arguments, modernise, tool_parser
@@ -58,10 +58,14 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def parse(argv: list[str]) -> Namespace:
+    """``regablate report``'s command line, parsed (errors surface as ArgumentError)."""
+    return build_parser().parse_args(modernise(argv, "report", RENAMED))
+
+
 def main(argv: list[str]) -> None:
     """Entry point of ``regablate report``."""
-    cfg = build_parser().parse_args(modernise(argv, "report", RENAMED))
-    report(**function_arguments(cfg))
+    report(**function_arguments(parse(argv)))
 
 
 def write_report(
