@@ -62,7 +62,9 @@ from regablate.tasks.optim import dinov2_param_groups, scaled_lr
 from regablate.tasks.views import DINOV2_BLUR_PROBS, PhotometricViews
 
 # A fraction in (0, 1]: a crop's area as a fraction of the image, layer-wise learning-rate decay (1: none).
-PositiveFraction = restricted_number_type("PositiveFraction", float, [(">", 0), ("<=", 1)], docstring="a fraction in (0, 1]")
+PositiveFraction = restricted_number_type(
+    "PositiveFraction", float, [(">", 0), ("<=", 1)], docstring="a fraction in (0, 1]"
+)
 # A fraction in [0, 1): iBOT's mask ratios, the student's stochastic depth.
 Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)], docstring="a fraction in [0, 1)")
 Centering = Literal["sinkhorn_knopp", "centering"]

@@ -121,8 +121,8 @@ class _Draws:
     def apply(self, op: K.AugmentationBase2D, x: Tensor, groups: int) -> Tensor:
         batch = x.shape[0] // groups
         shape = torch.Size([batch * self.world_size * groups, *x.shape[1:]])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + self.calls)
+        with torch.random.fork_rng(devices=[]):  # kornia draws from the CPU's default generator
+            torch.default_generator.manual_seed(self.seed * 1_000_003 + self.calls)  # CPU only: cheap
             params = op.forward_parameters(shape)
         self.calls += 1
         if self.world_size > 1:
