@@ -136,6 +136,16 @@ def test_head_warmup_freezes_the_backbone_and_mask_token_and_trains_both_heads()
     assert all(param in state for param in head_params if param.requires_grad)
 
 
+def test_the_views_use_the_normalisation_of_the_data_module():
+    dino = task()
+    assert dino.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])  # ImageNet's by default
+    data = SyntheticScenes(img_size=32, num_classes=4, train_size=32, val_size=16, batch_size=16)
+    data.mean, data.std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # what HFDataModule(mean=..., std=...) holds
+    quiet_trainer(1).fit(dino, data)
+    assert dino.mean.flatten().tolist() == pytest.approx([0.5, 0.4, 0.3])
+    assert dino.std.flatten().tolist() == pytest.approx([0.2, 0.25, 0.3])
+
+
 def test_the_mask_token_replaces_masked_patch_embeddings_before_the_position_embedding():
     dino = task(num_registers=2)
     student = dino.student
