@@ -187,6 +187,8 @@ def test_ibot_targets_are_the_teachers_masked_patch_tokens_through_the_ibot_head
         out = dino._shared_step(images, 0, torch.Generator().manual_seed(3))
     torch.testing.assert_close(out["teacher_patch_logits"], expected)
     assert set(out["terms"]) == {"DINO", "iBOT", "KoLeo"}
+    extra = {k for k in dino.state_dict() if not k.startswith(("student", "backbone.", "teacher_"))}
+    assert extra == {"mask_token", "center", "ibot_center"}  # the views keep nothing in checkpoints
     # iBOT and KoLeo off: DINO alone, no mask token, no iBOT head.
     plain = task(ibot_loss_weight=0.0, koleo_loss_weight=0.0)
     assert plain.mask_token is None and plain.student_ibot_head is None

@@ -68,6 +68,9 @@ class PhotometricViews(nn.Module):
             [K.RandomGaussianBlur(9, (0.1, 2.0), border_type="reflect", p=p) for p in blur_probs]
         )
         self.solarize = K.RandomSolarize(thresholds=(128 / 255, 128 / 255), additions=0.0, p=solarize_prob)
+        for module in self.modules():  # kornia's parameter ranges are configuration, not checkpoint state
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                module.register_buffer(name, buffer, persistent=False)
 
     def forward(
         self,
