@@ -1,7 +1,8 @@
 """The GPU check's measurements: the paper's DINO step on one device, then the probe's extraction.
 
-1. ``DINO`` as ``configs/fig8/paper_run.yaml`` trains it: ViT-L/14 at 224 px with 4 registers,
-   2 global 224 px and 8 local 98 px crops, 65536 prototypes, bf16-mixed, batch 64, gradient
+1. ``DINO`` as ``configs/fig8/paper_run.yaml`` trains it (DINOv2's recipe: DINO + iBOT + KoLeo):
+   ViT-L/14 at 224 px with 4 registers, 2 global 224 px and 8 local 98 px crops, the prototypes of
+   paper_run.yaml, bf16-mixed, batch 64, gradient
    clipping; random weights (the GPU machine has no network) on synthetic scenes at 224 px,
    rendered once before the clock starts. Through ``Trainer.fit``: ``--warmup`` untimed steps (the
    first two a head warm-up with the backbone frozen), then ``--steps`` timed steps. Figures:
@@ -50,6 +51,9 @@ TINY = {
     "bottleneck_dim": 16,
     "num_local_crops": 2,
     "local_crop_size": 16,
+    "ibot_out_dim": 64,
+    "ibot_hidden_dim": 64,
+    "ibot_bottleneck_dim": 16,
 }
 
 

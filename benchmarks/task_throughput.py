@@ -74,7 +74,7 @@ def plain_loop(name: str, source: Path, steps: int, warmup: int) -> float:
         else:
             out = task._shared_step(images, step, task.crop_generator(step))
             loss = out["loss"]
-            task.update_center(out["teacher_out"])
+            task.update_centers(out)
         loss.backward()
         optimizer.step()
         schedule.step()

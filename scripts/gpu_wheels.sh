@@ -3,15 +3,16 @@
 #
 # The lent GPU machine's python3 (CPython 3.12) has torch, lightning, timm, torchmetrics,
 # tensorboard, safetensors, torchvision, matplotlib, pandas, pyarrow, xxhash and huggingface_hub,
-# but not jsonargparse (with its signature extras), datasets (nor its dill and multiprocess) or
-# submitit. This downloads those, and timm, at the versions of the environment PYTHON runs in (the
-# versions the tests pass with), as wheels for CPython 3.12 into .gpu_wheels/ (git-ignored; 4.6 MB).
+# but not jsonargparse (with its signature extras), datasets (nor its dill and multiprocess),
+# submitit or kornia (nor its kornia-rs). This downloads those, and timm, at the versions of the
+# environment PYTHON runs in (the versions the tests pass with), as wheels for CPython 3.12 into
+# .gpu_wheels/ (git-ignored).
 #
 #   scripts/gpu_wheels.sh [PYTHON]      # PYTHON: an environment with regablate installed (default: python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${1:-python3}"
-PACKAGES=(jsonargparse docstring-parser typeshed-client datasets dill multiprocess submitit timm)
+PACKAGES=(jsonargparse docstring-parser typeshed-client datasets dill multiprocess submitit timm kornia kornia-rs)
 read -r -a pins < <("$PYTHON" - "${PACKAGES[@]}" <<'PY'
 import sys
 from importlib.metadata import version

@@ -62,11 +62,14 @@ def test_distillation_ddp_matches_one_process(tmp_path, source):
 
 
 def test_dino_ddp_matches_one_process(tmp_path):
+    """DINOv2's recipe (tiny_dino.yaml: iBOT with its own head, KoLeo, Sinkhorn-Knopp, the views) on 2 ranks."""
     one = fit("tiny_dino.yaml", tmp_path, "one", 1)
     two = fit("tiny_dino.yaml", tmp_path, "two", 2)
     assert two["status"] == one["status"] == "complete"
-    # Crops are drawn for the global batch and dealt out like the samples: the same crops, the same model.
-    assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-3)
+    # Crops, views and masks are drawn for the global batch and dealt out like the samples, Sinkhorn-Knopp
+    # sums over both ranks, KoLeo sees the whole batch: the same targets, the same losses, the same model.
+    for key in ("train/dino_loss", "train/ibot_loss", "train/koleo_loss", "val/loss"):
+        assert two[key] == pytest.approx(one[key], rel=1e-3), key
     assert two["train/teacher_momentum"] == pytest.approx(one["train/teacher_momentum"])
 
 
@@ -82,11 +85,12 @@ def test_dino_head_warmup_under_ddp_matches_one_process_step_by_step(tmp_path):
     one = fit("tiny_dino.yaml", tmp_path, "one", 1, *extra)
     two = fit("tiny_dino.yaml", tmp_path, "two", 2, *extra)
     assert two["status"] == one["status"] == "complete" and two["global_step"] == one["global_step"] == 5
-    # train/loss is the global batch's mean: step by step, 2 ranks give what one process gives.
-    losses_one, losses_two = (scalars(tmp_path / name / "r2_s0", "train/loss") for name in ("one", "two"))
-    assert sorted(losses_one) == sorted(losses_two) == [0, 1, 2, 3, 4]
-    for step, loss in losses_one.items():
-        assert losses_two[step] == pytest.approx(loss, rel=1e-4), step
+    # The losses are the global batch's: step by step, 2 ranks give what one process gives.
+    for tag in ("train/loss", "train/dino_loss", "train/ibot_loss", "train/koleo_loss"):
+        losses_one, losses_two = (scalars(tmp_path / name / "r2_s0", tag) for name in ("one", "two"))
+        assert sorted(losses_one) == sorted(losses_two) == [0, 1, 2, 3, 4]
+        for step, loss in losses_one.items():
+            assert losses_two[step] == pytest.approx(loss, rel=1e-4), (tag, step)
     weights = [
         torch.load(tmp_path / name / "r2_s0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
         for name in ("one", "two")

@@ -24,6 +24,7 @@ def test_the_scripts_parse_and_the_wheels_cover_every_dependency_the_gpu_machine
     assert {"torch", "datasets", "jsonargparse"} <= names
     assert names - ON_THE_GPU_MACHINE - set(wheels) == set(), "add the missing packages to gpu_wheels.sh"
     assert {"datasets", "dill", "multiprocess", "jsonargparse", "docstring-parser", "typeshed-client"} <= set(wheels)
+    assert {"kornia", "kornia-rs"} <= set(wheels)  # DINO's photometric views
     check = (REPO / "scripts" / "gpu_check.sh").read_text()
     assert "--no-deps" in check and ".gpu_wheels" in check and "benchmarks/gpu_check.py" in check
 

@@ -31,8 +31,12 @@ SIZES = {
     "data.init_args.img_size",
     "data.init_args.num_workers",
     "model.init_args.bottleneck_dim",
+    "model.init_args.freeze_last_layer_steps",
     "model.init_args.head_warmup_steps",
     "model.init_args.hidden_dim",
+    "model.init_args.ibot_bottleneck_dim",
+    "model.init_args.ibot_hidden_dim",
+    "model.init_args.ibot_out_dim",
     "model.init_args.local_crop_size",
     "model.init_args.model_kwargs",  # embed_dim / depth / num_heads of the shrunk ViT-L/14
     "model.init_args.num_local_crops",
@@ -89,6 +93,9 @@ def test_rehearsal_run_configs_differ_from_the_paper_grid_only_in_sizes_paths_an
             model = config["model"]["init_args"]
             assert config["model"]["class_path"] == "regablate.tasks.DINO"
             assert model["head_warmup_steps"] > 0 and model["num_local_crops"] > 0
+            # DINOv2's whole recipe: iBOT with its own head, KoLeo, Sinkhorn-Knopp, the photometric views.
+            assert model["ibot_loss_weight"] > 0 and model["ibot_separate_head"] and model["koleo_loss_weight"] > 0
+            assert model["centering"] == "sinkhorn_knopp" and model["photometric_views"]
             assert config["trainer"]["strategy"] == "ddp" and config["trainer"]["gradient_clip_val"] > 0
             assert config["data"]["class_path"] == "regablate.data.HFDataModule"
         assert b["model"]["init_args"]["checkpoint"] and not b["model"]["init_args"]["pretrained"]

@@ -49,6 +49,32 @@ def test_warmup_then_cosine_schedule():
         assert lrs[step] == pytest.approx(expected, rel=1e-5)
 
 
+def test_the_schedule_of_the_other_tasks_is_the_one_they_had():
+    """Warm-up then cosine as LinearLR + CosineAnnealingLR gave it, constant weight decay: Classification
+    and Distillation train as before DINO's parameter groups and weight-decay schedule arrived."""
+    lr, warmup, total, ratio = 2e-3, 5, 40, 0.01
+    config = adamw_warmup_cosine(
+        tiny_task(), lr=lr, weight_decay=0.05, warmup_steps=warmup, total_steps=total, min_lr_ratio=ratio
+    )
+    optimizer, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    reference = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    old = torch.optim.lr_scheduler.SequentialLR(
+        reference,
+        [
+            torch.optim.lr_scheduler.LinearLR(reference, start_factor=1e-3, end_factor=1.0, total_iters=warmup),
+            torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=total - warmup, eta_min=lr * ratio),
+        ],
+        milestones=[warmup],
+    )
+    for step in range(total):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(reference.param_groups[0]["lr"], rel=1e-9), step
+        assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.05]
+        optimizer.step()
+        schedule.step()
+        reference.step()
+        old.step()
+
+
 def test_schedule_needs_a_finite_length():
     with pytest.raises(RegablateError, match="max_steps or trainer.max_epochs"):
         adamw_warmup_cosine(

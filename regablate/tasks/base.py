@@ -4,8 +4,10 @@ A task is a LightningModule around a timm ViT with R registers. The base takes t
 arguments (which ViT, how many registers, which weights) and the optimiser arguments (AdamW,
 linear warmup then cosine decay), saves them all as hyper-parameters, and calls
 ``configure_models`` and ``configure_metrics`` (the subclass builds its modules there, from
-``self.hparams``). ``configure_optimizers`` is written once: AdamW over every parameter that
-trains, no weight decay on tokens, position embedding, biases and norms.
+``self.hparams``). ``configure_optimizers`` is written once: AdamW over the parameter groups of
+``param_groups`` (by default every parameter that trains, no weight decay on tokens, position
+embedding, biases and norms) at the peak learning rate of ``peak_lr``; a task changes those two
+hooks (DINO: DINOv2's groups and its batch-size rule).
 
 A subclass declares only its own arguments and passes the rest on with ``**kwargs``;
 jsonargparse (and so LightningCLI, ``--print_config`` and ``--help``) follows the ``**kwargs``
@@ -22,7 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from regablate.hparams import make_hyperparameters_plain
 from regablate.models.backbone import build_backbone
-from regablate.tasks.optim import adamw_warmup_cosine
+from regablate.tasks.optim import adamw_warmup_cosine, weight_decay_groups
 
 
 class BackboneTask(LightningModule):
@@ -78,14 +80,26 @@ class BackboneTask(LightningModule):
         sizes = {"img_size": hp.img_size, **(hp.model_kwargs or {}), **extra}
         return build_backbone(hp.model_name, registers, **source, **sizes)
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups (``regablate.tasks.optim``): by default no weight decay on
+        tokens, position embedding, biases and norms."""
+        return weight_decay_groups(self)
+
+    def peak_lr(self) -> float:
+        """The schedule's peak learning rate: ``lr``, unless the task scales it (called once the data is set up)."""
+        return self.hparams.lr
+
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW over the parameters that train (frozen ones are left out), warmup then cosine per step."""
+        """AdamW over ``param_groups`` (frozen parameters left out), warmup then cosine per step."""
         hp = self.hparams
+        total_steps = self.trainer.estimated_stepping_batches  # sets the training data up
         return adamw_warmup_cosine(
             self,
-            lr=hp.lr,
+            lr=self.peak_lr(),
             weight_decay=hp.weight_decay,
+            weight_decay_end=hp.get("weight_decay_end"),
             warmup_steps=hp.warmup_steps,
-            total_steps=self.trainer.estimated_stepping_batches,
+            total_steps=total_steps,
             min_lr_ratio=hp.min_lr_ratio,
+            groups=self.param_groups(),
         )
