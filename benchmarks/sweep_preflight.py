@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from regablate.sweep.command import make_plan
+from regablate.sweep.plan import make_plan
 from regablate.sweep.grid import load_grid
 from regablate.sweep.preflight import preflight
 
