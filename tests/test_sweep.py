@@ -307,18 +307,27 @@ def test_a_run_whose_config_does_not_parse_is_refused_before_anything_starts(tmp
     assert not (tmp_path / "runs").exists()  # no run folder, no config written
 
 
-def test_a_probe_flag_that_does_not_parse_is_refused_before_the_fit(tmp_path, capsys):
-    grid = micro_grid(
-        tmp_path,
-        "flags",
-        "  axes: {seed_everything: [0]}\n  stages: [{command: fit}, {command: probe, args: {--probe.cls_stepz: 5}}]\n",
-    )
+@pytest.mark.parametrize(
+    "stage, problem",
+    [
+        (
+            "{command: probe, args: {--probe.cls_stepz: 5}}",
+            "stage probe: its arguments do not parse: unrecognized arguments: --probe.cls_stepz",
+        ),
+        (
+            "{command: probe, args: {--probe.protocol: slow}}",
+            'stage probe: its arguments do not parse: Parser key "probe.protocol"',
+        ),
+        ("{name: maps, command: inspect, args: {--num_images: many}}", "stage maps: its arguments do not parse:"),
+    ],
+)
+def test_a_tool_stage_whose_flags_do_not_parse_is_refused_before_the_fit(tmp_path, capsys, stage, problem):
+    grid = micro_grid(tmp_path, "flags", f"  axes: {{seed_everything: [0]}}\n  stages: [{{command: fit}}, {stage}]\n")
     with pytest.raises(SystemExit):
         regablate_main(["sweep", str(grid), "--output", str(tmp_path / "runs"), "--preflight", "false"])
-    assert capsys.readouterr().err == (
-        "regablate: error: run s0: stage probe: its arguments do not parse: unrecognized arguments: "
-        "--probe.cls_stepz; nothing was started: fix the grid and sweep again\n"
-    )
+    err = capsys.readouterr().err
+    assert err.startswith(f"regablate: error: run s0: {problem}") and len(err.splitlines()) == 1
+    assert err.endswith("; nothing was started: fix the grid and sweep again\n")
     assert not (tmp_path / "runs").exists()
 
 
