@@ -141,6 +141,30 @@ def test_bad_grid_files_get_one_clear_error_naming_the_key(tmp_path, body, messa
     assert "\n" not in str(err.value)
 
 
+def test_free_form_grid_values_are_kept_as_written(tmp_path):
+    """Overrides, axes, stage args and Slurm settings reach the runs as written: no class is built, no text retyped."""
+    callback = {
+        "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+        "init_args": {"logging_interval": "step"},
+    }
+    grid = load_grid(
+        micro_grid(
+            tmp_path,
+            "free",
+            f"""  overrides: {{trainer.callbacks: [{json.dumps(callback)}], trainer.logger.init_args.version: "7"}}
+  axes: {{data.init_args.seed: ["1", 2], case: {{a: {{trainer.callbacks: [{json.dumps(callback)}]}}}}}}
+  stages: [{{command: fit}}, {{command: probe, args: {{--dataset: "0.10", --data: {json.dumps(callback)}}}}}]
+  launcher: {{slurm: {{slurm_time: "01:00:00"}}}}
+""",
+        )
+    )
+    assert grid.overrides == {"trainer.callbacks": [callback], "trainer.logger.init_args.version": "7"}
+    assert grid.axes["data.init_args.seed"] == ["1", 2] and grid.axes["case"]["a"] == {"trainer.callbacks": [callback]}
+    assert grid.stages[1].args == {"--dataset": "0.10", "--data": callback}
+    assert grid.stages[1].argv == ("--dataset", "0.10", "--data", json.dumps(callback))
+    assert grid.launcher.slurm == {"slurm_time": "01:00:00"}
+
+
 def test_a_grid_of_0_2_gets_one_line_saying_what_to_write(tmp_path):
     path = micro_grid(
         tmp_path,

@@ -62,8 +62,10 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Commands a stage may run: LightningCLI's on the run's config, and the tools that take a run folder.
 StageCommand = Literal["fit", "validate", "test", "predict", "probe", "inspect"]
 STAGE_COMMANDS = get_args(StageCommand)
-# An axis: a list of values of one dotted key, or labels of bundles of dotted keys (a named axis).
-Axis = list[Any] | dict[str, dict[str, Any]]
+# An axis: a list of values of one dotted key, or labels of bundles of dotted keys (a named axis). Free-form
+# values are typed bare ``list``/``dict``: jsonargparse then keeps them as written (with ``Any`` it would turn
+# "1" into 1 and instantiate a ``class_path`` mapping, e.g. a callback in ``trainer.callbacks``).
+Axis = list | dict
 EXPERIMENT = "experiment"  # {experiment} in a grid value: the grid's runs folder, <output>/<grid name>
 GRID_DIR = "{grid_dir}"  # in a stage argument: the folder of the grid file that names it
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
@@ -85,7 +87,7 @@ class Stage:
 
     command: StageCommand
     name: str = ""
-    args: dict[str, Any] = field(default_factory=dict)
+    args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.command
@@ -118,7 +120,7 @@ class Launcher:
     devices_per_run: PositiveInt | None = None
     nodes_per_run: PositiveInt = 1
     max_requeues: NonNegativeInt = DEFAULT_MAX_REQUEUES
-    slurm: dict[str, Any] = field(default_factory=dict)
+    slurm: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -134,7 +136,7 @@ class Series:
     """
 
     base: str | list[str] | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)
     axes: dict[str, Axis] = field(default_factory=dict)
     stages: list[str] | None = None
     description: str = ""
@@ -161,14 +163,14 @@ class GridSpec:
 
     name: str | None = None
     base: str | list[str] | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)
     axes: dict[str, Axis] = field(default_factory=dict)
     stages: list[Stage] = field(default_factory=list)
     launcher: Launcher = field(default_factory=Launcher)
     report: Report = field(default_factory=Report)
     series: dict[str, Series] = field(default_factory=dict)
     extends: str | None = None
-    stage_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stage_args: dict[str, dict] = field(default_factory=dict)
     description: str = ""
 
 
@@ -403,6 +405,8 @@ def _check_axes(path: Path, where: str, axes: dict[str, Axis]) -> None:
     for axis, values in axes.items():
         if not values:
             raise RegablateError(f"{path}: {where}.{axis} needs a non-empty list of values (or of bundles)")
+        if isinstance(values, dict) and not all(isinstance(bundle, dict) for bundle in values.values()):
+            raise RegablateError(f"{path}: {where}.{axis} maps labels to bundles of dotted keys ({{key: value}})")
         if isinstance(values, list) and len(set(map(str, values))) != len(values):
             raise RegablateError(f"{path}: {where}.{axis} repeats a value: {values}")
 
