@@ -293,7 +293,8 @@ def _read_grid(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         raise RegablateError(f"{path}: grid.name is missing (an extending grid writes its own experiment folder)")
     parent = _read_grid((path.parent / str(spec["extends"])).resolve(), seen=(*seen, path.resolve()))
     own = {key: value for key, value in spec.items() if key not in ("extends", "stage_args")}
-    return {**merge(parent, own), "stages": _with_stage_args(path, parent["stages"], spec.get("stage_args") or {})}
+    stages = _with_stage_args(path, parent.get("stages") or [], spec.get("stage_args") or {})
+    return {**merge(parent, own), "stages": stages}
 
 
 @cache
