@@ -13,12 +13,13 @@ ratio is at most 1.05.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from regablate.runs import RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
 REGISTERS = (0, 1, 2, 4, 8, 16)
@@ -51,8 +52,8 @@ def main() -> None:
         experiment = Path(folder) / "runs" / "bench"
         stage_seconds = sum(
             value
-            for path in experiment.glob("*/summary.json")
-            for key, value in json.loads(path.read_text()).items()
+            for run in experiment.iterdir()
+            for key, value in RunRecord(run).read().items()
             if key.startswith("stages/") and key.endswith("/seconds")
         )
         started = time.perf_counter()

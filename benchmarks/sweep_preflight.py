@@ -3,10 +3,11 @@
     python benchmarks/sweep_preflight.py                       # configs/fig8/cpu.yaml and paper.yaml
     python benchmarks/sweep_preflight.py configs/fig8/cpu.yaml --repeats 7
 
-For each grid: the time to make the plan (every run's config resolved by LightningCLI's parser),
-the time of the preflight (every pending stage's data checked from metadata), medians over the
-repeats, and their ratio. The preflight of a fresh process also builds the probe's parser once
-(first repeat); later repeats reuse it, as the sweep does within one call.
+For each grid: the time to make the plan (every run's config resolved by LightningCLI's parser,
+and its probe/inspect stages' arguments parsed by their tool's parser), the time of the preflight
+(every pending stage's data checked from metadata), medians over the repeats, and their ratio.
+The plan of a fresh process also builds the probe's parser once (first repeat); later repeats
+reuse it, as the sweep does within one call.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from regablate.sweep.command import make_plan
 from regablate.sweep.grid import load_grid
+from regablate.sweep.plan import make_plan
 from regablate.sweep.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ release: they are rewritten before parsing, with a one-line notice on stderr.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -103,3 +104,38 @@ def backbone_source(cfg: Namespace) -> BackboneSource:
 def function_arguments(cfg: Namespace, skip: Sequence[str] = ()) -> dict[str, Any]:
     """A parsed command line as plain keyword arguments of the tool's function, without ``skip``."""
     return {key: plain(value) for key, value in cfg.as_dict().items() if key not in skip}
+
+
+_KEY = re.compile(r'Parser key "([\w.]+)"')
+_RESTRICTION = re.compile(r"Not of type (\w+): (?:(\S+) )?does not conform to restriction (.+?)(?= - | Given|$)")
+_GIVEN = re.compile(r"Given value: (\S+)")
+_SUBCLASS = re.compile(
+    r"Parser key \"([\w.]+)\".*?Problem with given class_path '([^']+)': (.*?)(?: - Expected a <class 'NoneType'>|$)"
+)
+
+
+def parser_message(message: str) -> str:
+    """jsonargparse's report on a bad argument, shortened to the part that names the problem.
+
+    A constrained number says which flag, the value and the constraint
+    (``--max_parallel: 0 is not a PositiveInt (v>0)``, ``--model.init_args.lr: -1 is not a PositiveFloat
+    (v>0)`` for an argument of a class given by ``class_path``); a subclass argument names its class.
+    """
+    message = " ".join(message.split())
+    restriction = _RESTRICTION.search(message)
+    keys = _KEY.findall(message[: restriction.start()]) if restriction else []
+    if keys:
+        type_name, value, rule = restriction.groups()
+        key = keys[-1]  # the innermost key names the argument
+        owner = _SUBCLASS.search(message)
+        if owner and len(keys) > 1 and not key.startswith(owner.group(1) + "."):
+            key = f"{owner.group(1)}.init_args.{key}"
+        if value is None:
+            given = _GIVEN.search(message, restriction.end())
+            value = given.group(1) if given else "the value"
+        return f"--{key}: {value} is not a {type_name} ({rule.strip()})"
+    match = _SUBCLASS.search(message)
+    if match:
+        key, class_path, problem = match.groups()
+        return f"{key} ({class_path}): {problem}"
+    return message

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from regablate.callbacks import RunConfig, RunSummary, TimeLimitCheckpoint
 from regablate.errors import RegablateError
-from regablate.runs import find_checkpoint, first_line
+from regablate.runs import REGISTER_KEY, SEED_KEY, find_checkpoint, first_line, run_name
 
 DESCRIPTION = "Fine-tune and ablate register tokens in Vision Transformers."
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -56,8 +56,8 @@ class RegablateCLI(LightningCLI):
         if isinstance(logger, Namespace) and logger.class_path == TENSORBOARD:
             if logger.init_args.version is None:
                 registers = config.model.init_args.get("num_registers")
-                run = f"r{registers}" if registers is not None else "run"
-                logger.init_args.version = f"{run}_s{config.seed_everything}"
+                values = {REGISTER_KEY: registers} if registers is not None else {}
+                logger.init_args.version = run_name({**values, SEED_KEY: config.seed_everything})
             run_dir = Path(logger.init_args.save_dir) / logger.init_args.name / str(logger.init_args.version)
         if config.trainer.fast_dev_run:
             # A smoke test has no run folder; Lightning would still write last.ckpt into the cwd.

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -75,19 +75,74 @@ def write_folder_atomic(out: str | Path, write: Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_summary(run_dir: str | Path) -> dict[str, Any]:
-    """The run's ``summary.json``, or an empty dict when it has none yet."""
-    path = Path(run_dir) / SUMMARY_FILE
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text())
+# A run's axis values go into its summary as ``axis/<config key>``, except the register count and the
+# seed, which every run records under their own keys (``num_registers``, ``seed``).
+REGISTER_KEY = "model.init_args.num_registers"
+SEED_KEY = "seed_everything"
+NAME_PREFIXES = {REGISTER_KEY: "r", SEED_KEY: "s"}
+# Keys that older regablate wrote, and what they are now: the one place that translates.
+RENAMED_KEYS = {f"axis/{REGISTER_KEY}": "num_registers"}
 
 
-def update_summary(run_dir: str | Path, values: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Merge ``values`` into the run's summary, less the keys in ``drop``, and write it atomically."""
-    summary = {key: value for key, value in read_summary(run_dir).items() if key not in drop} | values
-    write_json_atomic(Path(run_dir) / SUMMARY_FILE, summary)
-    return summary
+def run_name(values: dict[str, Any], labels: Collection[str] = ()) -> str:
+    """A run's folder name from its config values, in their order: ``r4_s0`` for registers and seed.
+
+    A key in ``labels`` (a grid's named axis) adds its value as it is, any other key
+    ``<last key component>-<value>``.
+    """
+    parts = []
+    for key, value in values.items():
+        prefix = "" if key in labels else NAME_PREFIXES.get(key, key.rsplit(".", 1)[-1] + "-")
+        parts.append(f"{prefix}{value}".replace("/", "-"))
+    return "_".join(parts) or "run"
+
+
+class RunRecord:
+    """A run folder's ``summary.json``: the only code that reads or writes it.
+
+    Flat keys (see the DESIGN contract): the final metrics, ``num_registers``, ``seed``,
+    ``status``, and the sweep's ``stages/<name>...`` bookkeeping. Writes merge into what is there
+    and are atomic. A summary written by an older regablate reads with today's keys
+    (``RENAMED_KEYS``), and is rewritten with them at its next update.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / SUMMARY_FILE
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def read(self) -> dict[str, Any]:
+        """The summary, or an empty dict before anything wrote one; a file that is not a JSON mapping is refused."""
+        if not self.path.is_file():
+            return {}
+        try:
+            summary = json.loads(self.path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RegablateError(f"cannot read {self.path}: {first_line(err)}; remove the file or the run") from None
+        if not isinstance(summary, dict):
+            raise RegablateError(f"cannot read {self.path}: it holds a {type(summary).__name__}, not a mapping")
+        return current_keys(summary)
+
+    def update(self, values: dict[str, Any], drop: Collection[str] = ()) -> dict[str, Any]:
+        """Merge ``values`` into the summary, less the keys in ``drop``, and write it atomically."""
+        summary = {key: value for key, value in self.read().items() if key not in drop} | values
+        write_json_atomic(self.path, summary)
+        return summary
+
+    @staticmethod
+    def axis_values(axes: dict[str, Any]) -> dict[str, Any]:
+        """The summary keys of a run's axis values (``axis/<key>``; the register count as ``num_registers``)."""
+        return current_keys({f"axis/{key}": value for key, value in axes.items()})
+
+
+def current_keys(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` with older keys under today's names (a value under today's name wins)."""
+    renamed = {new: summary[old] for old, new in RENAMED_KEYS.items() if old in summary}
+    return {key: value for key, value in summary.items() if key not in RENAMED_KEYS} | {
+        key: value for key, value in renamed.items() if key not in summary
+    }
 
 
 def find_checkpoint(run_dir: str | Path, which: Which = "best") -> Path:

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from regablate.callbacks import AttentionMaps, OutlierNormMonitor
 from regablate.cli import main
 from regablate.data import SyntheticScenes
-from regablate.runs import read_summary
+from regablate.runs import RunRecord
 from regablate.tasks import Classification
 from tests.conftest import REPO, quiet_trainer, tiny_fit_args
 from tests.planted import MODEL, SIZES, plant_artifacts
@@ -48,7 +48,7 @@ def test_fit_with_both_callbacks_logs_the_tags_and_the_summary(fitted):
     assert steps == [0, 2, 4]
     attention = events(fitted).Images("attention/cls")[-1]
     assert (attention.width, attention.height) == (4 * 34 + 2, 8 * 34 + 2)  # image, CLS, 2 registers; 8 rows
-    summary = read_summary(fitted)
+    summary = RunRecord(fitted).read()
     assert summary["status"] == "complete" and summary["artifacts/step"] == 4
     for key in (
         "artifacts/outlier_frac",

@@ -163,8 +163,14 @@ def unknown_key_config(tmp_path: Path) -> Path:
 
 
 BAD_INPUTS = {
-    "negative registers": (lambda p: ["--model.num_registers", "-1"], "num_registers must be an integer >= 0"),
-    "non-integer registers": (lambda p: ["--model.num_registers", "2.5"], "num_registers\": Expected a <class 'int'>"),
+    "negative registers": (
+        lambda p: ["--model.num_registers", "-1"],
+        "--model.init_args.num_registers: -1 is not a NonNegativeInt (v>=0)",
+    ),
+    "non-integer registers": (
+        lambda p: ["--model.num_registers", "2.5"],
+        "num_registers\": Not of type NonNegativeInt: invalid literal for int() with base 10: '2.5'",
+    ),
     "unknown model": (lambda p: ["--model.model_name", "vit_tiny_patch16_2244"], "did you mean vit_tiny_patch16_224"),
     "not a ViT": (lambda p: ["--model.model_name", "resnet18"], "resnet18 is not a Vision Transformer"),
     "img_size vs patch": (lambda p: ["--data.init_args.img_size", "36"], "not divisible by its patch size"),
@@ -200,5 +206,5 @@ def test_console_entry_exits_non_zero_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "regablate: error: num_registers must be an integer >= 0 (the paper uses 0/1/2/4/8/16), got -3"
+        "regablate: error: --model.init_args.num_registers: -3 is not a NonNegativeInt (v>=0)"
     )

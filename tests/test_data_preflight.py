@@ -126,8 +126,8 @@ def grid_file(tmp_path, seg_path):
     - {{name: fit, command: fit}}
     - name: probe_seg
       command: probe
-      args: [--data, {HF}, --data.init_args.path, "{seg_path}", --data.init_args.mask_column, annotation,
-             --data.init_args.label_column, "null", --data.init_args.test_split, "null", --probe.probes, "[seg]"]
+      args: {{--data: {HF}, --data.init_args.path: "{seg_path}", --data.init_args.mask_column: annotation,
+             --data.init_args.label_column: null, --data.init_args.test_split: null, --probe.probes: [seg]}}
 """
     )
     return path
@@ -179,7 +179,7 @@ def test_a_dinov2_probe_on_more_blocks_than_the_model_has_is_refused_before_the_
   axes: {{model.init_args.num_registers: [0], seed_everything: [0]}}
   stages:
     - {{name: fit, command: fit}}
-    - {{name: probe_cls, command: probe, args: [--probe.protocol, dinov2, --probe.probes, "[cls]"]}}
+    - {{name: probe_cls, command: probe, args: {{--probe.protocol: dinov2, --probe.probes: [cls]}}}}
 """
     )
     assert sweep(tmp_path, path) == 2
@@ -189,7 +189,7 @@ def test_a_dinov2_probe_on_more_blocks_than_the_model_has_is_refused_before_the_
     )
     assert captured.err.startswith("regablate: error: preflight: stage probe_cls cannot run")
     assert not (tmp_path / "runs").exists()
-    path.write_text(path.read_text().replace('"[cls]"]', '"[cls]", --probe.dinov2.cls_n_last_blocks, "[1, 2]"]'))
+    path.write_text(path.read_text().replace("[cls]}", "[cls], --probe.dinov2.cls_n_last_blocks: [1, 2]}"))
     regablate_main(["sweep", str(path), "--output", str(tmp_path / "runs"), "--dry_run", "true"])
     assert "  probe_cls: ok: SyntheticScenes" in capsys.readouterr().out
 

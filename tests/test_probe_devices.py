@@ -182,8 +182,8 @@ def test_a_probe_stage_that_cannot_load_its_data_fails_that_run_and_the_others_g
     grid.write_text(
         f"grid:\n  name: hf\n  base: {tmp_path / 'hf_tiny.yaml'}\n  axes:\n    data:\n"
         f"      good: {{data.init_args.path: {good}}}\n      broken: {{data.init_args.path: {broken}}}\n"
-        '  stages:\n    - {command: fit}\n    - {command: probe, args: [--probe.probes, "[cls]", '
-        '--probe.cls_steps, "5", --cache, "false"]}\n  report: {enabled: false}\n'
+        "  stages:\n    - {command: fit}\n    - {command: probe, args: {--probe.probes: [cls], "
+        "--probe.cls_steps: 5, --cache: false}}\n  report: {enabled: false}\n"
     )
     result = run_regablate("sweep", str(grid), "--output", str(tmp_path / "runs"), check=False, timeout=600)
     assert result.returncode == 2 and "1 of 2 runs failed: broken" in result.stderr

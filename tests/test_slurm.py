@@ -378,7 +378,7 @@ def test_eta_from_the_finished_runs():
     grid = load_grid(REPO / "tests" / "configs" / "grid_micro.yaml")
     text = format_status(grid, Path("runs/micro"), statuses, parallel=2)
     assert text.splitlines()[0] == "sweep micro (runs/micro/): 5 runs: 2 finished, 1 running, 1 queued, 1 not started"
-    assert text.splitlines()[-1] == "ETA 4m35s (mean 3m20s per run over 2 finished, 2 at once)"
+    assert text.splitlines()[-1] == "ETA 4 min 35 s (mean 3 min 20 s per run over 2 finished, 2 at once)"
 
 
 def test_status_of_a_local_sweep_from_its_run_folders(tmp_path, capsys):
@@ -390,4 +390,4 @@ def test_status_of_a_local_sweep_from_its_run_folders(tmp_path, capsys):
     main(["sweep", str(grid), "--output", str(tmp_path / "runs"), "--status", "true"])
     out = capsys.readouterr().out
     assert "2 runs: 1 finished, 1 not started" in out
-    assert re.search(r"r0\s+finished\s+-\s+-\s+30s", out) and re.search(r"r1\s+not started", out)
+    assert re.search(r"r0\s+finished\s+-\s+-\s+30 s", out) and re.search(r"r1\s+not started", out)

@@ -18,9 +18,11 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from regablate.cli import main as regablate_main
 from regablate.errors import RegablateError
+from regablate.report.settings import Report
 from regablate.report.tables import aggregate, results_markdown
-from regablate.sweep.grid import load_grid
+from regablate.sweep.grid import Launcher, load_grid, merge
 from regablate.sweep.resolve import resolve_config
 from tests.conftest import REPO, run_regablate
 
@@ -93,17 +95,101 @@ def test_grid_expands_as_specified(tmp_path):
     ]
 
 
+FIT = "  axes: {seed_everything: [0]}\n  stages: [{command: fit}]\n"
+
+
 @pytest.mark.parametrize(
     "body, message",
     [
-        ("  axes: {seed_everything: []}\n  stages: [{command: fit}]\n", "non-empty list"),
-        ("  axes: {seed_everything: [0]}\n  stages: [{command: train}]\n", "unknown stage command 'train'"),
-        ("  axes: {seed_everything: [0]}\n  stages: [{command: fit}]\n  launch: {}\n", "unknown key(s) launch"),
+        (
+            "  axes: {seed_everything: []}\n  stages: [{command: fit}]\n",
+            "grid.axes.seed_everything needs a non-empty list",
+        ),
+        (
+            "  axes: {seed_everything: [0]}\n  stages: [{command: train}]\n",
+            'grid.stages (regablate.sweep.grid.Stage): Parser key "command": Expected a typing.Literal[',
+        ),
+        (FIT + "  launch: {}\n", "grid.launch is not a key of a grid file"),
+        (FIT + "  launch: {max_parallel: 2}\n", "Group 'grid' does not accept option 'launch.max_parallel'"),
+        (FIT + "  launcher: {max_paralel: 2}\n", "Group 'grid' does not accept option 'launcher.max_paralel'"),
+        (FIT + "  launcher: {max_parallel: 0}\n", "grid.launcher.max_parallel: 0 is not a PositiveInt (v>0)"),
+        (
+            FIT + "  launcher: {nodes_per_run: two}\n",
+            'Parser key "grid.launcher.nodes_per_run": Not of type PositiveInt',
+        ),
+        (FIT + "  report: {paper: maybe}\n", "Parser key \"grid.report.paper\": Expected a <class 'bool'>"),
+        (FIT + "  report: {num_images: 0}\n", "grid.report.num_images: 0 is not a PositiveInt (v>0)"),
+        (FIT + "  overrides: [trainer.max_steps]\n", "Parser key \"grid.overrides\": Expected a <class 'dict'>"),
+        (
+            "  axes: {seed_everything: [0]}\n  stages: [{command: fit, argz: {--x: 1}}]\n",
+            "grid.stages (regablate.sweep.grid.Stage): Option 'argz.--x' is not accepted",
+        ),
+        (
+            "  axes: {seed_everything: [0]}\n  stages: [{command: fit, args: {trainer.max_steps: 1}}]\n",
+            "stage fit: args map flags (--name) to values; 'trainer.max_steps' is none",
+        ),
+        (
+            "  axes: {seed_everything: [0, 0]}\n  stages: [{command: fit}]\n",
+            "grid.axes.seed_everything repeats a value",
+        ),
     ],
 )
-def test_bad_grid_files_get_one_clear_error(tmp_path, body, message):
-    with pytest.raises(RegablateError, match=message.replace("(", r"\(").replace(")", r"\)")):
+def test_bad_grid_files_get_one_clear_error_naming_the_key(tmp_path, body, message):
+    with pytest.raises(RegablateError) as err:
         load_grid(micro_grid(tmp_path, "bad", body))
+    assert message in str(err.value) and str(err.value).startswith(str(tmp_path / "bad.yaml"))
+    assert "\n" not in str(err.value)
+
+
+def test_free_form_grid_values_are_kept_as_written(tmp_path):
+    """Overrides, axes, stage args and Slurm settings reach the runs as written: no class is built, no text retyped."""
+    callback = {
+        "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+        "init_args": {"logging_interval": "step"},
+    }
+    grid = load_grid(
+        micro_grid(
+            tmp_path,
+            "free",
+            f"""  overrides: {{trainer.callbacks: [{json.dumps(callback)}], trainer.logger.init_args.version: "7"}}
+  axes: {{data.init_args.seed: ["1", 2], case: {{a: {{trainer.callbacks: [{json.dumps(callback)}]}}}}}}
+  stages: [{{command: fit}}, {{command: probe, args: {{--dataset: "0.10", --data: {json.dumps(callback)}}}}}]
+  launcher: {{slurm: {{slurm_time: "01:00:00"}}}}
+""",
+        )
+    )
+    assert grid.overrides == {"trainer.callbacks": [callback], "trainer.logger.init_args.version": "7"}
+    assert grid.axes["data.init_args.seed"] == ["1", 2] and grid.axes["case"]["a"] == {"trainer.callbacks": [callback]}
+    assert grid.stages[1].args == {"--dataset": "0.10", "--data": callback}
+    assert grid.stages[1].argv == ("--dataset", "0.10", "--data", json.dumps(callback))
+    assert grid.launcher.slurm == {"slurm_time": "01:00:00"}
+
+
+def test_a_grid_of_0_2_gets_one_line_saying_what_to_write(tmp_path):
+    path = micro_grid(
+        tmp_path,
+        "old",
+        "  axes: {seed_everything: [0]}\n  stages:\n    - {command: fit}\n"
+        '    - {command: probe, args: [--probe.cls_steps, "10", --probe.probes, "[cls, seg]", --cache=false]}\n',
+    )
+    with pytest.raises(RegablateError) as err:
+        load_grid(path)
+    assert str(err.value) == (
+        f"{path}: grid.stages[1].args is a list of command-line words (regablate 0.2); since 0.3 it maps each flag "
+        "to its value: args: {--probe.cls_steps: 10, --probe.probes: [cls, seg], --cache: false}"
+    )
+    # What the line says to write loads, and gives the stage the same command line.
+    old = '[--probe.cls_steps, "10", --probe.probes, "[cls, seg]", --cache=false]'
+    new = "{--probe.cls_steps: 10, --probe.probes: [cls, seg], --cache: false}"
+    path.write_text(path.read_text().replace(old, new))
+    assert load_grid(path).stages[1].argv == (
+        "--probe.cls_steps",
+        "10",
+        "--probe.probes",
+        '["cls", "seg"]',
+        "--cache",
+        "false",
+    )
 
 
 @pytest.mark.slow
@@ -196,22 +282,95 @@ def test_killed_sweep_resumes_to_the_same_results(swept, tmp_path):
 
 @pytest.mark.slow
 def test_a_failing_run_is_recorded_and_the_others_complete(tmp_path):
+    """A run that fails in its own process (here: its checkpoint file is missing) fails alone."""
+    missing = tmp_path / "missing.safetensors"
     grid = micro_grid(
         tmp_path,
         "failing",
-        """  axes:
-    model.init_args.num_registers: [-1, 2]
-  stages: [{command: fit}]
+        f"""  axes:
+    model.init_args.num_registers: [2]
+    case:
+      good: {{}}
+      bad: {{model.init_args.checkpoint: {missing}}}
+  stages: [{{command: fit}}]
 """,
     )
     result = sweep(tmp_path, grid, check=False)
     assert result.returncode == 2
-    assert "regablate: error: 1 of 2 runs failed: r-1" in result.stderr
+    assert "regablate: error: 1 of 2 runs failed: r2_bad" in result.stderr
     runs = summaries(tmp_path / "runs" / "failing")
-    assert runs["r2"]["stages/fit"] == "complete" and runs["r2"]["status"] == "complete"
-    assert runs["r-1"]["stages/fit"] == "failed" and runs["r-1"]["stages/fit/exit_code"] == 2
-    assert "num_registers" in runs["r-1"]["stages/fit/log_tail"]
-    assert "r-1" in (tmp_path / "runs" / "failing" / "results.md").read_text()  # the report covers the partial grid
+    assert runs["r2_good"]["stages/fit"] == "complete" and runs["r2_good"]["status"] == "complete"
+    assert runs["r2_bad"]["stages/fit"] == "failed" and runs["r2_bad"]["stages/fit/exit_code"] == 2
+    assert "missing.safetensors" in runs["r2_bad"]["stages/fit/log_tail"]
+    assert "r2_bad" in (tmp_path / "runs" / "failing" / "results.md").read_text()  # the report covers the partial grid
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize(
+    "axis, message",
+    [
+        (
+            "model.init_args.num_registers: [-1, 2]",
+            "run r-1: --model.init_args.num_registers: -1 is not a NonNegativeInt (v>=0); nothing was started",
+        ),
+        (
+            "model.init_args.num_regsters: [1, 2]",
+            "run num_regsters-1: model (regablate.tasks.Classification): Option 'num_regsters' is not accepted "
+            "(and 1 more run(s) of the 2); nothing was started",
+        ),
+    ],
+)
+def test_a_run_whose_config_does_not_parse_is_refused_before_anything_starts(tmp_path, capsys, axis, message, dry_run):
+    grid = micro_grid(tmp_path, "invalid", f"  axes:\n    {axis}\n  stages: [{{command: fit}}]\n")
+    args = ["sweep", str(grid), "--output", str(tmp_path / "runs"), "--dry_run", str(dry_run).lower()]
+    with pytest.raises(SystemExit) as exit_:
+        regablate_main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"regablate: error: {message}: fix the grid and sweep again\n"
+    assert not (tmp_path / "runs").exists()  # no run folder, no config written
+
+
+@pytest.mark.parametrize(
+    "stage, problem",
+    [
+        (
+            "{command: probe, args: {--probe.cls_stepz: 5}}",
+            "stage probe: its arguments do not parse: unrecognized arguments: --probe.cls_stepz",
+        ),
+        (
+            "{command: probe, args: {--probe.protocol: slow}}",
+            'stage probe: its arguments do not parse: Parser key "probe.protocol"',
+        ),
+        ("{name: maps, command: inspect, args: {--num_images: many}}", "stage maps: its arguments do not parse:"),
+    ],
+)
+def test_a_tool_stage_whose_flags_do_not_parse_is_refused_before_the_fit(tmp_path, capsys, stage, problem):
+    grid = micro_grid(tmp_path, "flags", f"  axes: {{seed_everything: [0]}}\n  stages: [{{command: fit}}, {stage}]\n")
+    with pytest.raises(SystemExit):
+        regablate_main(["sweep", str(grid), "--output", str(tmp_path / "runs"), "--preflight", "false"])
+    err = capsys.readouterr().err
+    assert err.startswith(f"regablate: error: run s0: {problem}") and len(err.splitlines()) == 1
+    assert err.endswith("; nothing was started: fix the grid and sweep again\n")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--max_requeues", "2"],
+            "--max_requeues 2 needs --launcher slurm: a local sweep runs each run on this machine",
+        ),
+        (["--nodes_per_run", "1"], "--nodes_per_run 1 needs --launcher slurm"),
+    ],
+)
+def test_a_launcher_flag_without_effect_is_refused(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        regablate_main(["sweep", str(tmp_path / "no_such_grid.yaml"), *flags])  # refused before the grid is read
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "its settings: --max_parallel, --devices_per_run" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -281,7 +440,7 @@ def test_a_grid_that_extends_another_runs_its_stages_with_its_own_sizes(tmp_path
     - {name: fit, command: fit}
     - name: probe
       command: probe
-      args: [--probe.cls_steps, "12500", --probe.probes, "[cls]", --data.init_args.path, x]
+      args: {--probe.cls_steps: 12500, --probe.probes: [cls], --data.init_args.path: x}
   launcher: {max_parallel: 4, slurm: {timeout_min: 2880, mem_gb: 480}}
   report: {paper: true}
 """,
@@ -302,12 +461,18 @@ def test_a_grid_that_extends_another_runs_its_stages_with_its_own_sizes(tmp_path
     grid, base = load_grid(child), load_grid(parent)
     assert grid.name == "rehearsal" and grid.base == base.base
     assert [(s.name, s.command) for s in grid.stages] == [(s.name, s.command) for s in base.stages]
-    assert grid.stages[1].args == (
+    assert grid.stages[1].args == {
+        "--probe.cls_steps": 5,
+        "--probe.probes": ["cls"],
+        "--data.init_args.path": f"{child.parent.resolve()}/data",
+        "--probe.batch_size": 8,
+    }
+    assert grid.stages[1].argv == (
         *(
             "--probe.cls_steps",
             "5",
             "--probe.probes",
-            "[cls]",
+            '["cls"]',
             "--data.init_args.path",
             f"{child.parent.resolve()}/data",
         ),
@@ -316,8 +481,63 @@ def test_a_grid_that_extends_another_runs_its_stages_with_its_own_sizes(tmp_path
     assert grid.overrides == {"trainer.max_steps": 4, "trainer.val_check_interval": 50}
     assert grid.axes == {"model.init_args.num_registers": [0, 1, 2], "seed_everything": [0]}
     assert [run.name for run in grid.runs] == ["r0_s0", "r1_s0", "r2_s0"]
-    assert grid.launcher == {"max_parallel": 1, "slurm": {"timeout_min": 5, "mem_gb": 480}}
-    assert grid.report == {"paper": True}
+    assert grid.launcher == Launcher(max_parallel=1, slurm={"timeout_min": 5, "mem_gb": 480})
+    assert grid.report == Report(paper=True)
+
+
+def test_the_extends_rule_merges_mappings_key_by_key_and_replaces_everything_else(tmp_path):
+    assert merge({"a": {"x": 1, "y": [1, 2]}, "b": 1}, {"a": {"y": [3], "z": None}, "c": 2}) == {
+        "a": {"x": 1, "y": [3], "z": None},
+        "b": 1,
+        "c": 2,
+    }
+    assert merge({"a": {"x": 1}}, {"a": [1]}) == {"a": [1]} and merge([1], {"a": 1}) == {"a": 1}
+    micro_grid(
+        tmp_path,
+        "parent",
+        """  overrides: {model.init_args.model_kwargs: {depth: 2, embed_dim: 32}, trainer.max_steps: 8}
+  axes:
+    method:
+      plain: {model.init_args.lr: 0.001}
+      fast: {model.init_args.lr: 0.01}
+    model.init_args.num_registers: [0, 2]
+  stages: [{command: fit}, {command: probe, args: {--probe.probes: [cls, seg], --probe.cls_steps: 10}}]
+  series: {more: {axes: {model.init_args.num_registers: [4]}, stages: [fit]}}
+""",
+    )
+    child = tmp_path / "child.yaml"
+    child.write_text(
+        """grid:
+  extends: parent.yaml
+  name: child
+  overrides: {model.init_args.model_kwargs: {depth: 4}, trainer.max_steps: null}
+  axes:
+    method: {fast: {model.init_args.lr: 0.1}, slow: {model.init_args.lr: 0.0001}}
+    model.init_args.num_registers: [1]
+  stage_args: {probe: {--probe.probes: [cls]}}
+  series: {more: {axes: {model.init_args.num_registers: [8]}}}
+"""
+    )
+    grid = load_grid(child)
+    # Mappings merge key by key, recursively: a bundle changes or joins, a nested override keeps its other keys.
+    assert grid.overrides == {"model.init_args.model_kwargs": {"depth": 4, "embed_dim": 32}, "trainer.max_steps": None}
+    assert grid.axes["method"] == {
+        "plain": {"model.init_args.lr": 0.001},
+        "fast": {"model.init_args.lr": 0.1},
+        "slow": {"model.init_args.lr": 0.0001},
+    }
+    # Lists (and null) replace.
+    assert grid.axes["model.init_args.num_registers"] == [1]
+    assert grid.stages[1].args == {"--probe.probes": ["cls"], "--probe.cls_steps": 10}
+    assert grid.series["more"].axes == {"model.init_args.num_registers": [8]} and grid.series["more"].stages == ["fit"]
+    assert [run.name for run in grid.runs] == [
+        "plain_r1",
+        "fast_r1",
+        "slow_r1",
+        "plain_r8_more",
+        "fast_r8_more",
+        "slow_r8_more",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -339,8 +559,11 @@ def test_bad_extending_grids_get_one_clear_error(tmp_path, body, message):
 
 
 def test_a_stage_that_succeeds_on_retry_keeps_no_trace_of_the_failure(tmp_path):
-    from regablate.runs import read_summary
+    from regablate.runs import RunRecord
     from regablate.sweep.state import mark_finished
+
+    def read_summary(run_dir):
+        return RunRecord(run_dir).read()
 
     (tmp_path / "sweep.log").write_text("regablate: error: data: Option 'test_split' is not accepted\n")
     mark_finished(tmp_path, "probe", 2, 1.0, reason="bad flag")

@@ -14,9 +14,10 @@ import yaml
 
 from regablate.errors import RegablateError
 from regablate.report.tables import aggregate
-from regablate.runs import read_summary
-from regablate.sweep.command import Progress, make_plan, run_after_needs
+from regablate.runs import RunRecord
+from regablate.sweep.command import RunEvents, run_after_needs
 from regablate.sweep.grid import load_grid, with_needs
+from regablate.sweep.plan import make_plan
 from tests.conftest import REPO, run_regablate
 
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
@@ -39,8 +40,8 @@ def grid_file(tmp_path: Path, body: str, name: str = "series") -> Path:
         "  overrides: {trainer.max_steps: 4, trainer.val_check_interval: 2}\n"
         "  axes:\n    model.init_args.num_registers: [0, 2]\n    seed_everything: [0]\n"
         "  stages:\n    - {name: fit, command: fit}\n"
-        '    - {name: probe, command: probe, args: [--probe.cls_steps, "5", --probe.probes, "[cls]", '
-        '--cache, "false"]}\n' + body
+        "    - {name: probe, command: probe, args: {--probe.cls_steps: 5, --probe.probes: [cls], --cache: false}}\n"
+        + body
     )
     return path
 
@@ -96,8 +97,12 @@ def test_runs_are_ordered_after_what_they_need_whatever_the_file_order(tmp_path)
             "r0_s0_s: model.init_args.checkpoint names its own folder",
         ),
         ("    s: {stages: [fit, test]}\n", "grid.series.s.stages names no stage test; stages: fit, probe"),
-        ("    s: {stage_args: {}}\n", "grid.series.s"),
-        ("    - continued\n", "grid.series maps series names"),
+        ("    s: {stage_args: {}}\n", "grid.series.s.stage_args is not a key of a grid file"),
+        (
+            "    s: {stage_args: {probe: {--x: 1}}}\n",
+            "grid.series (regablate.sweep.grid.Series): Option 'stage_args.probe",
+        ),
+        ("    - continued\n", "Parser key \"grid.series\": Expected a <class 'dict'>. Got value: ['continued']"),
     ],
 )
 def test_bad_series_and_references_get_one_clear_error(tmp_path, series, message):
@@ -135,16 +140,16 @@ def test_a_run_whose_needed_run_failed_fails_without_starting(tmp_path, capsys):
     experiment = tmp_path / "runs" / "series"
     plan = make_plan(grid, grid.runs, experiment, None)
     launcher = FakeLauncher(failing={"r0_s0"})
-    progress = Progress(total=3, done=0)
-    run_after_needs(launcher, plan, progress)
+    events = RunEvents(total=3, complete=0)
+    run_after_needs(launcher, plan, events)
     assert launcher.waves == [["r0_s0", "r2_s0"]]  # the continued run never went to the launcher
-    summary = read_summary(experiment / "r2_s0_continued")
+    summary = RunRecord(experiment / "r2_s0_continued").read()
     assert summary["stages/fit"] == "failed" and summary.get("status") != "complete"
     assert summary["stages/fit/error"] == "it needs run r0_s0, which failed: fix that run and sweep again"
-    assert progress.failed == ["r2_s0_continued"] and "r2_s0_continued: FAILED" in capsys.readouterr().out
+    assert events.failed == ["r2_s0_continued"] and "[1/3] r2_s0_continued: FAILED" in capsys.readouterr().out
 
     launcher = FakeLauncher(failing=set())
-    run_after_needs(launcher, plan, Progress(total=3, done=0))
+    run_after_needs(launcher, plan, RunEvents(total=3, complete=0))
     assert launcher.waves == [["r0_s0", "r2_s0"], ["r2_s0_continued"]]
 
 

@@ -25,7 +25,7 @@ from regablate.artifacts.stats import (
 from regablate.callbacks.fixed_images import FixedImagesCallback, tensorboards
 from regablate.errors import RegablateError
 from regablate.models.layout import TokenLayout
-from regablate.runs import update_summary
+from regablate.runs import RunRecord
 
 TRAIN_BATCH_PREFIX = "artifacts/train_batch"
 
@@ -150,7 +150,7 @@ class OutlierNormMonitor(FixedImagesCallback):
             return
         log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
         if self.latest and trainer.is_global_zero and log_dir is not None:
-            update_summary(log_dir, summary_keys(self.latest))
+            RunRecord(log_dir).update(summary_keys(self.latest))
 
 
 class BlockNormTap:

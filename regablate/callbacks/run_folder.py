@@ -12,7 +12,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn
 
-from regablate.runs import SUMMARY_FILE, update_summary
+from regablate.runs import RunRecord
 
 
 class RunConfig(SaveConfigCallback):
@@ -38,7 +38,7 @@ class RunConfig(SaveConfigCallback):
         run_dir = getattr(self, "run_dir", None)
         if run_dir is None or not trainer.is_global_zero:
             return
-        if not any(run_dir.glob("checkpoints/*.ckpt")) and not (run_dir / SUMMARY_FILE).exists():
+        if not any(run_dir.glob("checkpoints/*.ckpt")) and not RunRecord(run_dir).exists():
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -91,4 +91,4 @@ class RunSummary(Callback):
             "seed": int(seed) if seed is not None else None,
             "status": "interrupted" if trainer.interrupted else "complete",
         }
-        update_summary(log_dir, values)
+        RunRecord(log_dir).update(values)

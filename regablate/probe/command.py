@@ -56,7 +56,7 @@ from regablate.probe.features import ViTExtractor
 from regablate.probe.plan import frozen_dataset, plan_probe
 from regablate.probe.protocol import LinearProbe
 from regablate.probe.run import check_protocol_devices, feature_store, run_probe
-from regablate.runs import read_summary, update_summary
+from regablate.runs import RunRecord
 
 DEFAULT_DATA = {"class_path": "regablate.data.SyntheticScenes"}
 # --test_time_registers value that finds the register neurons on the probed backbone itself.
@@ -241,7 +241,7 @@ def main(argv: list[str]) -> None:
         return
     if neurons is not None:  # a finished row of its own in a grid's report
         neurons.save(output_dir / NEURONS_FILE)
-        update_summary(output_dir, {"status": "complete"})
+        RunRecord(output_dir).update({"status": "complete"})
     for name, value in report.metrics.items():
         print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
     for probe_name, reason in report.skipped.items():
@@ -252,8 +252,8 @@ def main(argv: list[str]) -> None:
 def _identity(output_dir: Path, resolved: ResolvedBackbone) -> dict[str, Any]:
     """The summary keys that say which model the results are of (those the folder does not hold yet)."""
     source = resolved.description
-    known = read_summary(output_dir)
+    known = RunRecord(output_dir).read()
     identity = {"model_name": source.get("model_name"), "num_registers": source["num_registers"]}
     if resolved.run_dir is not None and output_dir != resolved.run_dir:  # results kept elsewhere still name its seed
-        identity["seed"] = read_summary(resolved.run_dir).get("seed")
+        identity["seed"] = RunRecord(resolved.run_dir).read().get("seed")
     return {k: v for k, v in identity.items() if k not in known and v is not None}

@@ -34,7 +34,7 @@ from regablate.probe.features import TARGET_KEYS, Extractor, FeatureSet, extract
 from regablate.probe.plan import ProbePlan, SplitPlan, plan_probe
 from regablate.probe.protocol import LinearProbe, ProbeReport
 from regablate.progress import Progress
-from regablate.runs import first_line, read_summary, update_summary, write_json_atomic
+from regablate.runs import RunRecord, first_line, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +271,9 @@ def _remove_empty_folders(folder: Path, up_to: Path) -> None:
 
 def write_outputs(output_dir: Path, report: ProbeReport, details: dict[str, Any], summary: dict[str, Any]) -> None:
     """``summary.json`` (merged), ``probe.json`` and TensorBoard scalars + protocol text under ``probe/``."""
-    step = int(read_summary(output_dir).get("global_step") or 0)
-    update_summary(output_dir, {**summary, **report.metrics})
+    record = RunRecord(output_dir)
+    step = int(record.read().get("global_step") or 0)
+    record.update({**summary, **report.metrics})
     write_json_atomic(
         output_dir / PROBE_FILE,
         {**details, "metrics": report.metrics, "protocol": report.protocol, "skipped": report.skipped},

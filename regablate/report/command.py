@@ -20,7 +20,6 @@ Writes into the experiment folder (each file atomically):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt
@@ -28,12 +27,9 @@ from jsonargparse.typing import PositiveInt
 from regablate.commands import Renamed, function_arguments, modernise, tool_parser
 from regablate.report.figure import attention_rows, draw_figure8
 from regablate.report.paper import paper_overlays
+from regablate.report.settings import Report
 from regablate.report.tables import aggregate, collect_rows, results_csv, results_markdown, write_hparams
 from regablate.runs import atomic_path, write_text_atomic
-
-if TYPE_CHECKING:
-    from regablate.sweep.grid import Grid
-
 
 RENAMED = (Renamed("--paper", "--paper", "true"),)
 
@@ -47,7 +43,7 @@ def report(experiment: str, images: str | None = None, num_images: PositiveInt =
         num_images: images in the attention-map rows.
         paper: overlay the paper's values measured like the grid's (same dataset, dinov2 protocol), with their source.
     """
-    paths = write_report(Path(experiment), images=images, num_images=num_images, paper=paper)
+    paths = write_report(Path(experiment), Report(images=images, num_images=num_images, paper=paper))
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return paths
 
@@ -68,20 +64,8 @@ def main(argv: list[str]) -> None:
     report(**function_arguments(parse(argv)))
 
 
-def write_report(
-    experiment: Path,
-    *,
-    grid: Grid | None = None,
-    images: str | None = None,
-    num_images: int | None = None,
-    paper: bool | None = None,
-) -> list[Path]:
-    """Write every report file of ``experiment``; a grid's ``report:`` settings fill what is not given."""
-    settings = grid.report if grid is not None else {}
-    if images is None and settings.get("images"):
-        images = str((grid.path.parent / settings["images"]).resolve())
-    num_images = num_images or settings.get("num_images", 2)
-    paper = paper if paper is not None else settings.get("paper", False)
+def write_report(experiment: Path, settings: Report) -> list[Path]:
+    """Write every report file of ``experiment`` as ``settings`` say (``enabled`` is the caller's to check)."""
     rows = collect_rows(experiment)
     written = [
         experiment / "results.csv",
@@ -91,8 +75,8 @@ def write_report(
     ]
     write_text_atomic(written[0], results_csv(rows))
     write_text_atomic(written[1], results_markdown(experiment.name, rows))
-    maps = attention_rows(experiment, rows, images, num_images)
-    overlays = paper_overlays(rows) if paper else None
+    maps = attention_rows(experiment, rows, settings.images, settings.num_images)
+    overlays = paper_overlays(rows) if settings.paper else None
     with atomic_path(written[2]) as tmp:
         draw_figure8(tmp, experiment.name, aggregate(rows), maps, overlays)
     for metric, overlay in (overlays or {}).items():

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from regablate.runs import SEED_KEY
+
 REGISTERS = (0, 1, 2, 4, 8, 16)
 # The paper's datasets, and names their copies go by (hub ids, usual folder names), lowercase.
 DATASET_NAMES = {
@@ -149,6 +151,6 @@ METRIC_PREFIXES = ("probe/", "artifacts/", "val/", "test/", "train/")
 RESERVED_FOLDERS = ("hparams", "slurm")
 # The series of results probed with a test-time register (`regablate probe RUN --test_time_registers auto`).
 TRAINED_SERIES, TTR_SERIES = "trained registers", "+ test-time register"
-# Axes that are the figure's x axis and its error bars, not series of their own.
-SEED_AXIS, REGISTER_AXIS = "axis/seed_everything", "axis/model.init_args.num_registers"
+# The axis of the figure's error bars, not a series of its own (the x axis, the register count, is `num_registers`).
+SEED_AXIS = f"axis/{SEED_KEY}"
 SERIES_AXIS = "axis/series"  # the runs of a grid's further series (grid.series) carry their name

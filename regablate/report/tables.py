@@ -6,6 +6,7 @@ import csv
 import io
 import math
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,6 @@ from regablate.errors import RegablateError
 from regablate.report.paper import (
     METRIC_PREFIXES,
     PANELS,
-    REGISTER_AXIS,
     RESERVED_FOLDERS,
     SEED_AXIS,
     SERIES_AXIS,
@@ -23,23 +23,31 @@ from regablate.report.paper import (
     TTR_SERIES,
     val_scored_panels,
 )
-from regablate.runs import SUMMARY_FILE, read_summary, write_folder_atomic
+from regablate.runs import RunRecord, write_folder_atomic
 
 
 def collect_rows(experiment: Path) -> list[dict[str, Any]]:
     """One row per run folder with a summary: ``run`` and every key but the (multi-line) log tails; a probe
-    scored on val (no test split) fills its panel's key (:func:`~regablate.report.paper.val_scored_panels`)."""
+    scored on val (no test split) fills its panel's key (:func:`~regablate.report.paper.val_scored_panels`).
+
+    A run whose summary cannot be read is left out, with one line on stderr saying which and why.
+    """
     if not experiment.is_dir():
         raise RegablateError(f"experiment folder not found: {experiment} (give runs/<grid name>)")
     rows = []
     for run_dir in sorted(p for p in experiment.iterdir() if p.is_dir() and p.name not in RESERVED_FOLDERS):
-        if not (run_dir / SUMMARY_FILE).is_file():
+        record = RunRecord(run_dir)
+        if not record.exists():
             continue
-        summary = read_summary(run_dir)
+        try:
+            summary = record.read()
+        except RegablateError as err:
+            print(f"report: skipped run {run_dir.name}: {err}", file=sys.stderr, flush=True)
+            continue
         row = {"run": run_dir.name, **{k: v for k, v in summary.items() if not k.endswith("/log_tail")}}
         rows.append({**row, **val_scored_panels(row)})
     if not rows:
-        raise RegablateError(f"{experiment} holds no run folder with a summary.json: has the sweep run?")
+        raise RegablateError(f"{experiment} holds no run folder with a readable summary.json: has the sweep run?")
     return rows
 
 
@@ -54,8 +62,8 @@ def results_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def group_axes(rows: list[dict[str, Any]]) -> list[str]:
-    """Axes other than registers and seed: each of their values is its own series."""
-    return sorted({k for row in rows for k in row if k.startswith("axis/")} - {SEED_AXIS, REGISTER_AXIS})
+    """Axes other than the seed: each of their values is its own series (the register count is no ``axis/`` key)."""
+    return sorted({k for row in rows for k in row if k.startswith("axis/")} - {SEED_AXIS})
 
 
 def series_label(row: dict[str, Any], axes: list[str]) -> str:

@@ -7,57 +7,68 @@
     regablate sweep configs/fig8/paper.yaml --launcher slurm --nodes_per_run 2   # 2 nodes x 8 GPUs per run
     regablate sweep configs/fig8/paper.yaml --status true       # queued / running / finished / failed, ETA
 
+A sweep is plan -> preflight -> launch -> report. The plan resolves and checks every run's config
+(``sweep.plan``: a run that does not parse stops the sweep before anything is written); the
+preflight checks every stage's data from metadata (``sweep.preflight``) and refuses a grid whose
+later stage could not load its data; the launcher runs the runs in waves (a run after the runs
+it needs); the report is written at the end.
+
 Runs land in ``<output>/<grid name>/<run>/``. Finished stages are never re-run, an interrupted
 run resumes from ``last.ckpt``, a failed run is recorded and the others go on; the command
 exits non-zero at the end when any run failed. Run the same command again to finish a grid.
-Before anything runs, a preflight checks every stage's data from metadata (``sweep.preflight``)
-and refuses to start a grid whose later stage could not load its data.
 On Slurm each run is one job of ``nodes_per_run x devices_per_run`` tasks whose fit is one DDP
 world, and a job near its time limit saves and requeues itself (``regablate.sweep.slurm``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
-import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from jsonargparse import ArgumentParser
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from regablate.commands import Renamed, function_arguments, modernise, tool_parser
 from regablate.errors import RegablateError
+from regablate.progress import Progress, duration
 from regablate.report.command import write_report
 from regablate.runs import write_text_atomic
-from regablate.sweep.grid import EXPERIMENT, Grid, Stage, load_grid, with_needs
+from regablate.sweep.grid import DEFAULT_SIGNAL_DELAY_S, Grid, Launcher, PlannedRun, Stage, load_grid, with_needs
 from regablate.sweep.launch import LocalLauncher, RunJob, device_slots, stage_command
+from regablate.sweep.plan import Plan, make_plan
 from regablate.sweep.preflight import StageReport, refusal
 from regablate.sweep.preflight import preflight as check_stages
-from regablate.sweep.resolve import resolve_config
-from regablate.sweep.slurm import DEFAULT_MAX_REQUEUES, DEFAULT_SIGNAL_DELAY_S, JobShape, SlurmLauncher
-from regablate.sweep.state import CONFIG_FILE, LOG_FILE, mark_finished, mark_running
+from regablate.sweep.slurm import JobShape, SlurmLauncher
+from regablate.sweep.state import LOG_FILE, mark_finished, mark_running
 from regablate.sweep.status import collect, format_status
 
+LauncherKind = Literal["local", "slurm"]
 RENAMED = (
     Renamed("--dry-run", "--dry_run", "true"),
     Renamed("--no-report", "--report", "false"),
     Renamed("--max-parallel", "--max_parallel"),
     Renamed("--devices-per-run", "--devices_per_run"),
 )
+# The launcher settings each launcher uses; a command-line flag of another launcher's is refused.
+APPLIES = {
+    "local": ("max_parallel", "devices_per_run"),
+    "slurm": ("max_parallel", "devices_per_run", "nodes_per_run", "max_requeues"),
+}
 
 
 def sweep(
     grid: str,
     output: str = "runs",
     only: list[str] | None = None,
+    launcher: LauncherKind = "local",
     max_parallel: PositiveInt | None = None,
     devices_per_run: PositiveInt | None = None,
     nodes_per_run: PositiveInt | None = None,
-    launcher: Literal["local", "slurm"] = "local",
+    max_requeues: NonNegativeInt | None = None,
     dry_run: bool = False,
     report: bool = True,
     preflight: bool = True,
@@ -69,55 +80,37 @@ def sweep(
         grid: grid file, e.g. configs/fig8/cpu.yaml.
         output: runs folder; the grid writes <output>/<grid name>/.
         only: keep runs whose axis KEY=VALUE (repeatable; KEY may be the last part, e.g. num_registers=4).
-        max_parallel: runs at once (default: the grid's, else 1).
-        devices_per_run: devices of each run (sets trainer.devices; GPUs are packed per run; on Slurm: tasks per node).
-        nodes_per_run: nodes of each run on Slurm (sets trainer.num_nodes; default: the grid's, else 1).
         launcher: local processes, or Slurm jobs through submitit.
+        max_parallel: runs at once (default: the grid's launcher.max_parallel).
+        devices_per_run: devices of each run (sets trainer.devices; GPUs are packed per run; on Slurm: tasks per node).
+        nodes_per_run: Slurm only: nodes of each run (sets trainer.num_nodes; default: the grid's).
+        max_requeues: Slurm only: requeues of a job stopped at its time limit (default: the grid's).
         dry_run: print the plan and the preflight, run nothing.
         report: write the report when the runs end.
         preflight: check every stage's data (metadata only) first; refuse to start if one cannot load.
         status: print each run's state (queued, running, finished, failed) and an ETA, run nothing.
     """
-    only = list(only or [])
+    flags = {"max_parallel": max_parallel, "devices_per_run": devices_per_run}
+    flags |= {"nodes_per_run": nodes_per_run, "max_requeues": max_requeues}
+    refuse_other_launchers_flags(launcher, flags)
     loaded = load_grid(grid)
-    runs = [run for run in loaded.runs if run.matches(_filters(only))]
-    if not runs:
-        raise RegablateError(f"--only {' '.join(only)} matches no run of {grid}; axes: {', '.join(loaded.axes)}")
-    runs = with_needs(runs, loaded.runs)  # a run continued from another brings that one along
-    max_parallel = max_parallel or loaded.launcher.get("max_parallel") or 1
-    devices_per_run = devices_per_run or loaded.launcher.get("devices_per_run")
-    nodes_per_run = nodes_per_run or loaded.launcher.get("nodes_per_run") or 1
+    settings = launcher_settings(loaded.launcher, launcher, flags)
+    runs = selected_runs(loaded, only or [])
     experiment = Path(output) / loaded.name
     if status:
-        print(format_status(loaded, experiment, collect(loaded, runs, experiment), max_parallel), flush=True)
+        print(format_status(loaded, experiment, collect(loaded, runs, experiment), settings.max_parallel), flush=True)
         return
-    if nodes_per_run > 1 and launcher != "slurm":
-        raise RegablateError(
-            f"nodes_per_run {nodes_per_run} needs --launcher slurm: a local sweep runs each run on this machine"
-        )
-    shape = job_shape(launcher, nodes_per_run, devices_per_run)
-    plan = make_plan(loaded, runs, experiment, devices_per_run, shape)
+    shape = JobShape(settings.nodes_per_run, settings.devices_per_run or 1) if launcher == "slurm" else None
+    plan = make_plan(loaded, runs, experiment, settings.devices_per_run, shape)
     started = time.perf_counter()
-    pending = {job.run.name: job.pending_stages() for job in plan.jobs}
-    reports = check_stages(loaded, plan.resolved, pending) if preflight else []
+    reports = check_stages(loaded, plan.resolved, pending_stages(plan)) if preflight else []
     seconds = time.perf_counter() - started
-    progress = Progress(total=len(plan.jobs) + len(plan.complete) + len(plan.invalid), done=len(plan.complete))
-    chosen: LocalLauncher | SlurmLauncher | None = None
-    if shape is not None and plan.jobs and not (dry_run and shutil.which("sbatch") is None):
-        chosen = SlurmLauncher(
-            experiment / "slurm",
-            loaded.launcher.get("slurm") or {},
-            shape=shape,
-            max_parallel=max_parallel,
-            max_requeues=int(loaded.launcher.get("max_requeues", DEFAULT_MAX_REQUEUES)),
-            gpus=bool(devices_per_run) and uses_gpus(plan),
-            on_event=progress.on_event,
-        )
-        chosen.check()  # a job Slurm would never run is refused before anything is written or submitted
+    events = RunEvents(plan.total, complete=len(plan.complete))
+    chosen = slurm_launcher(experiment, settings, shape, plan, events, dry_run)
     if dry_run:
-        print_plan(loaded, plan, experiment, max_parallel, devices_per_run, launcher)
+        print_plan(loaded, plan, experiment, settings, launcher)
         if shape is not None:
-            print(slurm_plan(shape, max_parallel, loaded, checked=chosen is not None))
+            print(slurm_plan(shape, settings, checked=chosen is not None))
     refused = refusal(reports)
     if dry_run or refused is not None:
         print_preflight(reports, seconds)
@@ -125,34 +118,11 @@ def sweep(
         raise refused
     if dry_run:
         return
-    write_configs(plan)
-    for job, message in plan.invalid:
-        record_invalid(job, message)
-        progress.on_event("done", job, False)
-    print(
-        f"sweep {loaded.name}: {progress.total} runs, {len(plan.complete)} already complete, "
-        f"{len(plan.jobs)} to run -> {experiment}/",
-        flush=True,
-    )
-    if chosen is None:
-        chosen = LocalLauncher(
-            device_slots(max_parallel, devices_per_run, _num_gpus(devices_per_run)), progress.on_event
-        )
-    run_after_needs(chosen, plan, progress)
-    if report and loaded.report.get("enabled", True):
-        paths = write_report(experiment, grid=loaded)
+    launch(chosen or LocalLauncher(local_slots(settings), events), plan, events, loaded.name, experiment)
+    if report and loaded.report.enabled:
+        paths = write_report(experiment, loaded.report)
         print(f"report: {', '.join(str(p) for p in paths)}", flush=True)
-    if progress.failed:
-        logs = ", ".join(str(experiment / name / LOG_FILE) for name in progress.failed)
-        raise RegablateError(
-            f"{len(progress.failed)} of {progress.total} runs failed: {', '.join(progress.failed)} (logs: {logs}); "
-            "run the same command again to retry them"
-        )
-    print(
-        f"sweep {loaded.name}: all {progress.total} runs complete "
-        f"in {_duration(time.perf_counter() - progress.started)}",
-        flush=True,
-    )
+    conclude(events, loaded.name, experiment)
 
 
 def build_parser() -> ArgumentParser:
@@ -169,21 +139,43 @@ def main(argv: list[str]) -> None:
     sweep(**function_arguments(cfg))
 
 
-@dataclass
-class Plan:
-    """The grid's runs sorted by what is left: ``jobs`` to run, ``complete`` ones, and ``invalid`` configs."""
+def refuse_other_launchers_flags(launcher: LauncherKind, flags: dict[str, Any]) -> None:
+    """A launcher setting given on the command line that ``launcher`` does not use is refused, naming those it does."""
+    for name, value in flags.items():
+        if value is not None and name not in APPLIES[launcher]:
+            raise RegablateError(
+                f"--{name} {value} needs --launcher slurm: a {launcher} sweep runs each run on this machine; "
+                f"its settings: {', '.join('--' + key for key in APPLIES[launcher])}"
+            )
 
-    jobs: list[RunJob] = field(default_factory=list)
-    resolved: dict[str, str] = field(default_factory=dict)  # run name -> its resolved config (YAML)
-    complete: list[RunJob] = field(default_factory=list)
-    invalid: list[tuple[RunJob, str]] = field(default_factory=list)
+
+def launcher_settings(grid: Launcher, launcher: LauncherKind, flags: dict[str, Any]) -> Launcher:
+    """The grid's launcher settings with the command line's flags over them."""
+    settings = dataclasses.replace(grid, **{name: value for name, value in flags.items() if value is not None})
+    if settings.nodes_per_run > 1 and launcher != "slurm":
+        raise RegablateError(
+            f"the grid's launcher.nodes_per_run {settings.nodes_per_run} needs --launcher slurm: "
+            "a local sweep runs each run on this machine"
+        )
+    return settings
 
 
-def job_shape(launcher: str, nodes_per_run: int, devices_per_run: int | None) -> JobShape | None:
-    """A Slurm run's job: one task per device on each node; None for a local sweep (its runs start their own ranks)."""
-    if launcher != "slurm":
-        return None
-    return JobShape(nodes=nodes_per_run, tasks_per_node=devices_per_run or 1)
+def selected_runs(grid: Grid, only: list[str]) -> list[PlannedRun]:
+    """The runs ``--only`` keeps, with every run they need (a run continued from another brings that one along)."""
+    filters = {}
+    for item in only:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RegablateError(f"--only takes KEY=VALUE (e.g. num_registers=4), got {item!r}")
+        filters[key.strip()] = value.strip()
+    runs = [run for run in grid.runs if run.matches(filters)]
+    if not runs:
+        raise RegablateError(f"--only {' '.join(only)} matches no run of {grid.path}; axes: {', '.join(grid.axes)}")
+    return with_needs(runs, grid.runs)
+
+
+def pending_stages(plan: Plan) -> dict[str, list[Stage]]:
+    return {job.run.name: job.pending_stages() for job in plan.jobs}
 
 
 def uses_gpus(plan: Plan) -> bool:
@@ -194,59 +186,46 @@ def uses_gpus(plan: Plan) -> bool:
     return accelerators != {"cpu"}
 
 
-def make_plan(
-    grid: Grid, runs: list, experiment: Path, devices_per_run: int | None, shape: JobShape | None = None
-) -> Plan:
-    """Resolve the config of every run with work left and write it into its folder (not in a dry run).
-
-    A Slurm job of several tasks fits one DDP world across them: its runs get ``trainer.devices``
-    (tasks per node) and ``trainer.num_nodes`` of the job's shape.
-    """
-    plan = Plan()
-    for run in runs:
-        run_dir = experiment / run.name
-        job = RunJob(run, run_dir, run_dir / CONFIG_FILE, grid.stages_of(run))
-        if not job.pending_stages():
-            plan.complete.append(job)
-            continue
-        overrides = {
-            **{key: _in_experiment(value, experiment) for key, value in run.overrides.items()},
-            "trainer.logger.init_args.save_dir": str(experiment.parent),
-            "trainer.logger.init_args.name": grid.name,
-            "trainer.logger.init_args.version": run.name,
-        }
-        if devices_per_run:
-            overrides["trainer.devices"] = devices_per_run
-        if shape is not None and shape.tasks > 1:
-            overrides["trainer.devices"] = shape.tasks_per_node
-            overrides["trainer.num_nodes"] = shape.nodes
-        try:
-            plan.resolved[run.name] = resolve_config(grid.base_of(run), overrides)
-        except RegablateError as err:
-            plan.invalid.append((job, str(err)))
-            continue
-        plan.jobs.append(job)
-    return plan
+def slurm_launcher(
+    experiment: Path, settings: Launcher, shape: JobShape | None, plan: Plan, events: RunEvents, dry_run: bool
+) -> SlurmLauncher | None:
+    """The Slurm launcher, checked with Slurm itself before anything is written or submitted; None for a local
+    sweep, a plan with nothing to run, or a dry run where there is no sbatch."""
+    if shape is None or not plan.jobs or (dry_run and shutil.which("sbatch") is None):
+        return None
+    gpus = bool(settings.devices_per_run) and uses_gpus(plan)
+    chosen = SlurmLauncher(experiment / "slurm", settings, shape=shape, gpus=gpus, on_event=events)
+    chosen.check()
+    return chosen
 
 
-def _in_experiment(value: Any, experiment: Path) -> Any:
-    return value.replace("{" + EXPERIMENT + "}", str(experiment)) if isinstance(value, str) else value
+def local_slots(settings: Launcher) -> list[str | None]:
+    return device_slots(settings.max_parallel, settings.devices_per_run, _num_gpus(settings.devices_per_run))
 
 
-def run_after_needs(launcher: LocalLauncher | SlurmLauncher, plan: Plan, progress: Progress) -> None:
+def launch(launcher: LocalLauncher | SlurmLauncher, plan: Plan, events: RunEvents, name: str, experiment: Path) -> None:
+    """Write each run's resolved config into its folder, then run the plan's jobs in waves."""
+    for job in plan.jobs:
+        write_text_atomic(job.config, plan.resolved[job.run.name])
+    left = f"{len(plan.complete)} already complete, {len(plan.jobs)} to run"
+    print(f"sweep {name}: {plan.total} runs, {left} -> {experiment}/", flush=True)
+    run_after_needs(launcher, plan, events)
+
+
+def run_after_needs(launcher: LocalLauncher | SlurmLauncher, plan: Plan, events: RunEvents) -> None:
     """Launch the plan's jobs in waves: a run starts once every run it needs is complete.
 
-    A run whose needed run failed (or could not be planned) fails without starting, naming it.
+    A run whose needed run failed fails without starting, naming it.
     """
     complete = {job.run.name for job in plan.complete}
-    failed = {job.run.name for job, _ in plan.invalid}
+    failed: set[str] = set()
     waiting = list(plan.jobs)
     while waiting:
         blocked = [job for job in waiting if set(job.run.needs) & failed]
         for job in blocked:
             names = ", ".join(sorted(set(job.run.needs) & failed))
             record_failure(job, f"it needs run {names}, which failed: fix that run and sweep again")
-            progress.on_event("done", job, False)
+            events("done", job, False)
             failed.add(job.run.name)
         ready = [job for job in waiting if set(job.run.needs) <= complete]
         waiting = [job for job in waiting if job not in ready and job not in blocked]
@@ -254,6 +233,55 @@ def run_after_needs(launcher: LocalLauncher | SlurmLauncher, plan: Plan, progres
             results = launcher.run(ready)
             for job in ready:  # a run the launcher gave no result for counts as failed
                 (complete if results.get(job.run.name) else failed).add(job.run.name)
+
+
+def record_failure(job: RunJob, message: str) -> None:
+    """Fail a run at its first pending stage without starting it; the reason goes into its log and summary."""
+    stage = job.pending_stages()[0].name
+    mark_running(job.run_dir, stage, job.run.axes)
+    with (job.run_dir / LOG_FILE).open("a") as log:
+        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+    mark_finished(job.run_dir, stage, None, 0.0, reason=message)
+
+
+def conclude(events: RunEvents, name: str, experiment: Path) -> None:
+    """The sweep's last line, or the one-line error naming the runs that failed and their logs."""
+    seconds = events.progress.finish()
+    if events.failed:
+        logs = ", ".join(str(experiment / run / LOG_FILE) for run in events.failed)
+        raise RegablateError(
+            f"{len(events.failed)} of {events.progress.total} runs failed: {', '.join(events.failed)} (logs: {logs}); "
+            "run the same command again to retry them"
+        )
+    print(f"sweep {name}: all {events.progress.total} runs complete in {duration(seconds)}", flush=True)
+
+
+class RunEvents:
+    """The launchers' events as one line each: ``[3/22] r4_s1: complete, ETA 5 min 10 s``.
+
+    ``regablate.progress.Progress`` counts the runs (those complete before the sweep started
+    included) and gives the ETA from the rate of the runs finished since; the sweep prints its own
+    lines, so the Progress prints none.
+    """
+
+    def __init__(self, total: int, complete: int) -> None:
+        self.progress = Progress("sweep", total, unit="runs", initial=complete, enabled=False)
+        self.failed: list[str] = []
+
+    def __call__(self, event: str, job: RunJob, detail: Any) -> None:
+        """``("start", job, stage or text)``, ``("done", job, ok)`` or ``("requeued", job, count)``."""
+        progress = self.progress
+        if event == "requeued":
+            what = f"requeued at its time limit ({detail}x so far)"
+        elif event == "start":
+            what = f"{getattr(detail, 'name', detail)} ... log {job.run_dir / LOG_FILE}{progress.eta_text()}"
+        else:
+            progress.update()
+            if not detail:
+                self.failed.append(job.run.name)
+            outcome = "complete" if detail else f"FAILED (see {job.run_dir / LOG_FILE})"
+            what = f"{outcome}{progress.eta_text()}"
+        print(f"[{progress.done}/{progress.total}] {job.run.name}: {what}", flush=True)
 
 
 def print_preflight(reports: list[StageReport], seconds: float) -> None:
@@ -264,114 +292,32 @@ def print_preflight(reports: list[StageReport], seconds: float) -> None:
             print(report.line())
 
 
-def write_configs(plan: Plan) -> None:
-    """Each run's resolved config goes into its folder before anything runs."""
-    for job in plan.jobs:
-        write_text_atomic(job.config, plan.resolved[job.run.name])
-
-
-def record_invalid(job: RunJob, message: str) -> None:
-    """A run whose config does not resolve fails at its first stage, with the reason in its log."""
-    record_failure(job, f"invalid config: {message}", exit_code=2)
-
-
-def record_failure(job: RunJob, message: str, exit_code: int | None = None) -> None:
-    """Fail a run at its first pending stage without starting it; the reason goes into its log and summary."""
-    stage = job.pending_stages()[0].name
-    mark_running(job.run_dir, stage, job.run.axes)
-    with (job.run_dir / LOG_FILE).open("a") as log:
-        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-    mark_finished(job.run_dir, stage, exit_code, 0.0, reason=None if exit_code is not None else message)
-
-
-def slurm_plan(shape: JobShape, max_parallel: int, grid: Grid, checked: bool) -> str:
+def slurm_plan(shape: JobShape, settings: Launcher, checked: bool) -> str:
     """The dry run's account of the Slurm jobs it would submit."""
-    settings = grid.launcher.get("slurm") or {}
-    delay = settings.get("slurm_signal_delay_s", DEFAULT_SIGNAL_DELAY_S)
-    requeues = grid.launcher.get("max_requeues", DEFAULT_MAX_REQUEUES)
+    delay = settings.slurm.get("slurm_signal_delay_s", DEFAULT_SIGNAL_DELAY_S)
     check = "sbatch --test-only accepts one run's job" if checked else "not checked: sbatch not found here"
     return (
         f"slurm: each run one job of {shape.describe()} (one per device; the fit is one DDP world across them), "
-        f"a job array {max_parallel} at once; SIGUSR1 {delay} s before the time limit saves and requeues a job, "
-        f"at most {requeues} times; {check}"
+        f"a job array {settings.max_parallel} at once; SIGUSR1 {delay} s before the time limit saves and requeues "
+        f"a job, at most {settings.max_requeues} times; {check}"
     )
 
 
-def print_plan(grid: Grid, plan: Plan, experiment: Path, max_parallel: int, devices: int | None, launcher: str) -> None:
-    total = len(plan.jobs) + len(plan.complete) + len(plan.invalid)
-    print(f"grid {grid.name} ({grid.path}): {total} runs -> {experiment}/")
+def print_plan(grid: Grid, plan: Plan, experiment: Path, settings: Launcher, launcher: LauncherKind) -> None:
+    print(f"grid {grid.name} ({grid.path}): {plan.total} runs -> {experiment}/")
     print(f"axes: {'; '.join(f'{k}={list(v)}' for k, v in grid.axes.items())}")
     print(
-        f"stages: {' -> '.join(s.name for s in grid.stages)}; launcher {launcher}, max {max_parallel} at once, "
-        f"devices per run {devices or 'from the config'}"
+        f"stages: {' -> '.join(s.name for s in grid.stages)}; launcher {launcher}, max {settings.max_parallel} at "
+        f"once, devices per run {settings.devices_per_run or 'from the config'}"
     )
     for job in plan.complete:
         print(f"  {job.run.name}: complete")
-    for job, message in plan.invalid:
-        print(f"  {job.run.name}: INVALID: {message}")
     for job in plan.jobs:
         stages = job.pending_stages()
         state = "resume" if len(stages) < len(job.stages) or (job.run_dir / "checkpoints").is_dir() else "new"
         after = f", after {', '.join(job.run.needs)}" if job.run.needs else ""
         print(f"  {job.run.name}: {state}{after}, {' -> '.join(s.name for s in stages)}")
-        print(f"    $ {' '.join(_short_command(job, stages[0]))}")
-
-
-class Progress:
-    """Runs done out of the total, the current runs, and an ETA from the runs finished so far."""
-
-    def __init__(self, total: int, done: int) -> None:
-        self.total, self.done = total, done
-        self.failed: list[str] = []
-        self.started = time.perf_counter()
-        self.run_started: dict[str, float] = {}
-        self.durations: list[float] = []
-        self.running: set[str] = set()
-
-    def on_event(self, event: str, job: RunJob, detail: Any) -> None:
-        name = job.run.name
-        if event == "requeued":
-            print(f"[{self.done}/{self.total}] {name}: requeued at its time limit ({detail}x so far)", flush=True)
-            return
-        if event == "start":
-            self.run_started.setdefault(name, time.perf_counter())
-            self.running.add(name)
-            print(
-                f"[{self.done}/{self.total}] {name}: {getattr(detail, 'name', detail)} "
-                f"... log {job.run_dir / LOG_FILE}{self._eta()}",
-                flush=True,
-            )
-            return
-        self.done += 1
-        self.running.discard(name)
-        if name in self.run_started:
-            self.durations.append(time.perf_counter() - self.run_started.pop(name))
-        if not detail:
-            self.failed.append(name)
-        outcome = "complete" if detail else f"FAILED (see {job.run_dir / LOG_FILE})"
-        print(f"[{self.done}/{self.total}] {name}: {outcome}{self._eta()}", flush=True)
-
-    def _eta(self) -> str:
-        left = self.total - self.done
-        if not left or not self.durations:
-            return ""
-        parallel = max(1, len(self.running))
-        return f" | ETA {_duration(statistics.fmean(self.durations) * left / parallel)}"
-
-
-def _short_command(job: RunJob, stage: Stage) -> list[str]:
-    command = stage_command(job, stage)
-    return ["regablate", *command[3:]]
-
-
-def _filters(only: list[str]) -> dict[str, str]:
-    filters = {}
-    for item in only:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise RegablateError(f"--only takes KEY=VALUE (e.g. num_registers=4), got {item!r}")
-        filters[key.strip()] = value.strip()
-    return filters
+        print(f"    $ regablate {' '.join(stage_command(job, stages[0])[3:])}")
 
 
 def _num_gpus(devices_per_run: int | None) -> int:
@@ -380,8 +326,3 @@ def _num_gpus(devices_per_run: int | None) -> int:
     import torch
 
     return torch.cuda.device_count()
-
-
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"

@@ -1,6 +1,7 @@
 """Grid files: a base run config, axes, stages and launcher settings, expanded into planned runs.
 
-A grid file has a top-level ``grid:`` key::
+A grid file has a top-level ``grid:`` key, whose mapping is a :class:`GridSpec` (checked by
+jsonargparse: a wrong key or type is one line naming its path, e.g. ``grid.launcher.max_parallel``)::
 
     grid:
       name: fig8_cpu                    # the experiment: runs/<name>/<run>/
@@ -14,66 +15,163 @@ A grid file has a top-level ``grid:`` key::
           dino: {model.class_path: regablate.tasks.DINO}
       stages:                           # run in order, each as its own process
         - {name: fit, command: fit}
-        - {name: probe, command: probe, args: [--probe.cls_steps, "300"]}   # "{grid_dir}": this file's folder
+        - {name: probe, command: probe, args: {--probe.cls_steps: 300, --probe.probes: [cls, seg]}}
       launcher: {max_parallel: 1, devices_per_run: null, nodes_per_run: 1, max_requeues: 3, slurm: {...}}
       report: {images: null, num_images: 2, paper: false}
 
-An axis named by a dotted key takes a list of values; any key works, so a new backbone option
-becomes an axis without code changes.
+A stage's ``args`` map each flag to its value; a list value is a list flag's value
+(``--probe.probes: [cls, seg]`` is ``--probe.probes '["cls", "seg"]'``); ``{grid_dir}`` in a value is the
+folder of the file that names it. An axis named by a dotted key takes a list of values; any key works,
+so a new backbone option becomes an axis without code changes.
 
-A grid may extend another (``extends: paper.yaml``): it runs the other grid's stages with its own
-name, and what it gives is merged over the other's: ``overrides``, ``launcher`` and ``report`` key
-by key, ``axes`` axis by axis, ``base`` replaced when given; ``stage_args`` changes single flags of
-named stages (``{probe_cls: {--probe.cls_steps: 20}}``; null removes a flag). A rehearsal of a
-cluster grid is written this way, so the two cannot drift apart.
+A grid may extend another (``extends: paper.yaml``): it runs the other grid's stages under its own
+name, and its own keys are merged over the other's by one rule: **mappings merge key by key,
+recursively; any other value (a list, a number, a string, null) replaces the other's.** So
+``overrides``, ``launcher`` (and its ``slurm``), ``report``, ``axes`` and ``series`` change key by key,
+``base`` and an axis's list of values are replaced. ``stage_args: {stage: {flag: value}}`` is merged
+by the same rule into the ``args`` of the named stages. A rehearsal of a cluster grid is written
+this way, so the two cannot drift apart.
+
+regablate 0.2 wrote a stage's ``args`` as a list of command-line words; such a file gets one line
+saying what to write instead.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
+import json
 import re
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
+from jsonargparse import ArgumentError, ArgumentParser
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from regablate.commands import parser_message
 from regablate.errors import RegablateError
+from regablate.hparams import plain
+from regablate.report.settings import Report
+from regablate.runs import run_name
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Commands a stage may run: LightningCLI's on the run's config, and the tools that take a run folder.
-STAGE_COMMANDS = (*LIGHTNING_COMMANDS, "probe", "inspect")
-# Short run-name prefixes of the two axes every Figure 8 grid has.
-NAME_PREFIXES = {"model.init_args.num_registers": "r", "seed_everything": "s"}
-GRID_KEYS = {
-    "name",
-    "base",
-    "overrides",
-    "axes",
-    "stages",
-    "launcher",
-    "report",
-    "description",
-    "extends",
-    "stage_args",
-    "series",
-}
-LAUNCHER_KEYS = {"max_parallel", "devices_per_run", "nodes_per_run", "max_requeues", "slurm"}
+StageCommand = Literal["fit", "validate", "test", "predict", "probe", "inspect"]
+STAGE_COMMANDS = get_args(StageCommand)
+# An axis: a list of values of one dotted key, or labels of bundles of dotted keys (a named axis). Free-form
+# values are typed bare ``list``/``dict``: jsonargparse then keeps them as written (with ``Any`` it would turn
+# "1" into 1 and instantiate a ``class_path`` mapping, e.g. a callback in ``trainer.callbacks``).
+Axis = list | dict
 EXPERIMENT = "experiment"  # {experiment} in a grid value: the grid's runs folder, <output>/<grid name>
+GRID_DIR = "{grid_dir}"  # in a stage argument: the folder of the grid file that names it
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 RUN_REFERENCE = re.compile(r"\{experiment\}/([^/\s]+)")
-SERIES_KEYS = {"base", "overrides", "axes", "stages", "description"}
 SERIES_AXIS = "series"  # the axis a further series' runs carry: its name
-REPORT_KEYS = {"images", "num_images", "paper", "enabled"}
+DEFAULT_SIGNAL_DELAY_S = 90  # submitit's own default warning before a Slurm time limit
+DEFAULT_MAX_REQUEUES = 3  # submitit's own default for requeues after a timeout
 
 
-@dataclass(frozen=True)
+@dataclass
 class Stage:
-    """One step of every run: a LightningCLI subcommand on the run's config, or a tool on its folder."""
+    """One step of every run: a LightningCLI subcommand on the run's config, or a tool on its folder.
 
-    name: str
-    command: str
-    args: tuple[str, ...] = ()
+    Args:
+        command: fit, validate, test or predict (LightningCLI on the run's config), probe or inspect (on its folder).
+        name: the stage's name in the run's summary (default: the command).
+        args: the command's flags, each mapped to its value (a list for a list flag).
+    """
+
+    command: StageCommand
+    name: str = ""
+    args: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.command
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        """``args`` as command-line words: each flag, then its value as text (lists and mappings as JSON)."""
+        return tuple(word for flag, value in self.args.items() for word in (flag, _as_word(value)))
+
+
+def _as_word(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)  # true/false/null, numbers, and lists/mappings in a form jsonargparse reads
+
+
+@dataclass
+class Launcher:
+    """Where and how many runs at once (the sweep's flags of the same names win over these).
+
+    Args:
+        max_parallel: runs at once.
+        devices_per_run: devices of each run (trainer.devices; on Slurm, tasks per node); null: the config's.
+        nodes_per_run: Slurm nodes of each run (trainer.num_nodes).
+        max_requeues: Slurm: times a job stopped at its time limit is requeued before its run fails.
+        slurm: submitit AutoExecutor parameters of each run's job (timeout_min, slurm_partition, mem_gb, ...).
+    """
+
+    max_parallel: PositiveInt = 1
+    devices_per_run: PositiveInt | None = None
+    nodes_per_run: PositiveInt = 1
+    max_requeues: NonNegativeInt = DEFAULT_MAX_REQUEUES
+    slurm: dict = field(default_factory=dict)
+
+
+@dataclass
+class Series:
+    """A further series of runs in the same experiment: the grid's axes and overrides with its own over them.
+
+    Args:
+        base: its own run configs instead of the grid's.
+        overrides: dotted config keys over the grid's.
+        axes: axes over the grid's (an axis of the same key replaces the grid's).
+        stages: the names of the grid's stages it runs (default: all).
+        description: free text.
+    """
+
+    base: str | list[str] | None = None
+    overrides: dict = field(default_factory=dict)
+    axes: dict[str, Axis] = field(default_factory=dict)
+    stages: list[str] | None = None
+    description: str = ""
+
+
+@dataclass
+class GridSpec:
+    """The ``grid:`` mapping of a grid file (see the module's docstring; every key but ``name`` may come from
+    the grid it ``extends``).
+
+    Args:
+        name: the experiment: runs go into <output>/<name>/<run>/.
+        base: run configs merged left to right (relative to the grid file).
+        overrides: dotted config keys set in every run.
+        axes: the grid is the product of its axes.
+        stages: run in order, each as its own process.
+        launcher: where and how many at once.
+        report: the report's settings.
+        series: further series of runs, by name.
+        extends: a grid file (relative to this one) whose stages this grid runs, its keys merged under this one's.
+        stage_args: in an extending grid: flags merged into the args of the named stages ({stage: {flag: value}}).
+        description: free text.
+    """
+
+    name: str | None = None
+    base: str | list[str] | None = None
+    overrides: dict = field(default_factory=dict)
+    axes: dict[str, Axis] = field(default_factory=dict)
+    stages: list[Stage] = field(default_factory=list)
+    launcher: Launcher = field(default_factory=Launcher)
+    report: Report = field(default_factory=Report)
+    series: dict[str, Series] = field(default_factory=dict)
+    extends: str | None = None
+    stage_args: dict[str, dict] = field(default_factory=dict)
+    description: str = ""
 
 
 @dataclass
@@ -98,17 +196,17 @@ class PlannedRun:
 
 @dataclass
 class Grid:
-    """A parsed grid file; ``runs`` is the expanded product of its axes."""
+    """A loaded grid file (the grids it extends merged in, paths absolute); ``runs`` is its expanded axes."""
 
     path: Path
     name: str
     base: list[Path]
     overrides: dict[str, Any]
-    axes: dict[str, Any]
+    axes: dict[str, Axis]
     stages: list[Stage]
-    launcher: dict[str, Any] = field(default_factory=dict)
-    report: dict[str, Any] = field(default_factory=dict)
-    series: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> its spec (SERIES_KEYS)
+    launcher: Launcher
+    report: Report
+    series: dict[str, Series]
     runs: list[PlannedRun] = field(default_factory=list)
 
     def base_of(self, run: PlannedRun) -> list[Path]:
@@ -123,36 +221,50 @@ def is_grid_file(data: Any) -> bool:
     return isinstance(data, dict) and "grid" in data
 
 
+def merge(under: Any, over: Any) -> Any:
+    """The ``extends`` rule: mappings merge key by key, recursively; any other value of ``over`` replaces ``under``."""
+    if not isinstance(under, dict) or not isinstance(over, dict):
+        return over
+    return {**under, **{key: merge(under[key], value) if key in under else value for key, value in over.items()}}
+
+
 def load_grid(path: str | Path) -> Grid:
-    """Read and check a grid file (and the grid it extends) and expand its axes (errors name the file and the key)."""
-    grid = _read_grid(Path(path), seen=())
-    runs = expand(grid.axes, grid.overrides)
-    for name, spec in grid.series.items():
-        runs += _series_runs(grid, name, spec)
+    """Read and check a grid file (and the grids it extends) and expand its axes; errors name the file and the key."""
+    path = Path(path)
+    spec = _parse(path, _read_grid(path, seen=()))
+    for key in ("name", "base", "axes", "stages"):
+        if not getattr(spec, key):
+            raise RegablateError(f"{path}: grid.{key} is missing")
+    _check_axes(path, "grid.axes", spec.axes)
+    _check_stages(path, spec.stages)
+    for name, series in spec.series.items():
+        _check_axes(path, f"grid.series.{name}.axes", series.axes)
+        unknown = [stage for stage in series.stages or () if stage not in [s.name for s in spec.stages]]
+        if unknown:
+            raise RegablateError(
+                f"{path}: grid.series.{name}.stages names no stage {', '.join(unknown)}; stages: "
+                f"{', '.join(stage.name for stage in spec.stages)}"
+            )
+    grid = Grid(
+        path=path,
+        name=str(spec.name),
+        base=[Path(p) for p in _as_list(spec.base)],
+        overrides=spec.overrides,
+        axes=spec.axes,
+        stages=spec.stages,
+        launcher=Launcher(**plain(dataclasses.asdict(spec.launcher))),  # no constrained int beyond this point
+        report=Report(**plain(dataclasses.asdict(spec.report))),
+        series=spec.series,
+    )
+    runs = expand(grid.axes, grid.overrides, link_runs=False)
+    for name, series in grid.series.items():
+        runs += _series_runs(grid, name, series)
     grid.runs = link(runs)
     return grid
 
 
-def _series_runs(grid: Grid, name: str, spec: dict[str, Any]) -> list[PlannedRun]:
-    """The runs of one further series: the grid's axes and overrides with the series' merged over them.
-
-    Each run is named ``<run>_<series>`` and carries the axis ``series: <name>`` (the report's series label).
-    """
-    axes = {**grid.axes, **spec.get("axes", {})}
-    runs = expand(axes, {**grid.overrides, **spec.get("overrides", {})}, link_runs=False)
-    stages = None
-    if "stages" in spec:
-        by_name = {stage.name: stage for stage in grid.stages}
-        stages = [by_name[stage] for stage in by_name if stage in spec["stages"]]
-    for run in runs:
-        run.name = f"{run.name}_{name}"
-        run.axes = {**run.axes, SERIES_AXIS: name}
-        run.base, run.stages = spec.get("base"), stages
-    return runs
-
-
-def _read_grid(path: Path, seen: tuple[Path, ...]) -> Grid:
-    """One grid file as a Grid (no runs yet), every path in it made absolute, merged over what it extends."""
+def _read_grid(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """One grid file's ``grid:`` mapping, checked, its paths made absolute, merged over the grid it extends."""
     if not path.is_file():
         raise RegablateError(f"grid file not found: {path}")
     if path.resolve() in seen:
@@ -164,32 +276,15 @@ def _read_grid(path: Path, seen: tuple[Path, ...]) -> Grid:
     if not is_grid_file(data) or not isinstance(data["grid"], dict):
         raise RegablateError(f"{path} is not a grid file: it needs a top-level 'grid:' mapping (see configs/fig8/)")
     spec = data["grid"]
-    _check_keys(path, "grid", spec, GRID_KEYS)
-    launcher = spec.get("launcher") or {}
-    report = spec.get("report") or {}
-    _check_keys(path, "grid.launcher", launcher, LAUNCHER_KEYS)
-    _check_keys(path, "grid.report", report, REPORT_KEYS)
-    if report.get("images"):
-        report = {**report, "images": str((path.parent / report["images"]).resolve())}
+    _refuse_argument_lists(path, spec)
+    _parse(path, spec)  # this file alone: its errors name it
+    spec = _absolute(path, spec)
     if "extends" not in spec:
         if "stage_args" in spec:
             raise RegablateError(
                 f"{path}: grid.stage_args changes the stages of the grid it extends; give grid.extends"
             )
-        for required in ("name", "base", "axes", "stages"):
-            if required not in spec:
-                raise RegablateError(f"{path}: grid.{required} is missing")
-        return Grid(
-            path=path,
-            name=str(spec["name"]),
-            base=_base_configs(path, spec["base"]),
-            overrides=dict(spec.get("overrides") or {}),
-            axes=_check_axes(path, spec["axes"]),
-            stages=(stages := _parse_stages(path, spec["stages"])),
-            launcher=launcher,
-            report=report,
-            series=_parse_series(path, spec.get("series"), stages),
-        )
+        return spec
     if "stages" in spec:
         raise RegablateError(
             f"{path}: a grid that extends another runs its stages; change their arguments with grid.stage_args"
@@ -197,88 +292,151 @@ def _read_grid(path: Path, seen: tuple[Path, ...]) -> Grid:
     if "name" not in spec:
         raise RegablateError(f"{path}: grid.name is missing (an extending grid writes its own experiment folder)")
     parent = _read_grid((path.parent / str(spec["extends"])).resolve(), seen=(*seen, path.resolve()))
-    axes = {**parent.axes, **_check_axes(path, spec["axes"])} if "axes" in spec else parent.axes
-    slurm = {**(parent.launcher.get("slurm") or {}), **(launcher.get("slurm") or {})}
-    return Grid(
-        path=path,
-        name=str(spec["name"]),
-        base=_base_configs(path, spec["base"]) if "base" in spec else parent.base,
-        overrides={**parent.overrides, **(spec.get("overrides") or {})},
-        axes=axes,
-        stages=_changed_stages(path, parent.stages, spec.get("stage_args") or {}),
-        launcher={**parent.launcher, **launcher, **({"slurm": slurm} if slurm else {})},
-        report={**parent.report, **report},
-        series={**parent.series, **_parse_series(path, spec.get("series"), parent.stages)},
-    )
+    own = {key: value for key, value in spec.items() if key not in ("extends", "stage_args")}
+    stages = _with_stage_args(path, parent.get("stages") or [], spec.get("stage_args") or {})
+    return {**merge(parent, own), "stages": stages}
 
 
-def _parse_series(path: Path, series: Any, stages: list[Stage]) -> dict[str, dict[str, Any]]:
-    """``grid.series``: name -> {base, overrides, axes, stages}, checked, with paths made absolute."""
-    if series is None:
-        return {}
-    if not isinstance(series, dict) or not all(isinstance(spec, dict) for spec in series.values()):
-        raise RegablateError(f"{path}: grid.series maps series names to {{base, overrides, axes, stages}}")
-    parsed = {}
-    names = [stage.name for stage in stages]
-    for name, spec in series.items():
-        _check_keys(path, f"grid.series.{name}", spec, SERIES_KEYS)
-        chosen = _as_list(spec.get("stages", names))
-        unknown = [stage for stage in chosen if stage not in names]
-        if unknown:
+@cache
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(GridSpec, "grid")
+    return parser
+
+
+def _parse(path: Path, spec: dict[str, Any]) -> GridSpec:
+    """``spec`` checked and built by jsonargparse; a wrong key or type is one line naming the file and the key."""
+    parser = _parser()
+    try:
+        config = parser.parse_object({"grid": copy.deepcopy(spec)})  # jsonargparse changes what it is given
+    except ArgumentError as err:
+        raise RegablateError(f"{path}: {parser_message(str(err)).removeprefix('--')}") from None  # a key, not a flag
+    dropped = _dropped_key(spec, config.grid.as_dict(), "grid")
+    if dropped is not None:  # jsonargparse drops an unknown key whose value is an empty mapping
+        raise RegablateError(f"{path}: {dropped} is not a key of a grid file (see configs/fig8/cpu.yaml)")
+    return parser.instantiate(config).grid
+
+
+def _dropped_key(given: Any, parsed: Any, where: str) -> str | None:
+    """The first key of ``given`` missing from ``parsed`` (the same data as jsonargparse read it), or None."""
+    if isinstance(given, dict) and isinstance(parsed, dict):
+        for key, value in given.items():
+            if key not in parsed:
+                return f"{where}.{key}"
+            if (found := _dropped_key(value, parsed[key], f"{where}.{key}")) is not None:
+                return found
+    elif isinstance(given, list) and isinstance(parsed, list):
+        for index, (value, kept) in enumerate(zip(given, parsed)):
+            if (found := _dropped_key(value, kept, f"{where}[{index}]")) is not None:
+                return found
+    return None
+
+
+def _refuse_argument_lists(path: Path, spec: dict[str, Any]) -> None:
+    """A stage whose ``args`` are a list of words (regablate 0.2): one line with the mapping to write instead."""
+    for index, stage in enumerate(spec.get("stages") or []):
+        if isinstance(stage, dict) and isinstance(stage.get("args"), list):
             raise RegablateError(
-                f"{path}: grid.series.{name}.stages names no stage {', '.join(map(str, unknown))}; stages: "
-                f"{', '.join(names)}"
+                f"{path}: grid.stages[{index}].args is a list of command-line words (regablate 0.2); since 0.3 "
+                f"it maps each flag to its value: args: {_as_mapping(stage['args'])}"
             )
-        parsed[str(name)] = {
-            **({"base": _base_configs(path, spec["base"])} if "base" in spec else {}),
-            "overrides": dict(spec.get("overrides") or {}),
-            "axes": _check_axes(path, spec["axes"]) if "axes" in spec else {},
-            **({"stages": chosen} if "stages" in spec else {}),
+
+
+def _as_mapping(words: list[Any]) -> str:
+    """0.2's ``[--flag, value, ...]`` as the YAML mapping that replaces it (``{--flag: value}``)."""
+    pairs: dict[str, Any] = {}
+    flag = None
+    for word in map(str, words):
+        if word.startswith("--"):
+            flag, _, value = word.partition("=")
+            pairs[flag] = yaml.safe_load(value) if value else True
+        elif flag is not None:
+            pairs[flag] = yaml.safe_load(word)
+            flag = None
+    text = yaml.safe_dump(pairs, default_flow_style=True, sort_keys=False, width=1_000_000)
+    return text.strip()
+
+
+def _absolute(path: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` (checked) with its paths absolute: base configs, report images and ``{grid_dir}`` in stage args."""
+    folder = path.parent.resolve()
+
+    def configs(base: str | list[str]) -> list[str]:
+        found = [(folder / name).resolve() for name in _as_list(base)]
+        for config in found:
+            if not config.is_file():
+                raise RegablateError(f"{path}: base config not found: {config}")
+        return [str(config) for config in found]
+
+    def filled(args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            flag: value.replace(GRID_DIR, str(folder)) if isinstance(value, str) else value
+            for flag, value in (args or {}).items()
         }
-    return parsed
+
+    spec = dict(spec)
+    if spec.get("base") is not None:
+        spec["base"] = configs(spec["base"])
+    if (spec.get("report") or {}).get("images"):
+        spec["report"] = {**spec["report"], "images": str((folder / spec["report"]["images"]).resolve())}
+    if spec.get("stages"):
+        spec["stages"] = [{**stage, "args": filled(stage.get("args"))} for stage in spec["stages"]]
+    if spec.get("stage_args"):
+        spec["stage_args"] = {name: filled(args) for name, args in spec["stage_args"].items()}
+    if spec.get("series"):
+        spec["series"] = {
+            name: {**series, "base": configs(series["base"])} if (series or {}).get("base") else series
+            for name, series in spec["series"].items()
+        }
+    return spec
 
 
-def _base_configs(path: Path, base: Any) -> list[Path]:
-    configs = [(path.parent / p).resolve() for p in _as_list(base)]
-    for config in configs:
-        if not config.is_file():
-            raise RegablateError(f"{path}: base config not found: {config}")
-    return configs
-
-
-def _changed_stages(path: Path, stages: list[Stage], changes: Any) -> list[Stage]:
-    """``stages`` with ``changes`` (``{stage: {flag: value}}``) applied: each flag's value replaced,
-    added when the stage lacks the flag, or removed with its value when the new value is null."""
-    if not isinstance(changes, dict):
-        raise RegablateError(f"{path}: grid.stage_args maps stage names to {{--flag: value}} mappings")
-    names = [stage.name for stage in stages]
+def _with_stage_args(path: Path, stages: list[dict[str, Any]], changes: dict[str, dict[str, Any]]) -> list[Any]:
+    """``stages`` with ``changes`` (``{stage: {flag: value}}``) merged into their args by the ``extends`` rule."""
+    names = [stage.get("name") or stage["command"] for stage in stages]
     unknown = sorted(set(changes) - set(names))
     if unknown:
         raise RegablateError(f"{path}: grid.stage_args names no stage {', '.join(unknown)}; stages: {', '.join(names)}")
-    changed = []
+    return [
+        {**stage, "args": merge(stage.get("args") or {}, changes.get(name) or {})} for name, stage in zip(names, stages)
+    ]
+
+
+def _check_axes(path: Path, where: str, axes: dict[str, Axis]) -> None:
+    for axis, values in axes.items():
+        if not values:
+            raise RegablateError(f"{path}: {where}.{axis} needs a non-empty list of values (or of bundles)")
+        if isinstance(values, dict) and not all(isinstance(bundle, dict) for bundle in values.values()):
+            raise RegablateError(f"{path}: {where}.{axis} maps labels to bundles of dotted keys ({{key: value}})")
+        if isinstance(values, list) and len(set(map(str, values))) != len(values):
+            raise RegablateError(f"{path}: {where}.{axis} repeats a value: {values}")
+
+
+def _check_stages(path: Path, stages: list[Stage]) -> None:
+    names = [stage.name for stage in stages]
+    if len(set(names)) != len(names):
+        raise RegablateError(f"{path}: stage names must differ: {names}")
+    if stages[0].command != "fit" and any(stage.command == "fit" for stage in stages):
+        raise RegablateError(f"{path}: the fit stage must come first")
     for stage in stages:
-        args = list(stage.args)
-        flags = changes.get(stage.name) or {}
-        if not isinstance(flags, dict):
-            raise RegablateError(f"{path}: grid.stage_args.{stage.name} must map flags to values")
-        for flag, value in flags.items():
-            index = args.index(flag) if flag in args else None
-            if value is None:
-                if index is not None:
-                    del args[index : index + 2]
-                continue
-            text = _grid_dir(path, value)
-            if index is None:
-                args += [flag, text]
-            else:
-                args[index + 1] = text
-        changed.append(Stage(stage.name, stage.command, tuple(args)))
-    return changed
+        words = [flag for flag in stage.args if not flag.startswith("-")]
+        if words:
+            raise RegablateError(f"{path}: stage {stage.name}: args map flags (--name) to values; {words[0]!r} is none")
 
 
-def _grid_dir(path: Path, value: Any) -> str:
-    """A stage argument as text, with ``{grid_dir}`` (the folder of the file that names it) filled in."""
-    return str(value).replace("{grid_dir}", str(path.parent.resolve()))
+def _series_runs(grid: Grid, name: str, series: Series) -> list[PlannedRun]:
+    """The runs of one further series: the grid's axes and overrides with the series' merged over them.
+
+    Each run is named ``<run>_<series>`` and carries the axis ``series: <name>`` (the report's series label).
+    """
+    runs = expand({**grid.axes, **series.axes}, {**grid.overrides, **series.overrides}, link_runs=False)
+    stages = None if series.stages is None else [stage for stage in grid.stages if stage.name in series.stages]
+    for run in runs:
+        run.name = f"{run.name}_{name}"
+        run.axes = {**run.axes, SERIES_AXIS: name}
+        run.base = None if series.base is None else [Path(p) for p in _as_list(series.base)]
+        run.stages = stages
+    return runs
 
 
 def expand(axes: dict[str, Any], overrides: dict[str, Any], link_runs: bool = True) -> list[PlannedRun]:
@@ -301,7 +459,7 @@ def expand(axes: dict[str, Any], overrides: dict[str, Any], link_runs: bool = Tr
             run_overrides.update(value if isinstance(axes[axis], dict) else {axis: value})
         known = {**values, **{axis.rsplit(".", 1)[-1]: value for axis, value in values.items()}}
         run_overrides = {key: _filled(key, value, known) for key, value in run_overrides.items()}
-        runs.append(PlannedRun(run_name(values, bundles), values, run_overrides))
+        runs.append(PlannedRun(run_name(values, labels=bundles), values, run_overrides))
     return link(runs) if link_runs else runs
 
 
@@ -377,18 +535,6 @@ def with_needs(selected: list[PlannedRun], runs: list[PlannedRun]) -> list[Plann
     return [run for run in runs if run.name in wanted]
 
 
-def run_name(values: dict[str, Any], bundles: set[str] = frozenset()) -> str:
-    """``r4_s0`` for registers and seed (the CLI's own default); a bundle axis adds its label,
-    any other axis ``<last key component>-<value>``."""
-    parts = []
-    for axis, value in values.items():
-        if axis in bundles:
-            parts.append(str(value))
-        else:
-            parts.append(NAME_PREFIXES.get(axis, axis.rsplit(".", 1)[-1] + "-") + str(value))
-    return "_".join(part.replace("/", "-") for part in parts) or "run"
-
-
 def nested(dotted: dict[str, Any]) -> dict[str, Any]:
     """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``, the shape of a YAML config."""
     tree: dict[str, Any] = {}
@@ -403,49 +549,7 @@ def nested(dotted: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _check_axes(path: Path, axes: Any) -> dict[str, Any]:
-    if not isinstance(axes, dict) or not axes:
-        raise RegablateError(f"{path}: grid.axes must map config keys to lists of values")
-    for axis, values in axes.items():
-        if isinstance(values, dict):
-            if not values or not all(isinstance(bundle, dict) for bundle in values.values()):
-                raise RegablateError(f"{path}: axis {axis} maps labels to {{dotted.key: value}} bundles")
-        elif not isinstance(values, list) or not values:
-            raise RegablateError(f"{path}: axis {axis} needs a non-empty list of values")
-        elif len(set(map(str, values))) != len(values):
-            raise RegablateError(f"{path}: axis {axis} repeats a value: {values}")
-    return dict(axes)
-
-
-def _parse_stages(path: Path, stages: Any) -> list[Stage]:
-    if not isinstance(stages, list) or not stages:
-        raise RegablateError(f"{path}: grid.stages must be a list such as [{{name: fit, command: fit}}]")
-    parsed = []
-    for entry in stages:
-        if not isinstance(entry, dict) or "command" not in entry:
-            raise RegablateError(f"{path}: each stage needs a command (one of {', '.join(STAGE_COMMANDS)})")
-        command = entry["command"]
-        if command not in STAGE_COMMANDS:
-            raise RegablateError(f"{path}: unknown stage command {command!r}; use {', '.join(STAGE_COMMANDS)}")
-        args = tuple(_grid_dir(path, arg) for arg in entry.get("args") or ())
-        parsed.append(Stage(str(entry.get("name", command)), command, args))
-    names = [stage.name for stage in parsed]
-    if len(set(names)) != len(names):
-        raise RegablateError(f"{path}: stage names must differ: {names}")
-    if parsed[0].command != "fit" and any(stage.command == "fit" for stage in parsed):
-        raise RegablateError(f"{path}: the fit stage must come first")
-    return parsed
-
-
-def _check_keys(path: Path, where: str, mapping: Any, allowed: set[str]) -> None:
-    if not isinstance(mapping, dict):
-        raise RegablateError(f"{path}: {where} must be a mapping")
-    unknown = sorted(set(mapping) - allowed)
-    if unknown:
-        raise RegablateError(
-            f"{path}: unknown key(s) {', '.join(unknown)} in {where}; known: {', '.join(sorted(allowed))}"
-        )
-
-
 def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
     return list(value) if isinstance(value, (list, tuple)) else [value]

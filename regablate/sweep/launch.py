@@ -50,13 +50,13 @@ def stage_command(job: RunJob, stage: Stage) -> list[str]:
     """
     command = [sys.executable, "-m", "regablate", stage.command]
     if stage.command not in LIGHTNING_COMMANDS:
-        return [*command, str(job.run_dir), *stage.args]
+        return [*command, str(job.run_dir), *stage.argv]
     command += ["--config", str(job.config)]
     if stage.command == "fit" and resumable_checkpoint(job.run_dir) is not None:
         command += ["--ckpt_path", "last"]
     elif stage.command != "fit" and "--ckpt_path" not in stage.args:
         command += ["--ckpt_path", "best"]
-    return [*command, *stage.args]
+    return [*command, *stage.argv]
 
 
 class StageProcess:

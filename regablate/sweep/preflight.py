@@ -2,9 +2,10 @@
 
 A fit (or validate/test/predict) stage reads the run's resolved config; a probe stage reads the
 run's data with the stage's ``--data...`` arguments applied by the probe's own parser (parse
-only). Each distinct data config is checked once (``regablate.data.preflight``: metadata only,
-no image read, no network needed), and each stage gets one line. A grid whose later stage cannot
-load its data is refused before the fit of a day starts.
+only, as the plan parsed them: ``regablate.sweep.plan.stage_arguments``). Each distinct data
+config is checked once (``regablate.data.preflight``: metadata only, no image read, no network
+needed), and each stage gets one line. A grid whose later stage cannot load its data is refused
+before the fit of a day starts.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from functools import cache
 from typing import Any
 
 import yaml
-from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
 from regablate.data.preflight import DataCheck, check_data
 from regablate.errors import RegablateError
 from regablate.sweep.grid import LIGHTNING_COMMANDS, Grid, Stage
+from regablate.sweep.plan import stage_arguments
 
 MARKS = {"ok": "ok", "unchecked": "not checked", "error": "ERROR"}
 
@@ -42,29 +43,13 @@ class StageReport:
         return f"  {self.stage}: " + "; ".join(f"{MARKS[c.status]}: {c.message}" for c in self.checks)
 
 
-@cache
-def _probe_parser() -> ArgumentParser:
-    from regablate.probe.command import build_parser
-
-    return build_parser()
-
-
-def _probe_args(stage: Stage, run_data: dict[str, Any] | None) -> Namespace:
-    parser = _probe_parser()
-    parser.set_defaults(data=run_data or {"class_path": "regablate.data.SyntheticScenes"})
-    try:
-        return parser.parse_args(list(stage.args))
-    except ArgumentError as err:
-        raise RegablateError(f"stage {stage.name}: its arguments do not parse: {' '.join(str(err).split())}") from None
-
-
 def stage_data(stage: Stage, run_data: dict[str, Any] | None) -> dict[str, Any] | None:
     """The data config a stage of a run will load (None: a stage whose data the preflight does not know)."""
     if stage.command in LIGHTNING_COMMANDS:
         return run_data
     if stage.command != "probe":
         return None  # inspect: its images come from --images or fixed scenes
-    data = _probe_args(stage, run_data).get("data")
+    data = stage_arguments(stage, run_data).get("data")
     return data.as_dict() if hasattr(data, "as_dict") else data
 
 
@@ -76,7 +61,7 @@ def model_problem(stage: Stage, run_data: dict[str, Any] | None, depth: int | No
     """
     if stage.command != "probe" or depth is None:
         return None
-    probe = _probe_args(stage, run_data).probe
+    probe = stage_arguments(stage, run_data).probe
     if probe.protocol != "dinov2" or "cls" not in probe.probes:
         return None
     wanted = max(probe.dinov2.cls_n_last_blocks)

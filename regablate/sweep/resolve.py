@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentError
 
+from regablate.commands import parser_message
 from regablate.errors import RegablateError
 from regablate.hparams import plain
 from regablate.lightning_cli import RegablateCLI, build_cli
@@ -46,7 +47,7 @@ def resolve_config(base: list[Path], overrides: dict[str, Any]) -> str:
                 warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
                 cli = build_cli(args, run=False, cli_class=_ParseOnly)
         except ArgumentError as err:
-            raise RegablateError(" ".join(str(err).split())) from None
+            raise RegablateError(parser_message(str(err))) from None
         finally:
             seed_log.setLevel(level)
         config = cli.config.clone()

@@ -29,6 +29,7 @@ of every task; the signal has to be acted on there, at a step that all ranks agr
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -42,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from regablate.errors import EXIT_TIME_LIMIT, RegablateError
-from regablate.runs import first_line, read_summary, write_json_atomic
-from regablate.sweep.grid import LIGHTNING_COMMANDS
+from regablate.runs import RunRecord, first_line, write_json_atomic
+from regablate.sweep.grid import DEFAULT_SIGNAL_DELAY_S, LIGHTNING_COMMANDS, Launcher
 from regablate.sweep.launch import RunJob, StageProcess, stage_env
 from regablate.sweep.state import (
     LOG_FILE,
@@ -57,8 +58,6 @@ from regablate.sweep.state import (
 )
 
 TIME_LIMIT_SIGNAL = signal.SIGUSR1
-DEFAULT_SIGNAL_DELAY_S = 90  # submitit's own default warning before the time limit
-DEFAULT_MAX_REQUEUES = 3  # submitit's own default for requeues after a timeout
 JOBS_FILE = "jobs.json"  # <experiment>/slurm/jobs.json: each run's latest Slurm job
 POLL_SECONDS = 1.0
 SQUEUE_EVERY_S = 10.0
@@ -159,7 +158,7 @@ class SlurmRun:
             _log(run_dir, f"{reason}: not requeued again; run the sweep again to go on from checkpoints/last.ckpt")
             mark_finished(run_dir, stage, exit_code, seconds, reason=reason)
             return False
-        requeues = int(read_summary(run_dir).get(f"{stage_key(stage)}/requeues", 0)) + 1
+        requeues = int(RunRecord(run_dir).read().get(f"{stage_key(stage)}/requeues", 0)) + 1
         what = {EXIT_TIME_LIMIT: "saved and requeued", None: "requeued before it started"}.get(
             exit_code, f"stopped (exit {exit_code}) and requeued"
         )
@@ -226,68 +225,79 @@ class SlurmLauncher:
     can ever run one run's job: a partition that does not exist or more nodes, tasks, CPUs, GPUs or
     memory than the cluster has are refused in one line. Runs whose job from an earlier sweep is
     still queued or running are waited for, not submitted twice.
+
+    Only submitit's public API is used: ``AutoExecutor.update_parameters``, ``submit``, ``batch``,
+    and ``Executor.parameters`` (the Slurm-side parameters, after submitit's translation).
     """
 
     def __init__(
         self,
         folder: Path,
-        settings: dict[str, Any],
+        settings: Launcher,
         *,
         shape: JobShape,
-        max_parallel: int | None,
-        max_requeues: int,
         gpus: bool,
         on_event: Callable[[str, RunJob, Any], None],
     ) -> None:
         if shutil.which("sbatch") is None:
             raise RegablateError("--launcher slurm: sbatch not found; run the sweep on a Slurm login node")
         for key, ours in SHAPE_SETTINGS.items():
-            if key in settings:
+            if key in settings.slurm:
                 raise RegablateError(f"grid launcher.slurm.{key}: set launcher.{ours} (or --{ours}) instead")
-        import submitit
-
-        self.folder, self.shape, self.max_requeues, self.on_event = folder, shape, max_requeues, on_event
-        self.executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-        extra = dict(settings.get("slurm_additional_parameters") or {})
-        extra.setdefault("signal", f"USR1@{settings.get('slurm_signal_delay_s', DEFAULT_SIGNAL_DELAY_S)}")
+        self.folder, self.shape, self.max_requeues, self.on_event = folder, shape, settings.max_requeues, on_event
+        extra = dict(settings.slurm.get("slurm_additional_parameters") or {})
+        extra.setdefault("signal", f"USR1@{settings.slurm.get('slurm_signal_delay_s', DEFAULT_SIGNAL_DELAY_S)}")
         extra.setdefault("requeue", True)
-        parameters = {
-            **settings,
+        self.parameters = {
+            **settings.slurm,
             "nodes": shape.nodes,
             "tasks_per_node": shape.tasks_per_node,
             "slurm_additional_parameters": extra,
+            "slurm_array_parallelism": settings.max_parallel,
         }
-        if gpus and "gpus_per_node" not in settings:
-            parameters["gpus_per_node"] = shape.tasks_per_node
-        if max_parallel:
-            parameters["slurm_array_parallelism"] = max_parallel
-        try:
-            self.executor.update_parameters(**parameters)
-        except ValueError as err:
-            raise RegablateError(f"grid launcher.slurm: {first_line(err)}") from None
+        if gpus and "gpus_per_node" not in settings.slurm:
+            self.parameters["gpus_per_node"] = shape.tasks_per_node
+        self.executor = self._make_executor(folder, self.parameters)
 
-    def script(self) -> str:
-        """The sbatch script of one run's job (submitit has no public accessor for its text)."""
-        return self.executor._executor._make_submission_file_text("true", "check")  # noqa: SLF001
+    @staticmethod
+    def _make_executor(folder: Path, parameters: dict[str, Any]) -> Any:
+        import submitit
+
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        try:
+            executor.update_parameters(**parameters)
+        except (ValueError, NameError, AssertionError) as err:  # submitit refuses an unknown parameter or type
+            raise RegablateError(f"grid launcher.slurm: {first_line(err)}") from None
+        return executor
 
     def check(self) -> None:
-        """One line, before anything is submitted, when Slurm would never run one run's job."""
-        with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="regablate-check-") as handle:
-            handle.write(self.script())
-            handle.flush()
+        """One line, before anything is submitted, when Slurm would never run one run's job.
+
+        submitit submits one run's job script, written as for the sweep, with ``--test-only`` among its
+        ``#SBATCH`` lines, from a scratch folder: ``sbatch`` then says whether and when Slurm would
+        start the job, and submits nothing (submitit, finding no job id in the answer, raises
+        ``FailedSubmissionError``: the job was accepted). A refusal is ``FailedJobError`` with sbatch's
+        reasons, which submitit also prints to stderr (kept off the terminal: the refusal is one line).
+        """
+        from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+        extra = {**self.parameters["slurm_additional_parameters"], "test_only": True}
+        with tempfile.TemporaryDirectory(prefix="regablate-check-") as scratch:
+            executor = self._make_executor(Path(scratch), {**self.parameters, "slurm_additional_parameters": extra})
             try:
-                result = subprocess.run(
-                    ["sbatch", "--test-only", handle.name], capture_output=True, text=True, timeout=60
-                )
-            except (OSError, subprocess.SubprocessError) as err:
+                with contextlib.redirect_stderr(io.StringIO()):
+                    executor.submit(_nothing)
+            except FailedSubmissionError:
+                return
+            except FailedJobError as err:
+                answer = str(err)
+            except OSError as err:
                 raise RegablateError(f"--launcher slurm: cannot ask Slurm about the job ({err})") from None
-        if result.returncode == 0:
-            return
-        reasons = [line.removeprefix("sbatch: error: ").strip() for line in result.stderr.splitlines() if line.strip()]
-        partition = self.executor._executor.parameters.get("partition")  # noqa: SLF001
+        reasons = [line.removeprefix("sbatch: error: ").strip() for line in answer.splitlines() if line.strip()]
         raise RegablateError(
-            f"Slurm refuses each run's job ({self.shape.describe()}{_resources(self.executor)}): "
-            f"{'; '.join(reasons) or 'sbatch --test-only failed'}; {cluster_capacity(partition)}. "
+            f"Slurm refuses each run's job ({self.shape.describe()}{_resources(self.executor.parameters)}): "
+            f"{'; '.join(reasons) or 'sbatch --test-only failed'}; "
+            f"{cluster_capacity(self.executor.parameters.get('partition'))}. "
             "Fit the job to the cluster (launcher.nodes_per_run, devices_per_run, launcher.slurm)"
         )
 
@@ -365,7 +375,7 @@ class SlurmLauncher:
 
     def _vanished(self, slurm_job: Any, job: RunJob) -> None:
         """A job that left the queue without results (time limit without requeue, scancel, node failure)."""
-        summary = read_summary(job.run_dir)
+        summary = RunRecord(job.run_dir).read()
         reason = f"slurm job {slurm_job.job_id} ended without finishing (time limit, scancel or node failure)"
         _log(job.run_dir, f"{reason}; its own log: {slurm_job.paths.stdout}")
         for stage in job.stages:
@@ -384,12 +394,16 @@ def _log(run_dir: Path, line: str) -> None:
 
 
 def _requeues(job: RunJob) -> int:
-    summary = read_summary(job.run_dir)
+    summary = RunRecord(job.run_dir).read()
     return sum(int(summary.get(f"{stage_key(stage.name)}/requeues", 0)) for stage in job.stages)
 
 
-def _resources(executor: Any) -> str:
-    parameters = executor._executor.parameters  # noqa: SLF001
+def _nothing() -> None:
+    """The function of ``SlurmLauncher.check``'s test-only job, which never runs."""
+
+
+def _resources(parameters: dict[str, Any]) -> str:
+    """The resources of a job that Slurm refused, from submitit's Slurm-side parameters."""
     parts = [f", {parameters['cpus_per_task']} CPU(s) per task"] if "cpus_per_task" in parameters else []
     if parameters.get("gpus_per_node"):
         parts.append(f", {parameters['gpus_per_node']} GPU(s) per node")

@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from regablate.runs import read_summary, update_summary
+from regablate.runs import RunRecord
 
 COMPLETE, RUNNING, FAILED, REQUEUED = "complete", "running", "failed", "requeued"
 LOG_FILE = "sweep.log"
@@ -39,11 +39,11 @@ def stage_key(stage: str) -> str:
 
 
 def stage_state(run_dir: Path, stage: str) -> str | None:
-    return read_summary(run_dir).get(stage_key(stage))
+    return RunRecord(run_dir).read().get(stage_key(stage))
 
 
 def is_complete(run_dir: Path, stages: list[str]) -> bool:
-    summary = read_summary(run_dir)
+    summary = RunRecord(run_dir).read()
     return all(summary.get(stage_key(stage)) == COMPLETE for stage in stages)
 
 
@@ -56,9 +56,9 @@ def slurm_job_id(env: dict[str, str] | None = None) -> str | None:
 
 
 def mark_running(run_dir: Path, stage: str, axes: dict[str, Any]) -> None:
-    """Record that ``stage`` starts, with the run's axis values (``axis/<key>``) for the report."""
+    """Record that ``stage`` starts, with the run's axis values for the report (``RunRecord.axis_values``)."""
     key = stage_key(stage)
-    values: dict[str, Any] = {f"axis/{name}": value for name, value in axes.items()}
+    values = RunRecord.axis_values(axes)
     values.update(
         {
             key: RUNNING,
@@ -68,7 +68,7 @@ def mark_running(run_dir: Path, stage: str, axes: dict[str, Any]) -> None:
         }
     )
     values[SLURM_JOB_KEY] = slurm_job_id()  # None outside Slurm: a local sweep's stage, even after a Slurm one
-    update_summary(run_dir, values)
+    RunRecord(run_dir).update(values)
 
 
 FAILURE_KEYS = ("log_tail", "exit_code", "error")  # stages/<name>/...: what a failed attempt leaves
@@ -83,14 +83,14 @@ def mark_finished(run_dir: Path, stage: str, exit_code: int | None, seconds: flo
     key = stage_key(stage)
     values: dict[str, Any] = {f"{key}/seconds": round(seconds, 3), f"{key}/ended": round(time.time(), 3)}
     if exit_code == 0:  # an earlier attempt's failure no longer describes the stage
-        update_summary(run_dir, {**values, key: COMPLETE}, drop=tuple(f"{key}/{k}" for k in FAILURE_KEYS))
+        RunRecord(run_dir).update({**values, key: COMPLETE}, drop=[f"{key}/{k}" for k in FAILURE_KEYS])
         return
     values.update({key: FAILED, f"{key}/log_tail": log_tail(run_dir)})
     if exit_code is not None:
         values[f"{key}/exit_code"] = exit_code
     if reason is not None:
         values[f"{key}/error"] = reason
-    update_summary(run_dir, values)
+    RunRecord(run_dir).update(values)
 
 
 def mark_requeued(run_dir: Path, stage: str, requeues: int, seconds: float) -> None:
@@ -100,14 +100,15 @@ def mark_requeued(run_dir: Path, stage: str, requeues: int, seconds: float) -> N
     last attempt's own, as for any stage).
     """
     key = stage_key(stage)
-    before = read_summary(run_dir).get(f"{key}/requeued_seconds", 0.0)
+    record = RunRecord(run_dir)
+    before = record.read().get(f"{key}/requeued_seconds", 0.0)
     values = {
         key: REQUEUED,
         f"{key}/requeues": requeues,
         f"{key}/requeued_seconds": round(before + seconds, 3),
         f"{key}/ended": round(time.time(), 3),
     }
-    update_summary(run_dir, values)
+    record.update(values)
 
 
 def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from regablate.runs import read_summary
+from regablate.progress import duration
+from regablate.runs import RunRecord
 from regablate.sweep.grid import Grid, PlannedRun
 from regablate.sweep.slurm import read_jobs, squeue_states
 from regablate.sweep.state import COMPLETE, FAILED, REQUEUED, RUNNING, SLURM_JOB_KEY, stage_key
@@ -157,7 +158,7 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
 def collect(grid: Grid, runs: list[PlannedRun], experiment: Path, now: float | None = None) -> list[RunStatus]:
     """Every run's status, asking ``squeue`` once (and ``sacct`` for the jobs it no longer lists)."""
     now = time.time() if now is None else now
-    summaries = {run.name: read_summary(experiment / run.name) for run in runs}
+    summaries = {run.name: RunRecord(experiment / run.name).read() for run in runs}
     recorded = {name: entry["job_id"] for name, entry in read_jobs(experiment / "slurm").items()}
     jobs = {run.name: recorded.get(run.name) or summaries[run.name].get(SLURM_JOB_KEY) for run in runs}
     job_ids = sorted({job for job in jobs.values() if job})
@@ -201,7 +202,7 @@ def format_status(grid: Grid, experiment: Path, statuses: list[RunStatus], paral
             s.state,
             s.stage or "-",
             f"{s.job} {s.job_state}".strip() or "-",
-            _duration(s.elapsed) if s.elapsed is not None else "-",
+            duration(s.elapsed) if s.elapsed is not None else "-",
             s.note,
         )
         for s in statuses
@@ -213,18 +214,6 @@ def format_status(grid: Grid, experiment: Path, statuses: list[RunStatus], paral
     if eta is not None:
         finished = sum(s.state == "finished" for s in statuses)
         lines.append(
-            f"ETA {_duration(eta[0])} (mean {_duration(eta[1])} per run over {finished} finished, {parallel} at once)"
+            f"ETA {duration(eta[0])} (mean {duration(eta[1])} per run over {finished} finished, {parallel} at once)"
         )
     return "\n".join(line.rstrip() for line in lines)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"

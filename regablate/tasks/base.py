@@ -33,7 +33,7 @@ class BackboneTask(LightningModule):
     def __init__(
         self,
         model_name: str = "vit_small_patch16_224",
-        num_registers: int = 4,
+        num_registers: NonNegativeInt = 4,
         img_size: PositiveInt = 224,
         model_kwargs: dict[str, Any] | None = None,
         checkpoint: str | None = None,
