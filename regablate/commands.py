@@ -43,7 +43,7 @@ class Renamed:
 
 def tool_parser(prog: str, description: str) -> ArgumentParser:
     """An empty parser in regablate's style (errors are raised, not printed, so the CLI reports them in one line)."""
-    return ArgumentParser(prog=f"regablate {prog}", description=description, exit_on_error=False)
+    return ArgumentParser(prog=f"regablate {prog}", description=description, exit_on_error=False, allow_abbrev=False)
 
 
 def modernise(

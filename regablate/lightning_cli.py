@@ -123,7 +123,13 @@ def build_cli(
         save_config_kwargs={"overwrite": True},
         trainer_defaults=trainer_defaults,
         auto_configure_optimizers=False,
-        parser_kwargs={"exit_on_error": False, "prog": "regablate", "description": DESCRIPTION, "epilog": epilog},
+        parser_kwargs={
+            "exit_on_error": False,
+            "allow_abbrev": False,
+            "prog": "regablate",
+            "description": DESCRIPTION,
+            "epilog": epilog,
+        },
         run=run,
         args=args,
     )

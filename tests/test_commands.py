@@ -81,3 +81,18 @@ def test_help_shows_the_constraint(capsys):
     with pytest.raises(SystemExit):
         sweep_parser().parse_args(["--help"])
     assert "PositiveInt" in capsys.readouterr().out
+
+
+def test_a_tool_parser_takes_no_abbreviated_flag():
+    parser = report_parser()
+    flags = [flag for action in parser._actions for flag in action.option_strings if len(flag) > 6]
+    assert flags
+    with pytest.raises(Exception, match="unrecognized"):
+        parser.parse_args([flags[-1][:-1], "x"])
+
+
+def test_the_training_parser_takes_no_abbreviated_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_step", "10", "--print_config"])
+    assert exit_.value.code == 2
+    assert "--trainer.max_step" in capsys.readouterr().err
