@@ -9,9 +9,10 @@ scalar, so ``float32_array / size`` silently becomes float64.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.core.mixins import HyperparametersMixin
+if TYPE_CHECKING:  # the command line's parsers use plain() without importing Lightning
+    from lightning.pytorch.core.mixins import HyperparametersMixin
 
 
 def plain(value: Any) -> Any:
