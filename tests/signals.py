@@ -52,3 +52,12 @@ class WaitForSignal(Callback):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"WaitForSignal: no signal within {self.timeout_s} s")
             time.sleep(0.05)
+
+
+class Segfault(Callback):
+    """Crash the process with a segmentation fault when training starts (a stage that dies by a signal)."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        import ctypes
+
+        ctypes.string_at(0)  # reads address 0: SIGSEGV

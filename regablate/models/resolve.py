@@ -29,6 +29,7 @@ from regablate.models.backbone import build_backbone
 from regablate.models.layout import global_feature_name
 from regablate.runs import Which, checkpoint_hparams, find_checkpoint, first_line, is_training_checkpoint
 
+
 @dataclass
 class ResolvedBackbone:
     """A built backbone, a short name for output folders, and where it came from (for results files)."""

@@ -5,9 +5,9 @@ grid runs dozens of stages. ``Preloaded`` keeps one parent process, multiprocess
 with ``PRELOAD`` imported (and nothing else done: no CUDA, no threads), and forks each stage
 from it. The forked stage is the process ``python -m regablate ARGS`` would have been:
 
-* its arguments in ``sys.argv`` and ``__main__.__spec__`` as ``python -m regablate`` sets them, so
-  Lightning's DDP launcher, which re-executes the command line for ranks 1..N-1, starts
-  ``python -m regablate.__main__ ARGS`` (fresh processes);
+* ``regablate/__main__.py`` run as ``python -m regablate ARGS`` runs it (``runpy``): ``sys.argv`` and
+  ``__main__`` as there, so Lightning's DDP launcher, which re-executes the command line for ranks
+  1..N-1, starts ``python -m regablate.__main__ ARGS`` (new processes);
 * its own environment (``CUDA_VISIBLE_DEVICES`` per slot; CUDA was never initialised in the parent),
   working folder, and stdout/stderr appended to the stage's log;
 * fresh random states: Python's and numpy's reseeded from the OS, torch's back to its start value;
@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import importlib.util
 import multiprocessing
 import os
 import random
+import runpy
 import signal
 import sys
 import traceback
@@ -98,15 +98,10 @@ def run_stage(args: list[str], env: dict[str, str], cwd: str, log_path: str) -> 
     os.environ.update(env)
     _redirect_output(log_path)
     _fresh_random_states()
-    main_spec = importlib.util.find_spec("regablate.__main__")
-    assert main_spec is not None and main_spec.origin is not None
-    sys.argv = [main_spec.origin, *args]
-    sys.modules["__main__"].__spec__ = main_spec
-    from regablate.cli import main
-
+    sys.argv = ["-m", *args]  # runpy puts regablate/__main__.py first, as python -m does
     code = 0
     try:
-        main(args)
+        runpy.run_module("regablate", run_name="__main__", alter_sys=True)
     except SystemExit as exit_:
         code = _exit_status(exit_.code)
     except KeyboardInterrupt:
