@@ -19,6 +19,7 @@ LIGHT_COMMANDS = [
     (["--help"], 0),
     (["sweep", "--help"], 0),
     (["report", "--help"], 0),
+    (["inspect", "--help"], 0),
     ([], 2),
     (["fitt"], 2),
     (["sweep", "missing.yaml"], 2),
@@ -27,6 +28,8 @@ LIGHT_COMMANDS = [
     (["sweep", "missing.yaml", "--max_paralel", "2"], 2),
     (["report", "no_such_experiment"], 2),
     (["report", "no_such_experiment", "--num_images", "0"], 2),
+    (["inspect", "--model", "vit_tiny_patch16_224", "--num_images", "0"], 2),
+    (["inspect", "--model", "vit_tiny_patch16_224", "--masks", "masks/"], 2),
 ]
 RUN_IN_ORDER = """
 import contextlib, io, json, sys

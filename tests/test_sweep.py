@@ -235,9 +235,17 @@ def test_second_invocation_does_no_work(swept):
     assert summaries(experiment) == before
 
 
-def start_micro_sweep(tmp_path: Path, *args: str, **popen: object) -> tuple[subprocess.Popen, Path]:
-    """The micro grid's r0_s0 swept in the background, returned once its first checkpoint is written."""
-    command = [sys.executable, "-m", "regablate", "sweep", str(MICRO), "--output", str(tmp_path / "runs")]
+def start_micro_sweep(tmp_path: Path, *args: str, **popen: object) -> tuple[subprocess.Popen, Path, Path]:
+    """The micro grid's r0_s0 swept in the background, returned held in its second epoch, after its first checkpoint.
+
+    Returns the sweep, the run folder and the grid file (the micro grid with a callback that holds the fit).
+    """
+    grid = tmp_path / "held.yaml"
+    hold = {"class_path": "tests.signals.HoldAtStep", "init_args": {"step": 5, "marker": str(tmp_path / "held")}}
+    grid.write_text(
+        yaml.safe_dump({"grid": {"name": "micro", "extends": str(MICRO), "overrides": {"trainer.callbacks": [hold]}}})
+    )
+    command = [sys.executable, "-m", "regablate", "sweep", str(grid), "--output", str(tmp_path / "runs")]
     command += ["--only", "num_registers=0", "--report", "false", *args]
     sweeper = subprocess.Popen(
         command,
@@ -249,17 +257,18 @@ def start_micro_sweep(tmp_path: Path, *args: str, **popen: object) -> tuple[subp
     )
     run = tmp_path / "runs" / "micro" / "r0_s0"
     deadline = time.monotonic() + 300
-    while not (run / "checkpoints" / "last.ckpt").is_file():
-        assert sweeper.poll() is None and time.monotonic() < deadline, "the sweep ended before its first checkpoint"
+    while not (tmp_path / "held").is_file():
+        assert sweeper.poll() is None and time.monotonic() < deadline, "the sweep ended before its second epoch"
         time.sleep(0.05)
-    return sweeper, run
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    return sweeper, run, grid
 
 
-def assert_resumes_to(reference: dict, tmp_path: Path, run: Path) -> None:
+def assert_resumes_to(reference: dict, tmp_path: Path, run: Path, grid: Path) -> None:
     """The killed run is left running, and the same sweep again finishes it with ``reference``'s results."""
     interrupted = json.loads((run / "summary.json").read_text())
     assert interrupted["stages/fit"] == "running" and "status" not in interrupted
-    result = sweep(tmp_path, MICRO, "--only", "num_registers=0", "--report", "false")
+    result = sweep(tmp_path, grid, "--only", "num_registers=0", "--report", "false")
     assert "0 already complete, 1 to run" in result.stdout
     assert "--ckpt_path last" in (run / "sweep.log").read_text()
     resumed = json.loads((run / "summary.json").read_text())
@@ -289,19 +298,19 @@ def test_killed_sweep_resumes_to_the_same_results(swept, tmp_path, preload):
     With the preloaded parent the sweep's children are the fork server (and multiprocessing's
     resource tracker): the stage, forked from the server, dies with it.
     """
-    sweeper, run = start_micro_sweep(tmp_path, "--preload", preload)
+    sweeper, run, grid = start_micro_sweep(tmp_path, "--preload", preload)
     children = Path(f"/proc/{sweeper.pid}/task/{sweeper.pid}/children").read_text().split()
     for pid in children:
         os.kill(int(pid), signal.SIGKILL)
     sweeper.kill()
     sweeper.wait()
-    assert_resumes_to(summaries(swept[0])["r0_s0"], tmp_path, run)
+    assert_resumes_to(summaries(swept[0])["r0_s0"], tmp_path, run, grid)
 
 
 @pytest.mark.slow
 def test_a_killed_process_group_leaves_nothing_running_and_resumes_to_the_same_results(swept, tmp_path):
     """``kill -9`` of the sweep's process group mid-fit: no process of it is left, and the rerun finishes alike."""
-    sweeper, run = start_micro_sweep(tmp_path, start_new_session=True)
+    sweeper, run, grid = start_micro_sweep(tmp_path, start_new_session=True)
     assert len(session_processes(sweeper.pid)) >= 3  # the sweep, the fork server, the stage
     os.killpg(sweeper.pid, signal.SIGKILL)
     sweeper.wait()
@@ -309,7 +318,7 @@ def test_a_killed_process_group_leaves_nothing_running_and_resumes_to_the_same_r
     while session_processes(sweeper.pid):
         assert time.monotonic() < deadline, f"left running: {session_processes(sweeper.pid)}"
         time.sleep(0.05)
-    assert_resumes_to(summaries(swept[0])["r0_s0"], tmp_path, run)
+    assert_resumes_to(summaries(swept[0])["r0_s0"], tmp_path, run, grid)
 
 
 @pytest.mark.slow
