@@ -71,7 +71,7 @@ class Preloaded:
     """The fork server of this sweep; ``start`` forks a stage from it (the server starts on first use)."""
 
     def __init__(self, modules: tuple[str, ...] = PRELOAD) -> None:
-        self.context: ForkServerContext = multiprocessing.get_context("forkserver")  # type: ignore[assignment]
+        self.context: ForkServerContext = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(list(modules))
 
     def warm_up(self) -> None:
