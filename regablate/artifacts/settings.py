@@ -24,7 +24,7 @@ def threshold_value(mode: str, value: float | None) -> float:
     number = float(DEFAULT_THRESHOLD_VALUES[mode] if value is None else value)
     if not math.isfinite(number) or number <= 0 or (mode == "percentile" and number >= 100):
         allowed = "between 0 and 100 (exclusive)" if mode == "percentile" else "a positive number"
-        raise RegablateError(f"threshold value for mode {mode!r} must be {allowed}, got {value}")
+        raise RegablateError(f"threshold value for mode {mode!r} must be {allowed}, got {number:g}")
     return number
 
 

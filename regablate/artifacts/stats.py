@@ -56,11 +56,12 @@ class Threshold:
     def cutoffs(self, patch_norms: Tensor) -> Tensor:
         """One cutoff per leading index (a block) of ``(K, ...)`` patch norms: ``(K,)``."""
         norms = patch_norms.detach().flatten(1).float()
+        value = float(self.value or 0.0)  # never None after __post_init__
         if self.mode == "absolute":
-            return norms.new_full((len(norms),), self.value)
+            return norms.new_full((len(norms),), value)
         if self.mode == "relative":
-            return self.value * norms.median(dim=1).values
-        return torch.quantile(norms, self.value / 100.0, dim=1)
+            return value * norms.median(dim=1).values
+        return torch.quantile(norms, value / 100.0, dim=1)
 
     def describe(self) -> str:
         if self.mode == "absolute":
