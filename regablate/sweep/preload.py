@@ -13,8 +13,9 @@ from it. The forked stage is the process ``python -m regablate ARGS`` would have
 * fresh random states: Python's and numpy's reseeded from the OS, torch's back to its start value;
 * its exit code as a process's: a ``SystemExit``'s code, 1 and the traceback for an exception,
   death by SIGINT after Ctrl-C, the signal of a crash (a segfault is ``-11`` to the sweep);
-* no orphans: the stage gets SIGKILL when the fork server dies, which it does when the sweep dies
-  (``kill -9`` of the sweep or of its process group leaves nothing running).
+* no orphans after ``kill -9`` of the sweep's process group, or of the fork server: the stage gets
+  SIGKILL when the server dies. (A lone sweep killed while a stage runs leaves the server and the stage
+  running: each child holds the server's "alive" pipe.)
 """
 
 from __future__ import annotations
