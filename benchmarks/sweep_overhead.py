@@ -5,8 +5,9 @@
 
 A stage's own wall time is its process from start to exit, as the sweep records it in
 ``stages/<name>/seconds`` (forked from the sweep's preloaded parent by default: see
-``benchmarks/startup.py`` for what that saves against a new ``python -m regablate`` per stage). The overhead is the sweep's start-up, config resolution, scheduling
-and bookkeeping. The report is timed apart (it is work of its own, not overhead). Target: the
+``benchmarks/startup.py`` for what that saves against a new ``python -m regablate`` per stage).
+The overhead is the sweep's start-up, config resolution, scheduling and bookkeeping. The report
+is timed apart (it is work of its own, not overhead). Target: the
 ratio is at most 1.05.
 """
 
