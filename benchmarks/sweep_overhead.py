@@ -3,10 +3,11 @@
     python benchmarks/sweep_overhead.py                     # 3 quickstart-sized runs of 60 steps, fit only
     python benchmarks/sweep_overhead.py --steps 150 --runs 4
 
-A stage's own wall time is its ``python -m regablate ...`` process from start to exit (Python
-and library start-up included: every way of running the grid pays it), as the sweep records it
-in ``stages/<name>/seconds``. The overhead is the sweep's start-up, config resolution, scheduling
-and bookkeeping. The report is timed apart (it is work of its own, not overhead). Target: the
+A stage's own wall time is its process from start to exit, as the sweep records it in
+``stages/<name>/seconds`` (forked from the sweep's preloaded parent by default: see
+``benchmarks/startup.py`` for what that saves against a new ``python -m regablate`` per stage).
+The overhead is the sweep's start-up, config resolution, scheduling and bookkeeping. The report
+is timed apart (it is work of its own, not overhead). Target: the
 ratio is at most 1.05.
 """
 

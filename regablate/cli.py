@@ -8,44 +8,60 @@
 
 Every error meant for the user (a ``RegablateError``, or a bad argument) ends the command with one
 line, ``regablate: error: ...``, and exit code 2.
+
+The command answers at once: this module imports a command's module only to run it, so
+``regablate --help``, a tool's ``--help`` and the refusals made while parsing need neither torch
+nor Lightning (the tools' modules import them where the work starts); ``fit``, ``validate``,
+``test`` and ``predict`` are LightningCLI's, whose parser is built from the classes themselves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import sys
 from collections.abc import Callable
+from types import ModuleType
 
 from jsonargparse import ArgumentError, Namespace
 
-from regablate.artifacts import inspect as inspect_command
+from regablate import DESCRIPTION
 from regablate.commands import modernise, parser_message
 from regablate.errors import RegablateError
-from regablate.lightning_cli import build_cli
-from regablate.probe import command as probe_command
-from regablate.report import command as report_command
-from regablate.sweep import command as sweep_command
 
-# The tools next to LightningCLI's subcommands: name -> (entry point taking the arguments after the name, help).
-TOOLS: dict[str, tuple[Callable[[list[str]], None], str]] = {
-    "probe": (probe_command.main, "frozen-feature probes: classification, segmentation, depth, LOST"),
-    "inspect": (inspect_command.main, "does a model have artifacts? norms, attention maps, verdict"),
-    "sweep": (sweep_command.main, "run a register-count grid (configs/fig8/), locally or on Slurm"),
-    "report": (report_command.main, "results.csv, results.md, figure8.png of runs/<experiment>"),
+# LightningCLI's subcommands and the help line of each.
+LIGHTNING_SUBCOMMANDS = {
+    "fit": "train a model: regablate fit --config FILE (LightningCLI)",
+    "validate": "one evaluation epoch over the validation set",
+    "test": "one evaluation epoch over the test set",
+    "predict": "the model's predictions on its data",
 }
+# The tools next to LightningCLI's subcommands: name -> (module whose main() takes the arguments after the name, help).
+TOOLS: dict[str, tuple[str, str]] = {
+    "probe": ("regablate.probe.command", "frozen-feature probes: classification, segmentation, depth, LOST"),
+    "inspect": ("regablate.artifacts.inspect", "does a model have artifacts? norms, attention maps, verdict"),
+    "sweep": ("regablate.sweep.command", "run a register-count grid (configs/fig8/), locally or on Slurm"),
+    "report": ("regablate.report.command", "results.csv, results.md, figure8.png of runs/<experiment>"),
+}
+HELP = ("-h", "--help")
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``regablate`` console script and ``python -m regablate``.
 
-    ``regablate TOOL ...`` runs one of ``TOOLS``; anything else goes to LightningCLI.
+    ``regablate TOOL ...`` runs one of ``TOOLS``; anything else goes to LightningCLI (after
+    ``--help``, a missing or an unknown command are answered here, without importing it).
     """
     argv = list(sys.argv[1:] if args is None else args)
     try:
         if argv and argv[0] in TOOLS:
-            TOOLS[argv[0]][0](argv[1:])
+            tool_module(argv[0]).main(argv[1:])
+        elif _answer_without_lightning(argv):
+            return
         else:
+            from regablate.lightning_cli import build_cli
+
             build_cli(args, epilog=_tools_help())
     except ArgumentError as err:
         _fail(parser_message(str(err)))
@@ -62,8 +78,10 @@ def parse_command(args: list[str]) -> Namespace | None:
     A tool's command line gives its parsed namespace; LightningCLI's subcommands are parsed with
     ``--print_config`` (what it prints is dropped) and give None. Bad arguments raise as in ``main``.
     """
+    from regablate.lightning_cli import build_cli
+
     if args and args[0] in TOOLS:
-        module = sys.modules[TOOLS[args[0]][0].__module__]
+        module = tool_module(args[0])
         parse = getattr(module, "parse", None)
         if parse is not None:
             return parse(args[1:])
@@ -100,6 +118,40 @@ def run_script(function: Callable[..., None], argv: list[str] | None = None) -> 
         if user_error is None:
             raise
         _fail(str(user_error), prog)
+
+
+def tool_module(name: str) -> ModuleType:
+    """The module of tool ``name``, imported now: each tool imports what its work needs, when it runs."""
+    return importlib.import_module(TOOLS[name][0])
+
+
+def _answer_without_lightning(argv: list[str]) -> bool:
+    """Print the top-level help, or refuse a missing or unknown command; False when LightningCLI has the command."""
+    if argv and argv[0] in HELP:
+        print(_top_level_help())
+        return True
+    if not argv:
+        _fail(f"a command is needed: one of {', '.join([*LIGHTNING_SUBCOMMANDS, *TOOLS])} (see regablate --help)")
+    if not argv[0].startswith("-") and argv[0] not in LIGHTNING_SUBCOMMANDS:
+        choices = ", ".join(repr(name) for name in [*LIGHTNING_SUBCOMMANDS, *TOOLS])
+        _fail(f"invalid command: {argv[0]!r} (choose from {choices})")
+    return False
+
+
+def _top_level_help() -> str:
+    width = max(len(name) for name in [*LIGHTNING_SUBCOMMANDS, *TOOLS])
+    lines = [f"  {name:<{width}}  {text}" for name, text in LIGHTNING_SUBCOMMANDS.items()]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in TOOLS.items()]
+    return "\n".join(
+        [
+            f"usage: regablate [-c CONFIG] {{{','.join(LIGHTNING_SUBCOMMANDS)}}} ... | regablate TOOL ...",
+            "",
+            DESCRIPTION,
+            "",
+            "commands (each has --help; fit, validate, test and predict are LightningCLI's):",
+            *lines,
+        ]
+    )
 
 
 def _tools_help() -> str:

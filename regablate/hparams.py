@@ -10,10 +10,12 @@ scalar, so ``float32_array / size`` silently becomes float64.
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jsonargparse.typing import restricted_number_type
-from lightning.pytorch.core.mixins import HyperparametersMixin
+
+if TYPE_CHECKING:  # the command line's parsers use plain() without importing Lightning
+    from lightning.pytorch.core.mixins import HyperparametersMixin
 
 # Constrained numbers of init arguments, beside jsonargparse's own (PositiveInt, ClosedUnitInterval, ...).
 # A fraction in (0, 1]: a crop's area as a fraction of the image, layer-wise learning-rate decay (1: none).

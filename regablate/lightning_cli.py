@@ -19,11 +19,11 @@ from lightning import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from regablate import DESCRIPTION
 from regablate.callbacks import RunConfig, RunSummary, TimeLimitCheckpoint
 from regablate.errors import RegablateError
 from regablate.runs import REGISTER_KEY, SEED_KEY, find_checkpoint, first_line, run_name
 
-DESCRIPTION = "Fine-tune and ablate register tokens in Vision Transformers."
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 DEFAULT_LOGGER = {
     "class_path": TENSORBOARD,

@@ -17,8 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from regablate.errors import RegablateError
 
 SUMMARY_FILE = "summary.json"
@@ -162,6 +160,8 @@ def find_checkpoint(run_dir: str | Path, which: Which = "best") -> Path:
 
 def checkpoint_hparams(path: str | Path) -> dict[str, Any]:
     """The task hyper-parameters stored in a Lightning checkpoint (read without unpickling code)."""
+    import torch  # here: the command line reads run folders without importing torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any read failure is the user's file, reported in one line

@@ -52,3 +52,29 @@ class WaitForSignal(Callback):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"WaitForSignal: no signal within {self.timeout_s} s")
             time.sleep(0.05)
+
+
+class Segfault(Callback):
+    """Crash the process with a segmentation fault when training starts (a stage that dies by a signal)."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        import ctypes
+
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+
+
+class HoldAtStep(Callback):
+    """Hold the fit at the end of step ``step`` (``marker`` says it got there) until the test kills it.
+
+    The first time only: a resumed fit, which finds the marker, goes straight on.
+    """
+
+    def __init__(self, step: int, marker: str, timeout_s: float = 300) -> None:
+        self.step, self.marker, self.timeout_s = step, Path(marker), timeout_s
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step and not self.marker.exists():
+            self.marker.write_text(str(self.step))
+            time.sleep(self.timeout_s)

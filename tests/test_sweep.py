@@ -235,49 +235,124 @@ def test_second_invocation_does_no_work(swept):
     assert summaries(experiment) == before
 
 
-@pytest.mark.slow
-def test_killed_sweep_resumes_to_the_same_results(swept, tmp_path):
-    """SIGKILL the stage process and the sweep after the first epoch's checkpoint; run it again."""
-    reference = summaries(swept[0])["r0_s0"]
-    command = [
-        sys.executable,
-        "-m",
-        "regablate",
-        "sweep",
-        str(MICRO),
-        "--output",
-        str(tmp_path / "runs"),
-        "--only",
-        "num_registers=0",
-        "--report",
-        "false",
-    ]
+def start_micro_sweep(tmp_path: Path, *args: str, **popen: object) -> tuple[subprocess.Popen, Path, Path]:
+    """The micro grid's r0_s0 swept in the background, returned held in its second epoch, after its first checkpoint.
+
+    Returns the sweep, the run folder and the grid file (the micro grid with a callback that holds the fit).
+    """
+    grid = tmp_path / "held.yaml"
+    hold = {"class_path": "tests.signals.HoldAtStep", "init_args": {"step": 5, "marker": str(tmp_path / "held")}}
+    grid.write_text(
+        yaml.safe_dump({"grid": {"name": "micro", "extends": str(MICRO), "overrides": {"trainer.callbacks": [hold]}}})
+    )
+    command = [sys.executable, "-m", "regablate", "sweep", str(grid), "--output", str(tmp_path / "runs")]
+    command += ["--only", "num_registers=0", "--report", "false", *args]
     sweeper = subprocess.Popen(
         command,
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        **popen,  # type: ignore[call-overload]
     )
     run = tmp_path / "runs" / "micro" / "r0_s0"
     deadline = time.monotonic() + 300
-    while not (run / "checkpoints" / "last.ckpt").is_file():
-        assert sweeper.poll() is None and time.monotonic() < deadline, "the sweep ended before its first checkpoint"
+    while not (tmp_path / "held").is_file():
+        assert sweeper.poll() is None and time.monotonic() < deadline, "the sweep ended before its second epoch"
         time.sleep(0.05)
-    children = Path(f"/proc/{sweeper.pid}/task/{sweeper.pid}/children").read_text().split()
-    for pid in children:
-        os.kill(int(pid), signal.SIGKILL)
-    sweeper.kill()
-    sweeper.wait()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    return sweeper, run, grid
+
+
+def assert_resumes_to(reference: dict, tmp_path: Path, run: Path, grid: Path) -> None:
+    """The killed run is left running, and the same sweep again finishes it with ``reference``'s results."""
     interrupted = json.loads((run / "summary.json").read_text())
     assert interrupted["stages/fit"] == "running" and "status" not in interrupted
-    result = sweep(tmp_path, MICRO, "--only", "num_registers=0", "--report", "false")
+    result = sweep(tmp_path, grid, "--only", "num_registers=0", "--report", "false")
     assert "0 already complete, 1 to run" in result.stdout
     assert "--ckpt_path last" in (run / "sweep.log").read_text()
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["stages/fit"] == resumed["stages/probe"] == "complete" and resumed["global_step"] == 8
     for key in RESULT_KEYS:
         assert resumed[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-6), key
+
+
+def session_processes(session: int) -> list[int]:
+    """The live (not zombie) processes of a session: /proc/<pid>/stat's state and session fields."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, _group, sid = stat.read_text().rsplit(")", 1)[1].split()[:4]
+        except (OSError, ValueError):
+            continue  # ended meanwhile
+        if int(sid) == session and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preload", ["true", "false"])
+def test_killed_sweep_resumes_to_the_same_results(swept, tmp_path, preload):
+    """SIGKILL the sweep's children and the sweep after the first epoch's checkpoint; run it again.
+
+    With the preloaded parent the sweep's children are the fork server (and multiprocessing's
+    resource tracker): the stage, forked from the server, dies with it.
+    """
+    sweeper, run, grid = start_micro_sweep(tmp_path, "--preload", preload)
+    children = Path(f"/proc/{sweeper.pid}/task/{sweeper.pid}/children").read_text().split()
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    sweeper.kill()
+    sweeper.wait()
+    assert_resumes_to(summaries(swept[0])["r0_s0"], tmp_path, run, grid)
+
+
+@pytest.mark.slow
+def test_a_killed_process_group_leaves_nothing_running_and_resumes_to_the_same_results(swept, tmp_path):
+    """``kill -9`` of the sweep's process group mid-fit: no process of it is left, and the rerun finishes alike."""
+    sweeper, run, grid = start_micro_sweep(tmp_path, start_new_session=True)
+    assert len(session_processes(sweeper.pid)) >= 3  # the sweep, the fork server, the stage
+    os.killpg(sweeper.pid, signal.SIGKILL)
+    sweeper.wait()
+    deadline = time.monotonic() + 10
+    while session_processes(sweeper.pid):
+        assert time.monotonic() < deadline, f"left running: {session_processes(sweeper.pid)}"
+        time.sleep(0.05)
+    assert_resumes_to(summaries(swept[0])["r0_s0"], tmp_path, run, grid)
+
+
+@pytest.mark.slow
+def test_stages_forked_from_the_preloaded_parent_give_what_new_processes_give(swept, tmp_path):
+    """The same run swept with a new ``python -m regablate`` per stage has the same results: own seeds, own state."""
+    result = sweep(tmp_path, MICRO, "--only", "num_registers=0", "--report", "false", "--preload", "false")
+    assert "all 1 runs complete" in result.stdout
+    fresh = summaries(tmp_path / "runs" / "micro")["r0_s0"]
+    forked = summaries(swept[0])["r0_s0"]
+    for key in RESULT_KEYS:
+        assert fresh[key] == pytest.approx(forked[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_a_stage_killed_by_a_signal_is_recorded_with_it_and_the_others_complete(tmp_path):
+    grid = micro_grid(
+        tmp_path,
+        "crash",
+        """  axes:
+    model.init_args.num_registers: [2]
+    case:
+      good: {}
+      segfault: {trainer.callbacks: [{class_path: tests.signals.Segfault}]}
+  stages: [{command: fit}]
+""",
+    )
+    result = sweep(tmp_path, grid, "--report", "false", check=False)
+    assert result.returncode == 2 and "1 of 2 runs failed: r2_segfault" in result.stderr
+    runs = summaries(tmp_path / "runs" / "crash")
+    assert runs["r2_good"]["stages/fit"] == "complete" and runs["r2_good"]["status"] == "complete"
+    crashed = runs["r2_segfault"]
+    assert crashed["stages/fit"] == "failed" and crashed["stages/fit/exit_code"] == -signal.SIGSEGV
+    assert crashed["stages/fit/error"] == "killed by SIGSEGV"
+    assert "stage fit exited -11 after" in (tmp_path / "runs" / "crash" / "r2_segfault" / "sweep.log").read_text()
 
 
 @pytest.mark.slow

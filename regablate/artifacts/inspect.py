@@ -30,24 +30,12 @@ from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
-from torch import Tensor
-from torchvision.utils import save_image
 
-from regablate.artifacts.pictures import attention_grid, norm_histogram, outlier_grid, position_grid, unnormalize
-from regablate.artifacts.register_neurons import (
-    NEURONS_FILE,
-    NeuronSearch,
-    RegisterNeurons,
-    add_test_time_register,
-    attached_neurons,
-    summary_labels,
-)
-from regablate.artifacts.register_neurons import find_register_neurons as find_neurons  # the flag has its name
-from regablate.artifacts.scan import ArtifactScan, scan
-from regablate.artifacts.stats import Threshold
-from regablate.artifacts.verdict import decide, summary_lines
+from regablate.artifacts import settings
+from regablate.artifacts.settings import NeuronSearch
 from regablate.commands import (
     BACKBONE_ARGUMENTS,
+    BackboneSource,
     Renamed,
     add_backbone_arguments,
     backbone_source,
@@ -55,10 +43,7 @@ from regablate.commands import (
     modernise,
     tool_parser,
 )
-from regablate.data.images import fit_masks, image_files, load_images, read_masks, synthetic_images
 from regablate.errors import RegablateError
-from regablate.models.resolve import BackboneSource, resolve_backbone
-from regablate.runs import write_folder_atomic, write_json_atomic
 
 RENAMED = (Renamed("--out", "--output"),)
 # Neuron-search settings that inspect takes from its own flags.
@@ -97,13 +82,31 @@ def inspect(
         register_neurons: how register neurons are found.
         test_time_registers: inspect with a test-time register (a register_neurons.json).
     """
-    rule = Threshold(threshold, threshold_value)
     if masks is not None and images is None:
         raise RegablateError("--masks needs --images: synthetic scenes bring their own masks")
     if find_register_neurons and test_time_registers:
         raise RegablateError(
             "give --find_register_neurons or --test_time_registers, not both: find them on the model without one"
         )
+    settings.threshold_value(threshold, threshold_value)
+    # The model, the measures and the pictures: imported here, so that the parser (this signature) needs no torch.
+    from regablate.artifacts.inspect_outputs import neuron_lines, write_outputs
+    from regablate.artifacts.pictures import unnormalize
+    from regablate.artifacts.register_neurons import (
+        NEURONS_FILE,
+        add_test_time_register,
+        attached_neurons,
+        summary_labels,
+    )
+    from regablate.artifacts.register_neurons import find_register_neurons as find_neurons  # the flag has its name
+    from regablate.artifacts.scan import scan
+    from regablate.artifacts.stats import Threshold
+    from regablate.artifacts.verdict import decide, summary_lines
+    from regablate.data.images import fit_masks, image_files, load_images, read_masks, synthetic_images
+    from regablate.models.resolve import resolve_backbone
+    from regablate.runs import write_folder_atomic
+
+    rule = Threshold(threshold, threshold_value)
     # Images and masks are checked before the model is loaded (which can take minutes).
     files = image_files(Path(images), num_images) if images else []
     object_masks = read_masks(Path(masks), Path(images), files) if masks is not None and images else None
@@ -190,39 +193,3 @@ def check_output_folder(out: Path) -> None:
     """Refuse to replace anything but an earlier inspect output (or an empty folder)."""
     if out.exists() and not (out.is_dir() and ((out / "stats.json").is_file() or not any(out.iterdir()))):
         raise RegablateError(f"--output {out} exists and is not an inspect output folder; choose another --output")
-
-
-def write_outputs(
-    folder: Path,
-    result: ArtifactScan,
-    images: Tensor,
-    stats: dict[str, Any],
-    neurons: RegisterNeurons | None = None,
-    segmentation: Tensor | None = None,
-) -> None:
-    write_json_atomic(folder / "stats.json", stats)
-    if neurons is not None:
-        neurons.save(folder / NEURONS_FILE)
-    save_image(attention_grid(images, result.attention_maps), folder / "attention.png")
-    save_image(position_grid(result.outlier_positions), folder / "outlier_positions.png")
-    save_image(outlier_grid(images, result.outliers, result.grid, segmentation), folder / "outliers.png")
-    (folder / "norms").mkdir()
-    for block, norms in result.patch_norms.items():
-        figure = norm_histogram(norms, result.cutoffs[block], block, stats["threshold"])
-        figure.savefig(folder / "norms" / f"block_{block:02d}.png")
-
-
-def neuron_lines(neurons: RegisterNeurons, outlier_frac: float, shown: int = 10) -> list[str]:
-    """The printed register neurons: the best units with their scores, and what a test-time register leaves."""
-    search = neurons.search
-    if not neurons.units:
-        return [f"register neurons : none (no outlier tokens at block {search.outlier_block})"]
-    units = ", ".join(
-        f"{block}:{unit} ({score:.3g})" for (block, unit), score in zip(neurons.units[:shown], neurons.scores)
-    )
-    more = f" and {len(neurons.units) - shown} more" if len(neurons.units) > shown else ""
-    return [
-        f"register neurons : block:unit (mean |activation| at outliers) {units}{more}",
-        f"test-time reg.   : outlier fraction {outlier_frac:.2%} in the last block "
-        "with one test-time register holding them",
-    ]

@@ -36,9 +36,10 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from regablate.artifacts import stats
+from regablate.artifacts.settings import NeuronSearch
 from regablate.artifacts.stats import Threshold
 from regablate.errors import RegablateError
-from regablate.models.backbone import block_index, eval_mode, extract_features
+from regablate.models.backbone import eval_mode, extract_features
 from regablate.models.fingerprint import weights_fingerprint
 from regablate.models.layout import TokenLayout
 from regablate.runs import write_json_atomic
@@ -48,40 +49,6 @@ NEURONS_FILE = "register_neurons.json"
 # The submodule a model with a test-time register carries (its unit list is part of the state dict,
 # so feature caches keyed by the weights tell the two models apart).
 ATTRIBUTE = "test_time_register"
-
-
-@dataclass(frozen=True)
-class NeuronSearch:
-    """How register neurons are found.
-
-    Args:
-        top_k: number of (block, unit) pairs to keep.
-        outlier_block: block whose output marks the outlier patch tokens (negative counts from the end).
-        max_block: deepest block whose units are candidates (default: ``outlier_block``).
-        threshold: outlier rule: relative | absolute | percentile (see ``regablate.artifacts.stats.Threshold``).
-        threshold_value: the rule's number (default 4 / 150 / 98).
-        num_images: images to search on.
-    """
-
-    top_k: int = 10
-    outlier_block: int = -1
-    max_block: int | None = None
-    threshold: str = "relative"
-    threshold_value: float | None = None
-    num_images: int = 32
-
-    def __post_init__(self) -> None:
-        if self.top_k < 1 or self.num_images < 1:
-            raise RegablateError(
-                f"register neuron search needs top_k >= 1 and num_images >= 1, got {self.top_k}, {self.num_images}"
-            )
-        Threshold(self.threshold, self.threshold_value)  # a bad rule fails here, not after a forward pass
-
-    def blocks(self, depth: int) -> tuple[int, int]:
-        """``(outlier_block, max_block)`` as indices into a model of ``depth`` blocks."""
-        outlier = block_index(self.outlier_block, depth)
-        deepest = outlier if self.max_block is None else block_index(self.max_block, depth)
-        return outlier, deepest
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from regablate.errors import RegablateError
+from regablate.artifacts.settings import threshold_value
 from regablate.models.layout import TokenLayout
 
-THRESHOLD_MODES = ("relative", "absolute", "percentile")
-# Relative: 4x the block's median patch norm. Artifacts sit near 10x (Fig. 3); normal tokens rarely
-# pass 2-3x, and the absolute scale drifts ~10x during training, so a ratio is the safe default.
-DEFAULT_THRESHOLD_VALUES = {"relative": 4.0, "absolute": 150.0, "percentile": 98.0}
 # A block "has outliers" from this fraction of its patch tokens on (the paper sees ~2%).
 ONSET_MIN_FRACTION = 0.005
 # Channel concentration: the share of a token's squared norm held by its top 1% of channels.
@@ -51,13 +47,7 @@ class Threshold:
     value: float | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in THRESHOLD_MODES:
-            raise RegablateError(f"unknown threshold mode {self.mode!r}; use one of {', '.join(THRESHOLD_MODES)}")
-        value = float(DEFAULT_THRESHOLD_VALUES[self.mode] if self.value is None else self.value)
-        if not math.isfinite(value) or value <= 0 or (self.mode == "percentile" and value >= 100):
-            allowed = "between 0 and 100 (exclusive)" if self.mode == "percentile" else "a positive number"
-            raise RegablateError(f"threshold value for mode {self.mode!r} must be {allowed}, got {value:g}")
-        object.__setattr__(self, "value", value)
+        object.__setattr__(self, "value", threshold_value(self.mode, self.value))
 
     def cutoff(self, patch_norms: Tensor) -> Tensor:
         """The norm above which a patch token of this block is an outlier (a 0-d tensor)."""

@@ -20,57 +20,14 @@ from typing import Any
 
 import timm
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveInt
 from timm.models.vision_transformer import VisionTransformer
 
+from regablate.commands import BackboneSource
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
 from regablate.errors import RegablateError
-from regablate.hparams import plain
 from regablate.models.backbone import build_backbone
 from regablate.models.layout import global_feature_name
 from regablate.runs import Which, checkpoint_hparams, find_checkpoint, first_line, is_training_checkpoint
-
-SIZE_ARGUMENTS = ("patch_size", "embed_dim", "depth", "num_heads")
-
-
-@dataclass
-class BackboneSource:
-    """The model arguments of ``regablate probe`` and ``regablate inspect``.
-
-    Args:
-        checkpoint: weights file (.safetensors/.pt/.pth), a regablate .ckpt, or a run folder.
-        which: checkpoint of a run folder: best or last.
-        model: timm ViT name (optional for a run folder or regablate .ckpt).
-        pretrained: timm's pretrained weights for --model when no --checkpoint is given (needs the hub or its cache).
-        num_registers: register tokens R (default: the model's own; other counts are converted).
-        img_size: input side in pixels (default: the data's, else the model's).
-        model_kwargs: extra timm arguments, as in configs.
-        patch_size: timm patch_size (overrides model_kwargs).
-        embed_dim: timm embed_dim (overrides model_kwargs).
-        depth: timm depth (overrides model_kwargs).
-        num_heads: timm num_heads (overrides model_kwargs).
-    """
-
-    checkpoint: str | None = None
-    which: Which = "best"
-    model: str | None = None
-    pretrained: bool = True
-    num_registers: NonNegativeInt | None = None
-    img_size: PositiveInt | None = None
-    model_kwargs: dict[str, Any] | None = None
-    patch_size: PositiveInt | None = None
-    embed_dim: PositiveInt | None = None
-    depth: PositiveInt | None = None
-    num_heads: PositiveInt | None = None
-
-    def sizes(self, default_img_size: int | None = None) -> dict[str, Any]:
-        """The timm size arguments given (``model_kwargs`` under the single size flags), with the image size."""
-        sizes = {
-            **(self.model_kwargs or {}),
-            **{k: getattr(self, k) for k in SIZE_ARGUMENTS if getattr(self, k) is not None},
-        }
-        img_size = self.img_size or default_img_size
-        return plain({**sizes, "img_size": img_size} if img_size else sizes)
 
 
 @dataclass

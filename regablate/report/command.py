@@ -25,7 +25,6 @@ from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt
 
 from regablate.commands import Renamed, function_arguments, modernise, tool_parser
-from regablate.report.figure import attention_rows, draw_figure8
 from regablate.report.paper import paper_overlays
 from regablate.report.settings import Report
 from regablate.report.tables import aggregate, collect_rows, results_csv, results_markdown, write_hparams
@@ -67,6 +66,8 @@ def main(argv: list[str]) -> None:
 def write_report(experiment: Path, settings: Report) -> list[Path]:
     """Write every report file of ``experiment`` as ``settings`` say (``enabled`` is the caller's to check)."""
     rows = collect_rows(experiment)
+    from regablate.report.figure import attention_rows, draw_figure8  # torch and matplotlib, once there are runs
+
     written = [
         experiment / "results.csv",
         experiment / "results.md",

@@ -11,7 +11,11 @@ A sweep is plan -> preflight -> launch -> report. The plan resolves and checks e
 (``sweep.plan``: a run that does not parse stops the sweep before anything is written); the
 preflight checks every stage's data from metadata (``sweep.preflight``) and refuses a grid whose
 later stage could not load its data; the launcher runs the runs in waves (a run after the runs
-it needs); the report is written at the end.
+it needs); the report is written at the end. The local launcher forks each stage from one parent
+that imported torch, Lightning, timm and regablate once (``regablate.sweep.preload``; ``--preload
+false``: a new ``python -m regablate`` process per stage). This module imports planning, preflight
+and report code where the sweep reaches them, so ``--help`` and the refusals of the command line
+come without importing torch.
 
 Runs land in ``<output>/<grid name>/<run>/``. Finished stages are never re-run, an interrupted
 run resumes from ``last.ckpt``, a failed run is recorded and the others go on; the command
@@ -35,13 +39,13 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from regablate.commands import Renamed, function_arguments, modernise, tool_parser
 from regablate.errors import RegablateError
 from regablate.progress import Progress, duration
-from regablate.report.command import write_report
 from regablate.runs import write_text_atomic
 from regablate.sweep.grid import DEFAULT_SIGNAL_DELAY_S, Grid, Launcher, PlannedRun, Stage, load_grid, with_needs
 from regablate.sweep.launch import LocalLauncher, RunJob, device_slots, stage_command
 from regablate.sweep.plan import Plan, make_plan
 from regablate.sweep.preflight import StageReport, refusal
 from regablate.sweep.preflight import preflight as check_stages
+from regablate.sweep.preload import Preloaded
 from regablate.sweep.slurm import JobShape, SlurmLauncher
 from regablate.sweep.state import LOG_FILE, mark_finished, mark_running
 from regablate.sweep.status import collect, format_status
@@ -55,7 +59,7 @@ RENAMED = (
 )
 # The launcher settings each launcher uses; a command-line flag of another launcher's is refused.
 APPLIES = {
-    "local": ("max_parallel", "devices_per_run"),
+    "local": ("max_parallel", "devices_per_run", "preload"),
     "slurm": ("max_parallel", "devices_per_run", "nodes_per_run", "max_requeues"),
 }
 
@@ -69,6 +73,7 @@ def sweep(
     devices_per_run: PositiveInt | None = None,
     nodes_per_run: PositiveInt | None = None,
     max_requeues: NonNegativeInt | None = None,
+    preload: bool | None = None,
     dry_run: bool = False,
     report: bool = True,
     preflight: bool = True,
@@ -85,6 +90,8 @@ def sweep(
         devices_per_run: devices of each run (sets trainer.devices; GPUs are packed per run; on Slurm: tasks per node).
         nodes_per_run: Slurm only: nodes of each run (sets trainer.num_nodes; default: the grid's).
         max_requeues: Slurm only: requeues of a job stopped at its time limit (default: the grid's).
+        preload: local only: fork each stage from a parent that imported torch, Lightning, timm and regablate
+            once (default true; false: each stage a new python -m regablate process).
         dry_run: print the plan and the preflight, run nothing.
         report: write the report when the runs end.
         preflight: check every stage's data (metadata only) first; refuse to start if one cannot load.
@@ -92,7 +99,7 @@ def sweep(
     """
     flags = {"max_parallel": max_parallel, "devices_per_run": devices_per_run}
     flags |= {"nodes_per_run": nodes_per_run, "max_requeues": max_requeues}
-    refuse_other_launchers_flags(launcher, flags)
+    refuse_other_launchers_flags(launcher, {**flags, "preload": preload})
     loaded = load_grid(grid)
     settings = launcher_settings(loaded.launcher, launcher, flags)
     runs = selected_runs(loaded, only or [])
@@ -100,6 +107,9 @@ def sweep(
     if status:
         print(format_status(loaded, experiment, collect(loaded, runs, experiment), settings.max_parallel), flush=True)
         return
+    preloaded = Preloaded() if launcher == "local" and preload is not False and not dry_run else None
+    if preloaded is not None:
+        preloaded.warm_up()  # its imports run while this process plans
     shape = JobShape(settings.nodes_per_run, settings.devices_per_run or 1) if launcher == "slurm" else None
     plan = make_plan(loaded, runs, experiment, settings.devices_per_run, shape)
     started = time.perf_counter()
@@ -118,8 +128,10 @@ def sweep(
         raise refused
     if dry_run:
         return
-    launch(chosen or LocalLauncher(local_slots(settings), events), plan, events, loaded.name, experiment)
+    launch(chosen or LocalLauncher(local_slots(settings), events, preloaded), plan, events, loaded.name, experiment)
     if report and loaded.report.enabled:
+        from regablate.report.command import write_report
+
         paths = write_report(experiment, loaded.report)
         print(f"report: {', '.join(str(p) for p in paths)}", flush=True)
     conclude(events, loaded.name, experiment)
@@ -143,8 +155,11 @@ def refuse_other_launchers_flags(launcher: LauncherKind, flags: dict[str, Any]) 
     """A launcher setting given on the command line that ``launcher`` does not use is refused, naming those it does."""
     for name, value in flags.items():
         if value is not None and name not in APPLIES[launcher]:
+            other = next(kind for kind, names in APPLIES.items() if name in names)
+            shown = str(value).lower() if isinstance(value, bool) else value
+            how = "runs each run on this machine" if launcher == "local" else "runs each stage as a process of its job"
             raise RegablateError(
-                f"--{name} {value} needs --launcher slurm: a {launcher} sweep runs each run on this machine; "
+                f"--{name} {shown} needs --launcher {other}: a {launcher} sweep {how}; "
                 f"its settings: {', '.join('--' + key for key in APPLIES[launcher])}"
             )
 

@@ -3,13 +3,15 @@
 One process per stage keeps ranks and seeds clean: LightningCLI and Lightning's DDP launcher
 re-execute ``sys.argv``, so a run must own its process. ``LocalLauncher`` packs runs onto this
 machine (``max_parallel`` at a time, ``devices_per_run`` GPUs each, through
-``CUDA_VISIBLE_DEVICES``). ``StageProcess``, ``stage_command`` and ``stage_env`` are shared with
-the Slurm launcher (``regablate.sweep.slurm``), whose jobs run the same stages the same way.
+``CUDA_VISIBLE_DEVICES``); with a ``Preloaded`` parent (``regablate.sweep.preload``, the default
+of ``regablate sweep``) each stage is forked from a process that imported torch, Lightning, timm
+and regablate once, instead of starting Python anew. ``StageProcess``, ``stage_command`` and
+``stage_env`` are shared with the Slurm launcher (``regablate.sweep.slurm``), whose jobs run the
+same stages as new processes.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -19,10 +21,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from regablate.errors import RegablateError
 from regablate.sweep.grid import LIGHTNING_COMMANDS, PlannedRun, Stage
+from regablate.sweep.preload import Preloaded, die_with_parent
 from regablate.sweep.state import COMPLETE, LOG_FILE, mark_finished, mark_running, resumable_checkpoint, stage_state
 
 POLL_SECONDS = 0.2
@@ -59,12 +62,28 @@ def stage_command(job: RunJob, stage: Stage) -> list[str]:
     return [*command, *stage.argv]
 
 
+class Started(Protocol):
+    """A started stage process (a ``subprocess.Popen``, or a ``preload.ForkedStage``)."""
+
+    def poll(self) -> int | None: ...
+
+    def wait(self) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+def start_process(command: list[str], log: TextIO, env: dict[str, str]) -> Started:
+    """``command`` as a new process writing into ``log``; it gets SIGKILL when this process dies."""
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
+
+
 class StageProcess:
     """One running stage: its process, its log file, and when it started.
 
     ``record`` (the default) marks the stage running now and finished in ``finish``; a Slurm
     task other than task 0 runs its share of a stage without touching the run's state, into a
-    log of its own (``log``).
+    log of its own (``log``). ``preloaded`` forks the stage from that parent instead of starting
+    ``python -m regablate`` (the command still heads the log: it is what the stage runs).
     """
 
     def __init__(
@@ -76,6 +95,7 @@ class StageProcess:
         extra_args: tuple[str, ...] = (),
         log: str = LOG_FILE,
         record: bool = True,
+        preloaded: Preloaded | None = None,
     ) -> None:
         self.job, self.stage, self.record = job, stage, record
         if record:
@@ -85,9 +105,7 @@ class StageProcess:
         self.log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} stage {stage.name}: {' '.join(command)}\n")
         self.log.flush()
         self.started = time.perf_counter()
-        self.process = subprocess.Popen(
-            command, stdout=self.log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
-        )
+        self.process = (preloaded.start if preloaded is not None else start_process)(command, self.log, env)
 
     def poll(self) -> int | None:
         return self.process.poll()
@@ -100,15 +118,28 @@ class StageProcess:
         return time.perf_counter() - self.started
 
     def close_log(self, exit_code: int, note: str = "") -> None:
+        killed = killed_by(exit_code)
+        note = f" ({killed}){note}" if killed else note
         self.log.write(f"==== stage {self.stage.name} exited {exit_code} after {self.seconds:.1f} s{note}\n")
         self.log.close()
 
     def finish(self, exit_code: int) -> None:
-        """Close the log and record the stage's end in the run's summary."""
+        """Close the log and record the stage's end in the run's summary (a stage killed by a signal names it)."""
         seconds = self.seconds
         self.close_log(exit_code)
         if self.record:
-            mark_finished(self.job.run_dir, self.stage.name, exit_code, seconds)
+            mark_finished(self.job.run_dir, self.stage.name, exit_code, seconds, reason=killed_by(exit_code))
+
+
+def killed_by(exit_code: int) -> str | None:
+    """``killed by SIGSEGV`` for a process that a signal ended (a negative exit code), else None."""
+    if exit_code >= 0:
+        return None
+    try:
+        name = signal.Signals(-exit_code).name
+    except ValueError:
+        name = f"signal {-exit_code}"
+    return f"killed by {name}"
 
 
 def stage_env(
@@ -146,13 +177,27 @@ def device_slots(max_parallel: int, devices_per_run: int | None, num_gpus: int) 
 class LocalLauncher:
     """Run jobs on this machine, one slot each, starting the next as soon as a slot frees up."""
 
-    def __init__(self, slots: list[str | None], on_event: Callable[[str, RunJob, Any], None]) -> None:
+    def __init__(
+        self,
+        slots: list[str | None],
+        on_event: Callable[[str, RunJob, Any], None],
+        preloaded: Preloaded | None = None,
+    ) -> None:
         self.slots = slots
         self.on_event = on_event  # ("start", job, stage) | ("done", job, ok)
+        self.preloaded = preloaded
 
     def run(self, jobs: list[RunJob]) -> dict[str, bool]:
-        pending = deque(jobs)
+        """Run ``jobs``; each run's success by name. A stage still running when this ends (Ctrl-C) is killed."""
         active: dict[int, StageProcess] = {}
+        try:
+            return self._run(jobs, active)
+        finally:
+            for process in active.values():
+                process.process.kill()
+
+    def _run(self, jobs: list[RunJob], active: dict[int, StageProcess]) -> dict[str, bool]:
+        pending = deque(jobs)
         results: dict[str, bool] = {}
         while pending or active:
             for slot, devices in enumerate(self.slots):
@@ -176,10 +221,4 @@ class LocalLauncher:
 
     def _start(self, job: RunJob, stage: Stage, devices: str | None) -> StageProcess:
         self.on_event("start", job, stage)
-        return StageProcess(job, stage, stage_env(cuda_devices=devices))
-
-
-def _die_with_parent() -> None:
-    """Linux: the stage process gets SIGKILL when the sweep dies, so no orphan keeps writing a run."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        return StageProcess(job, stage, stage_env(cuda_devices=devices), preloaded=self.preloaded)

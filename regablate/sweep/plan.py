@@ -24,7 +24,6 @@ from regablate.commands import parser_message
 from regablate.errors import RegablateError
 from regablate.sweep.grid import EXPERIMENT, Grid, PlannedRun, Stage
 from regablate.sweep.launch import RunJob
-from regablate.sweep.resolve import resolve_config
 from regablate.sweep.slurm import JobShape
 from regablate.sweep.state import CONFIG_FILE
 
@@ -53,6 +52,8 @@ def make_plan(
     (tasks per node) and ``trainer.num_nodes`` of the job's shape. A run that does not parse is
     refused (``RegablateError``) naming it, and how many others do not parse either.
     """
+    from regablate.sweep.resolve import resolve_config  # LightningCLI's parser: here, not for --help
+
     plan = Plan()
     invalid: list[str] = []
     for run in runs:

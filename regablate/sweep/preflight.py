@@ -14,14 +14,16 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import yaml
 
-from regablate.data.preflight import DataCheck, check_data
 from regablate.errors import RegablateError
 from regablate.sweep.grid import LIGHTNING_COMMANDS, Grid, Stage
 from regablate.sweep.plan import stage_arguments
+
+if TYPE_CHECKING:  # the checks import the data modules (and torch) when a sweep runs them, not for --help
+    from regablate.data.preflight import DataCheck
 
 MARKS = {"ok": "ok", "unchecked": "not checked", "error": "ERROR"}
 
@@ -96,6 +98,8 @@ def _timm_depth(name: str) -> int | None:
 
 def preflight(grid: Grid, resolved: dict[str, str], pending: dict[str, list[Stage]]) -> list[StageReport]:
     """Check the data of every pending stage of every run (``resolved``: run name -> its config YAML)."""
+    from regablate.data.preflight import DataCheck
+
     checked: dict[str, DataCheck] = {}  # each distinct data config, and each (stage, run data), once
     found: dict[str, Counter] = {stage.name: Counter() for stage in grid.stages}
     for run, config in resolved.items():
@@ -116,6 +120,8 @@ def preflight(grid: Grid, resolved: dict[str, str], pending: dict[str, list[Stag
 
 
 def _check_stage(stage: Stage, run_data: dict[str, Any] | None, checked: dict[str, DataCheck]) -> DataCheck:
+    from regablate.data.preflight import DataCheck, check_data
+
     try:
         data = stage_data(stage, run_data)
     except RegablateError as err:
