@@ -88,3 +88,16 @@ def test_neither_family_exits_2_in_one_line(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_eva02_position_rows_of_cls_are_folded_exactly(tmp_path):
+    """EVA-02 has a learned position embedding with a CLS row; built on the patches only, it computes the same."""
+    torch.manual_seed(0)
+    reference = timm.create_model("eva02_small_patch14_224", num_classes=0, img_size=56, depth=2).eval()
+    path = tmp_path / "eva02.safetensors"
+    save_file(reference.state_dict(), str(path))
+    model = build_backbone("eva02_small_patch14_224", 0, checkpoint=path, img_size=56, depth=2).eval()
+    images = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert (model.forward_features(images) - reference.forward_features(images)).abs().max().item() < 1e-5
+    assert build_backbone("eva02_small_patch14_224", 4, checkpoint=path, img_size=56, depth=2).num_prefix_tokens == 5
