@@ -103,6 +103,7 @@ def inspect(
     from regablate.artifacts.stats import Threshold
     from regablate.artifacts.verdict import decide, summary_lines
     from regablate.data.images import fit_masks, image_files, load_images, read_masks, synthetic_images
+    from regablate.models.layout import num_registers_of
     from regablate.models.resolve import resolve_backbone
     from regablate.runs import write_folder_atomic
 
@@ -127,7 +128,7 @@ def inspect(
     stats: dict[str, Any] = {
         **result.stats,
         "model": resolved.name,
-        "num_registers": model.num_reg_tokens,
+        "num_registers": num_registers_of(model),
         "num_images": len(batch),
         "images": images or "synthetic",
         "masks": masks if images else "synthetic",

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -41,7 +40,7 @@ from regablate.artifacts.stats import Threshold
 from regablate.errors import RegablateError
 from regablate.models.backbone import eval_mode, extract_features
 from regablate.models.fingerprint import weights_fingerprint
-from regablate.models.layout import TokenLayout
+from regablate.models.layout import Backbone, TokenLayout
 from regablate.runs import write_json_atomic
 
 FORMAT = 1
@@ -95,7 +94,7 @@ class RegisterNeurons:
         except (ValueError, KeyError, TypeError) as err:
             raise RegablateError(f"{path} is not a register neurons file ({type(err).__name__}: {err})") from None
 
-    def check(self, model: VisionTransformer, source: str = "the register neurons") -> None:
+    def check(self, model: Backbone, source: str = "the register neurons") -> None:
         """Refuse units that do not exist in ``model`` or were found on other weights."""
         depth = len(model.blocks)
         for block, unit in self.units:
@@ -113,12 +112,12 @@ class RegisterNeurons:
             )
 
 
-def blocks_fingerprint(model: VisionTransformer) -> str:
+def blocks_fingerprint(model: Backbone) -> str:
     """Fingerprint of the transformer blocks, the weights that register neurons belong to."""
     return weights_fingerprint(model.blocks)
 
 
-def _fc2(model: VisionTransformer, block: int) -> nn.Linear:
+def _fc2(model: Backbone, block: int) -> nn.Linear:
     fc2 = getattr(getattr(model.blocks[block], "mlp", None), "fc2", None)
     if not isinstance(fc2, nn.Linear):
         raise RegablateError(f"block {block} of {type(model).__name__} has no mlp.fc2 layer to read hidden units from")
@@ -126,7 +125,7 @@ def _fc2(model: VisionTransformer, block: int) -> nn.Linear:
 
 
 def find_register_neurons(
-    model: VisionTransformer, images: Tensor, search: NeuronSearch = NeuronSearch(), *, model_name: str | None = None
+    model: Backbone, images: Tensor, search: NeuronSearch = NeuronSearch(), *, model_name: str | None = None
 ) -> RegisterNeurons:
     """Score every MLP unit of blocks ``0..max_block`` at the outlier patch tokens of ``images``.
 
@@ -218,7 +217,7 @@ class RegisterNeuronHooks(nn.Module):
         return move
 
 
-def add_test_time_register(model: VisionTransformer, neurons: RegisterNeurons | str | Path) -> VisionTransformer:
+def add_test_time_register(model: Backbone, neurons: RegisterNeurons | str | Path) -> Backbone:
     """Give ``model`` a test-time register holding ``neurons`` (a :class:`RegisterNeurons` or its JSON path)."""
     source = f"register neurons {neurons}" if not isinstance(neurons, RegisterNeurons) else "the register neurons"
     if not isinstance(neurons, RegisterNeurons):
@@ -237,7 +236,7 @@ def add_test_time_register(model: VisionTransformer, neurons: RegisterNeurons | 
     return model
 
 
-def remove_test_time_register(model: VisionTransformer) -> VisionTransformer:
+def remove_test_time_register(model: Backbone) -> Backbone:
     """Undo :func:`add_test_time_register`."""
     register = getattr(model, ATTRIBUTE, None)
     if register is None:

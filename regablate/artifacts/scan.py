@@ -26,14 +26,13 @@ from typing import Any
 
 import torch
 from timm.layers import AttentionPoolLatent
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from regablate.artifacts import stats
 from regablate.artifacts.stats import Threshold
 from regablate.errors import RegablateError
 from regablate.models.backbone import block_index, eval_mode, extract_features
-from regablate.models.layout import TokenLayout
+from regablate.models.layout import Backbone, TokenLayout
 
 
 @dataclass
@@ -58,7 +57,7 @@ class ArtifactScan:
 
 
 def scan(
-    model: VisionTransformer,
+    model: Backbone,
     images: Tensor,
     *,
     threshold: Threshold = Threshold(),
@@ -135,7 +134,7 @@ def measured_blocks(depth: int, blocks: Sequence[int] | None) -> list[int]:
 
 
 @contextmanager
-def _captured(model: VisionTransformer) -> Iterator[dict[str, Tensor]]:
+def _captured(model: Backbone) -> Iterator[dict[str, Tensor]]:
     """Hooks filling ``embeddings``, ``last_input`` and ``attention`` (last block) during one pass."""
     captured: dict[str, Tensor] = {}
     last = model.blocks[-1]

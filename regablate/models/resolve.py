@@ -20,13 +20,12 @@ from typing import Any
 
 import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from regablate.commands import BackboneSource
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
 from regablate.errors import RegablateError
 from regablate.models.backbone import build_backbone
-from regablate.models.layout import global_feature_name
+from regablate.models.layout import Backbone, global_feature_name, num_registers_of
 from regablate.runs import Which, checkpoint_hparams, find_checkpoint, first_line, is_training_checkpoint
 
 
@@ -34,7 +33,7 @@ from regablate.runs import Which, checkpoint_hparams, find_checkpoint, first_lin
 class ResolvedBackbone:
     """A built backbone, a short name for output folders, and where it came from (for results files)."""
 
-    model: VisionTransformer
+    model: Backbone
     name: str
     pretrained: bool
     run_dir: Path | None = None
@@ -106,11 +105,11 @@ def resolve_backbone(
 
 
 def _resolved(
-    model: VisionTransformer, name: str, pretrained: bool, folder: Path | None, description: dict[str, Any]
+    model: Backbone, name: str, pretrained: bool, folder: Path | None, description: dict[str, Any]
 ) -> ResolvedBackbone:
     description = {
         **description,
-        "num_registers": model.num_reg_tokens,
+        "num_registers": num_registers_of(model),
         "img_size": list(model.patch_embed.img_size),
         "class_token": model.cls_token is not None,
         "global_feature": global_feature_name(model),  # what the probes' "cls" features are
@@ -118,7 +117,7 @@ def _resolved(
     return ResolvedBackbone(model, name, pretrained, folder, description)
 
 
-def load_backbone(source: str | Path, which: Which = "best", **overrides: Any) -> VisionTransformer:
+def load_backbone(source: str | Path, which: Which = "best", **overrides: Any) -> Backbone:
     """The backbone of a run folder or of a regablate ``.ckpt``, built as it was trained.
 
     ``overrides`` replace stored settings (``num_registers`` to convert, ``img_size``, ...).
@@ -145,4 +144,4 @@ def native_registers(model_name: str) -> int:
     if not timm.is_model(model_name):
         return 0  # build_backbone names the problem
     with torch.device("meta"):
-        return int(getattr(timm.create_model(model_name, num_classes=0), "num_reg_tokens", 0))
+        return num_registers_of(timm.create_model(model_name, num_classes=0))

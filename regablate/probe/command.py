@@ -35,7 +35,6 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning import LightningDataModule
-from timm.models.vision_transformer import VisionTransformer
 
 from regablate.artifacts import stats
 from regablate.artifacts.register_neurons import (
@@ -51,6 +50,7 @@ from regablate.artifacts.stats import Threshold
 from regablate.commands import Renamed, add_backbone_arguments, backbone_source, modernise, tool_parser
 from regablate.data.common import num_samples
 from regablate.errors import RegablateError
+from regablate.models.layout import Backbone, num_registers_of
 from regablate.models.resolve import ResolvedBackbone, resolve_backbone, run_folder
 from regablate.probe.device import ProbeDevice
 from regablate.probe.features import ViTExtractor
@@ -137,12 +137,12 @@ def _output_dir(cfg: Namespace, resolved: ResolvedBackbone) -> Path:
     run_dir = resolved.run_dir
     if run_dir is not None:
         return run_dir.with_name(run_dir.name + suffix) if suffix else run_dir
-    return Path("runs") / "probe" / f"{resolved.name}_r{resolved.model.num_reg_tokens}{suffix}"
+    return Path("runs") / "probe" / f"{resolved.name}_r{num_registers_of(resolved.model)}{suffix}"
 
 
 def _add_test_time_register(
     cfg: Namespace,
-    model: VisionTransformer,
+    model: Backbone,
     datamodule: LightningDataModule,
     source: dict[str, Any],
     where: ProbeDevice,
@@ -176,7 +176,7 @@ def _add_test_time_register(
     return neurons, labels
 
 
-def _check_sizes(model: VisionTransformer, datamodule: LightningDataModule) -> None:
+def _check_sizes(model: Backbone, datamodule: LightningDataModule) -> None:
     data_size = getattr(datamodule, "img_size", None)
     model_size = tuple(model.patch_embed.img_size)
     if data_size is not None and not model.dynamic_img_size and (data_size, data_size) != model_size:
@@ -212,7 +212,7 @@ def main(argv: list[str]) -> None:
     store = feature_store(extractor, output_dir, data_config, where.resolved_precision, cfg.cache)
     plan = plan_probe(extractor, datamodule, probe, store, reuse=cfg.cache)
     if cfg.dry_run:
-        print(f"probe plan of {resolved.name} (r{model.num_reg_tokens}) into {output_dir}; nothing is extracted")
+        print(f"probe plan of {resolved.name} (r{num_registers_of(model)}) into {output_dir}; nothing is extracted")
         print(plan.describe(where, cache_known=cfg.test_time_registers is None))
         return
     plan.check_disk_space()

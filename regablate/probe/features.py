@@ -23,11 +23,11 @@ from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from regablate.errors import RegablateError
 from regablate.models.backbone import extract_features
+from regablate.models.layout import Backbone
 from regablate.probe.cache import FieldSpec, RowWriter
 from regablate.probe.device import ProbeDevice
 from regablate.progress import Progress
@@ -66,7 +66,7 @@ class ViTExtractor(nn.Module):
     sliced off both.
     """
 
-    def __init__(self, model: VisionTransformer) -> None:
+    def __init__(self, model: Backbone) -> None:
         super().__init__()
         qkv = getattr(getattr(model.blocks[-1], "attn", None), "qkv", None)
         if not isinstance(qkv, nn.Linear):

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning import LightningModule
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
-from timm.models.vision_transformer import VisionTransformer
 
 from regablate.hparams import Hyperparameters, make_hyperparameters_plain
 from regablate.models.backbone import build_backbone
+from regablate.models.layout import Backbone
 from regablate.tasks.optim import adamw_warmup_cosine, weight_decay_groups
 
 
@@ -75,9 +75,7 @@ class BackboneTask(LightningModule):
     def configure_metrics(self) -> None:
         """Build the task's torchmetrics (none by default)."""
 
-    def make_backbone(
-        self, num_registers: int | None = None, *, weights: bool = True, **extra: Any
-    ) -> VisionTransformer:
+    def make_backbone(self, num_registers: int | None = None, *, weights: bool = True, **extra: Any) -> Backbone:
         """A backbone as the hyper-parameters describe it: ``num_registers`` (default the task's),
         the configured weights unless ``weights=False`` (random), ``extra`` timm arguments on top."""
         hp = self.hparams
