@@ -27,6 +27,7 @@ from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
 from regablate.errors import RegablateError
 from regablate.hparams import plain
 from regablate.models.backbone import build_backbone
+from regablate.models.formats import hf_folder, load_hf_backbone
 from regablate.models.layout import global_feature_name
 from regablate.runs import Which, checkpoint_hparams, find_checkpoint, first_line, is_training_checkpoint
 
@@ -161,11 +162,16 @@ def _resolved(
 
 
 def load_backbone(source: str | Path, which: Which = "best", **overrides: Any) -> VisionTransformer:
-    """The backbone of a run folder or of a regablate ``.ckpt``, built as it was trained.
+    """The backbone of a run folder, a regablate ``.ckpt`` or a Hugging Face DINOv2 folder.
 
     ``overrides`` replace stored settings (``num_registers`` to convert, ``img_size``, ...).
     """
     path = Path(source)
+    folder = hf_folder(path)
+    if folder is not None:
+        if overrides:
+            raise RegablateError(f"{folder} is a Hugging Face folder: give no {', '.join(overrides)}")
+        return load_hf_backbone(folder)
     checkpoint = find_checkpoint(path, which) if path.is_dir() else path
     if not checkpoint.is_file():
         raise RegablateError(f"checkpoint not found: {checkpoint}")
