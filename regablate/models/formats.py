@@ -76,7 +76,7 @@ def _timm_arguments(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _timm_state_dict(source: dict[str, Tensor], config: dict[str, Any]) -> dict[str, Tensor]:
-    source = {key.removeprefix("dinov2_with_registers.").removeprefix("dinov2."): value for key, value in source.items()}
+    source = {key.removeprefix("dinov2_with_registers.").removeprefix("dinov2."): v for key, v in source.items()}
     position = source["embeddings.position_embeddings"]
     target = {
         "cls_token": source["embeddings.cls_token"] + position[:, :1],
@@ -92,7 +92,8 @@ def _timm_state_dict(source: dict[str, Tensor], config: dict[str, Any]) -> dict[
         hf, timm = f"encoder.layer.{index}.", f"blocks.{index}."
         attention = hf + "attention.attention."
         for part in ("weight", "bias"):
-            target[f"{timm}attn.qkv.{part}"] = torch.cat([source[f"{attention}{name}.{part}"] for name in ("query", "key", "value")])
+            qkv = [source[f"{attention}{name}.{part}"] for name in ("query", "key", "value")]
+            target[f"{timm}attn.qkv.{part}"] = torch.cat(qkv)
             target[f"{timm}attn.proj.{part}"] = source[f"{hf}attention.output.dense.{part}"]
             for name in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
                 target[f"{timm}{name}.{part}"] = source[f"{hf}{name}.{part}"]

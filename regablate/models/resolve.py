@@ -115,6 +115,12 @@ def resolve_backbone(
     path = Path(run if run is not None else source.checkpoint).expanduser() if (run or source.checkpoint) else None
     if path is not None and not path.exists():
         raise RegablateError(f"{'run folder' if run is not None else 'checkpoint'} not found: {path}")
+    hf = hf_folder(path) if path is not None else None
+    if hf is not None:
+        if source.model or source.num_registers is not None:
+            raise RegablateError(f"{hf} is a Hugging Face folder: its config.json gives the model; leave out --model")
+        model = load_hf_backbone(hf)
+        return _resolved(model, hf.name, False, None, {"checkpoint": str(hf), "model_name": "huggingface"})
     folder = run_folder(run, source.checkpoint)
     # Without --model a .ckpt must be regablate's own (reading it says what is wrong if not).
     if path is not None and (is_training_checkpoint(path) or (path.suffix == ".ckpt" and not source.model)):
