@@ -42,10 +42,10 @@ def test_unsupported_hf_class_is_named(tmp_path):
         load_backbone(tmp_path)
 
 
-def test_hf_safetensors_without_config(tmp_path):
+def test_hf_folder_without_config(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(RegablateError, match="no config.json"):
-        load_backbone(tmp_path / "model.safetensors")
+        load_backbone(tmp_path)
 
 
 def test_inspect_runs_on_a_hf_folder(tmp_path):

@@ -32,6 +32,8 @@ def hf_folder(path: str | Path) -> Path | None:
     if not path.is_dir() and path.name != "model.safetensors":
         return None
     if not (folder / "config.json").is_file():
+        if not path.is_dir():
+            return None  # a plain safetensors file of a timm model: --model names it
         raise RegablateError(f"{folder} has model.safetensors but no config.json beside it")
     return folder
 
