@@ -57,6 +57,7 @@ from regablate.commands import (
 )
 from regablate.data.images import fit_masks, image_files, load_images, read_masks, synthetic_images
 from regablate.errors import RegablateError
+from regablate.models.layout import num_registers_of
 from regablate.models.resolve import BackboneSource, resolve_backbone
 from regablate.runs import write_folder_atomic, write_json_atomic
 
@@ -124,7 +125,7 @@ def inspect(
     stats: dict[str, Any] = {
         **result.stats,
         "model": resolved.name,
-        "num_registers": model.num_reg_tokens,
+        "num_registers": num_registers_of(model),
         "num_images": len(batch),
         "images": images or "synthetic",
         "masks": masks if images else "synthetic",

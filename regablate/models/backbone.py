@@ -21,18 +21,24 @@ from typing import Any, cast
 
 import timm
 import torch
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from regablate.errors import RegablateError
 from regablate.models.convert import architecture_of, convert_state_dict, load_state_dict_file
-from regablate.models.layout import GLOBAL_FEATURES, TokenLayout
+from regablate.models.layout import GLOBAL_FEATURES, Backbone, TokenLayout
 
-# Modules whose registered models are plain timm VisionTransformers.
-_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+# The timm module of each family's registered models, and the class they build.
+_FAMILIES: dict[str, type[nn.Module]] = {
+    "timm.models.vision_transformer": VisionTransformer,
+    "timm.models.deit": VisionTransformer,
+    "timm.models.eva": Eva,  # DINOv3, vit_*_rope_*, EVA-02, Perception Encoder
+}
 # timm arguments regablate sets itself, and why.
 _LAYOUT_KWARGS = {
     "reg_tokens": "use num_registers instead",
+    "num_reg_tokens": "use num_registers instead",
     "no_embed_class": "regablate always uses the DINOv2 layout",
     "pool_include_prefix": "registers never enter the global feature",
 }
@@ -46,7 +52,7 @@ def build_backbone(
     pretrained: bool = False,
     register_init_std: float = 0.02,
     **timm_kwargs: Any,
-) -> VisionTransformer:
+) -> Backbone:
     """Build a headless timm ViT with ``num_registers`` registers in the DINOv2 layout.
 
     Args:
@@ -73,18 +79,24 @@ def build_backbone(
     for key, why in _LAYOUT_KWARGS.items():
         if key in timm_kwargs:
             raise RegablateError(f"timm argument {key!r} cannot be set: {why}")
-    _check_vit_name(model_name)
+    family = _family_of(model_name)
     source: dict[str, Tensor] | None = None
     if pretrained:
         source = timm.create_model(model_name, pretrained=True, num_classes=0).state_dict()
     elif checkpoint is not None:
         source = load_state_dict_file(checkpoint)
-    kwargs = {"num_classes": 0, **timm_kwargs, **_head_arguments(model_name, timm_kwargs, source)}
+    kwargs: dict[str, Any] = {"num_classes": 0, **timm_kwargs}
+    if family is Eva:
+        # Eva takes its register count as num_reg_tokens and keeps RoPE off every prefix token
+        # (EvaAttention rotates only tokens after num_prefix_tokens); its head arguments stay timm's.
+        kwargs["num_reg_tokens"] = num_registers
+    else:
+        kwargs.update(reg_tokens=num_registers, **_head_arguments(model_name, timm_kwargs, source))
     try:
-        model = timm.create_model(model_name, pretrained=False, reg_tokens=num_registers, no_embed_class=True, **kwargs)
+        model = timm.create_model(model_name, pretrained=False, no_embed_class=True, **kwargs)
     except TypeError as err:
         raise RegablateError(f"bad timm arguments for {model_name}: {err}") from None
-    if type(model) is not VisionTransformer:
+    if type(model) is not family or not isinstance(model, (VisionTransformer, Eva)):
         raise RegablateError(
             f"{model_name} builds a {type(model).__name__}, not a plain timm VisionTransformer; "
             "pick a vit_* or deit_* model without a distillation token"
@@ -146,20 +158,22 @@ def _default_head(model_name: str) -> tuple[bool, str]:
     return model.cls_token is not None, str(model.global_pool)
 
 
-def _check_vit_name(model_name: str) -> None:
+def _family_of(model_name: str) -> type[nn.Module]:
+    """The timm class ``model_name`` must build (``VisionTransformer`` or ``Eva``); unknown names are refused."""
     if not timm.is_model(model_name):
         close = difflib.get_close_matches(model_name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('vit_*')"
         raise RegablateError(f"unknown timm model {model_name!r}{hint}")
     module = timm.models.model_entrypoint(model_name).__module__
-    if module not in _VIT_MODULES:
+    if module not in _FAMILIES:
         raise RegablateError(
-            f"{model_name} is not a Vision Transformer (timm builds it in {module}); "
-            "registers need a timm VisionTransformer such as vit_small_patch16_224"
+            f"{model_name} is not a Vision Transformer (timm builds it in {module}); registers need a timm "
+            "VisionTransformer such as vit_small_patch16_224 or an Eva such as vit_small_patch16_dinov3"
         )
+    return _FAMILIES[module]
 
 
-def _check_patch_grid(model: VisionTransformer, model_name: str) -> None:
+def _check_patch_grid(model: Backbone, model_name: str) -> None:
     img_size = model.patch_embed.img_size
     patch_size = model.patch_embed.patch_size
     if img_size is None:
@@ -192,7 +206,7 @@ class TokenFeatures:
     blocks: dict[int, Tensor]
 
 
-def extract_features(model: VisionTransformer, images: Tensor, blocks: Sequence[int] = ()) -> TokenFeatures:
+def extract_features(model: Backbone, images: Tensor, blocks: Sequence[int] = ()) -> TokenFeatures:
     """Run ``model`` once; return its final tokens split by role, its global feature, and the chosen blocks pre-norm.
 
     ``blocks`` takes indices into ``model.blocks``; negative ones count from the end.
@@ -222,7 +236,7 @@ def extract_features(model: VisionTransformer, images: Tensor, blocks: Sequence[
     )
 
 
-def global_feature(model: VisionTransformer, tokens: Tensor) -> Tensor:
+def global_feature(model: Backbone, tokens: Tensor) -> Tensor:
     """The global feature of ``model``'s final ``tokens`` ``(B, T, D) -> (B, D)``, registers left out.
 
     timm's own pooling (``token``: the class token; ``avg``/``max``/``avgmax``: of the patch tokens;

@@ -30,10 +30,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from regablate.errors import RegablateError
+from regablate.models.layout import Backbone, num_registers_of
 from regablate.runs import first_line
 
 # Prefixes under which a backbone's weights are found in training checkpoints, most specific first.
@@ -88,12 +88,17 @@ def architecture_of(source: dict[str, Tensor]) -> dict[str, bool]:
 
 
 def convert_state_dict(
-    source: dict[str, Tensor], model: VisionTransformer, *, register_init_std: float = 0.02
+    source: dict[str, Tensor], model: Backbone, *, register_init_std: float = 0.02
 ) -> dict[str, Tensor]:
-    """Convert a ViT state dict (any register count and layout) into one that fits ``model``."""
+    """Convert a ViT state dict (any register count and layout) into one that fits ``model``.
+
+    ``model`` is a timm ``VisionTransformer`` or ``Eva`` (DINOv3, RoPE ViTs, EVA-02, PE); an Eva
+    with rotary embedding only has no ``pos_embed`` to convert.
+    """
     src = _strip_prefix(source)
     target = model.state_dict()
-    if "pos_embed" not in src:
+    learned_pos = getattr(model, "pos_embed", None) is not None  # Eva RoPE models (DINOv3, *_rope_*) have none
+    if learned_pos and "pos_embed" not in src:
         raise RegablateError("checkpoint has no pos_embed: it is not a ViT with a learned position embedding")
     has_cls = "cls_token" in src
     if has_cls != (model.cls_token is not None):
@@ -107,7 +112,9 @@ def convert_state_dict(
     num_src_prefix = int(has_cls) + src_regs.shape[1]
     target_grid = tuple(model.patch_embed.grid_size)
 
-    patch_pos, prefix_pos = _split_pos_embed(src["pos_embed"], num_src_prefix, target_grid)
+    patch_pos, prefix_pos = (
+        _split_pos_embed(src["pos_embed"], num_src_prefix, target_grid) if learned_pos else (None, None)
+    )
     tokens = {"reg_token": src_regs.clone()}
     if has_cls:
         tokens["cls_token"] = src["cls_token"].clone()
@@ -115,11 +122,12 @@ def convert_state_dict(
         if has_cls:
             tokens["cls_token"] = tokens["cls_token"] + prefix_pos[:, :1]
         tokens["reg_token"] = tokens["reg_token"] + prefix_pos[:, int(has_cls) :]
-    src_grid = _grid_of(patch_pos.shape[1], target_grid)
-    if src_grid != target_grid:
-        patch_pos = resample_abs_pos_embed(
-            patch_pos, new_size=list(target_grid), old_size=list(src_grid), num_prefix_tokens=0
-        )
+    if patch_pos is not None:
+        src_grid = _grid_of(patch_pos.shape[1], target_grid)
+        if src_grid != target_grid:
+            patch_pos = resample_abs_pos_embed(
+                patch_pos, new_size=list(target_grid), old_size=list(src_grid), num_prefix_tokens=0
+            )
 
     out: dict[str, Tensor] = {}
     for key, value in src.items():
@@ -135,11 +143,12 @@ def convert_state_dict(
         out[key] = value
     if has_cls:
         out["cls_token"] = tokens["cls_token"]
-    out["pos_embed"] = patch_pos
-    num_registers = model.num_reg_tokens
+    if patch_pos is not None:
+        out["pos_embed"] = patch_pos
+    num_registers = num_registers_of(model)
     if num_registers:
         regs = tokens["reg_token"]
-        new = torch.randn(1, num_registers, dim, dtype=patch_pos.dtype) * register_init_std
+        new = torch.randn(1, num_registers, dim, dtype=regs.dtype) * register_init_std
         keep = min(num_registers, regs.shape[1])
         new[:, :keep] = regs[:, :keep]
         out["reg_token"] = new

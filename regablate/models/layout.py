@@ -10,8 +10,15 @@ slices the sequence asks a :class:`TokenLayout` instead of assuming ``1 + R`` pr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeAlias
 
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+# The two timm families regablate builds: VisionTransformer (vit_*, deit_*) and Eva (DINOv3,
+# vit_*_rope_*, EVA-02, PE). Both lay tokens out as [CLS?, reg_token, patches].
+Backbone: TypeAlias = VisionTransformer | Eva
 
 # What the global feature of a ViT is, by its timm ``global_pool`` (registers are never part of it).
 GLOBAL_FEATURES = {
@@ -36,10 +43,11 @@ class TokenLayout:
     test_time_registers: int = 0
 
     @classmethod
-    def of(cls, model: VisionTransformer) -> TokenLayout:
+    def of(cls, model: Backbone) -> TokenLayout:
         has_cls = getattr(model, "cls_token", None) is not None
-        extra = model.num_prefix_tokens - int(has_cls) - model.num_reg_tokens
-        return cls(has_cls=has_cls, num_registers=model.num_reg_tokens, test_time_registers=extra)
+        registers = num_registers_of(model)
+        extra = model.num_prefix_tokens - int(has_cls) - registers
+        return cls(has_cls=has_cls, num_registers=registers, test_time_registers=extra)
 
     @property
     def num_prefix(self) -> int:
@@ -64,7 +72,17 @@ class TokenLayout:
         return slice(self.num_prefix, None)
 
 
-def global_feature_name(model: VisionTransformer) -> str:
+def num_registers_of(model: nn.Module) -> int:
+    """The trained registers of a timm ViT of either family (``VisionTransformer`` or ``Eva``).
+
+    Both keep them in ``reg_token`` (``None`` without registers); only ``VisionTransformer`` also
+    has a ``num_reg_tokens`` attribute, so the parameter is what is read.
+    """
+    reg_token = getattr(model, "reg_token", None)
+    return 0 if reg_token is None else int(reg_token.shape[1])
+
+
+def global_feature_name(model: Backbone) -> str:
     """What ``TokenFeatures.pooled`` is for ``model`` (probe.json and the README say it)."""
     pooled = GLOBAL_FEATURES.get(model.global_pool, model.global_pool)
     has_fc_norm = type(model.fc_norm).__name__ != "Identity"

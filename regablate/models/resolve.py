@@ -21,14 +21,13 @@ from typing import Any
 import timm
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from timm.models.vision_transformer import VisionTransformer
 
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
 from regablate.errors import RegablateError
 from regablate.hparams import plain
 from regablate.models.backbone import build_backbone
 from regablate.models.formats import hf_folder, load_hf_backbone
-from regablate.models.layout import global_feature_name
+from regablate.models.layout import Backbone, global_feature_name, num_registers_of
 from regablate.runs import Which, checkpoint_hparams, find_checkpoint, first_line, is_training_checkpoint
 
 SIZE_ARGUMENTS = ("patch_size", "embed_dim", "depth", "num_heads")
@@ -78,7 +77,7 @@ class BackboneSource:
 class ResolvedBackbone:
     """A built backbone, a short name for output folders, and where it came from (for results files)."""
 
-    model: VisionTransformer
+    model: Backbone
     name: str
     pretrained: bool
     run_dir: Path | None = None
@@ -156,11 +155,11 @@ def resolve_backbone(
 
 
 def _resolved(
-    model: VisionTransformer, name: str, pretrained: bool, folder: Path | None, description: dict[str, Any]
+    model: Backbone, name: str, pretrained: bool, folder: Path | None, description: dict[str, Any]
 ) -> ResolvedBackbone:
     description = {
         **description,
-        "num_registers": model.num_reg_tokens,
+        "num_registers": num_registers_of(model),
         "img_size": list(model.patch_embed.img_size),
         "class_token": model.cls_token is not None,
         "global_feature": global_feature_name(model),  # what the probes' "cls" features are
@@ -168,7 +167,7 @@ def _resolved(
     return ResolvedBackbone(model, name, pretrained, folder, description)
 
 
-def load_backbone(source: str | Path, which: Which = "best", **overrides: Any) -> VisionTransformer:
+def load_backbone(source: str | Path, which: Which = "best", **overrides: Any) -> Backbone:
     """The backbone of a run folder, a regablate ``.ckpt`` or a Hugging Face DINOv2 folder.
 
     ``overrides`` replace stored settings (``num_registers`` to convert, ``img_size``, ...).
@@ -200,4 +199,4 @@ def native_registers(model_name: str) -> int:
     if not timm.is_model(model_name):
         return 0  # build_backbone names the problem
     with torch.device("meta"):
-        return int(getattr(timm.create_model(model_name, num_classes=0), "num_reg_tokens", 0))
+        return num_registers_of(timm.create_model(model_name, num_classes=0))

@@ -51,6 +51,7 @@ from regablate.artifacts.stats import Threshold
 from regablate.commands import Renamed, add_backbone_arguments, backbone_source, modernise, tool_parser
 from regablate.data.common import num_samples
 from regablate.errors import RegablateError
+from regablate.models.layout import num_registers_of
 from regablate.models.resolve import ResolvedBackbone, resolve_backbone, run_folder
 from regablate.probe.device import ProbeDevice
 from regablate.probe.features import ViTExtractor
@@ -137,7 +138,7 @@ def _output_dir(cfg: Namespace, resolved: ResolvedBackbone) -> Path:
     run_dir = resolved.run_dir
     if run_dir is not None:
         return run_dir.with_name(run_dir.name + suffix) if suffix else run_dir
-    return Path("runs") / "probe" / f"{resolved.name}_r{resolved.model.num_reg_tokens}{suffix}"
+    return Path("runs") / "probe" / f"{resolved.name}_r{num_registers_of(resolved.model)}{suffix}"
 
 
 def _add_test_time_register(
@@ -212,7 +213,7 @@ def main(argv: list[str]) -> None:
     store = feature_store(extractor, output_dir, data_config, where.resolved_precision, cfg.cache)
     plan = plan_probe(extractor, datamodule, probe, store, reuse=cfg.cache)
     if cfg.dry_run:
-        print(f"probe plan of {resolved.name} (r{model.num_reg_tokens}) into {output_dir}; nothing is extracted")
+        print(f"probe plan of {resolved.name} (r{num_registers_of(model)}) into {output_dir}; nothing is extracted")
         print(plan.describe(where, cache_known=cfg.test_time_registers is None))
         return
     plan.check_disk_space()
