@@ -25,6 +25,7 @@ from regablate.commands import BackboneSource
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
 from regablate.errors import RegablateError
 from regablate.models.backbone import build_backbone
+from regablate.models.formats import hf_folder, load_hf_backbone
 from regablate.models.layout import Backbone, global_feature_name, num_registers_of
 from regablate.runs import Which, checkpoint_hparams, find_checkpoint, first_line, is_training_checkpoint
 
@@ -71,6 +72,12 @@ def resolve_backbone(
     path = Path(given).expanduser() if given else None
     if path is not None and not path.exists():
         raise RegablateError(f"{'run folder' if run is not None else 'checkpoint'} not found: {path}")
+    hf = hf_folder(path) if path is not None else None
+    if hf is not None:
+        if source.model or source.num_registers is not None:
+            raise RegablateError(f"{hf} is a Hugging Face folder: its config.json gives the model; leave out --model")
+        model = load_hf_backbone(hf)
+        return _resolved(model, hf.name, False, None, {"checkpoint": str(hf), "model_name": "huggingface"})
     folder = run_folder(run, source.checkpoint)
     # Without --model a .ckpt must be regablate's own (reading it says what is wrong if not).
     if path is not None and (is_training_checkpoint(path) or (path.suffix == ".ckpt" and not source.model)):
@@ -118,11 +125,16 @@ def _resolved(
 
 
 def load_backbone(source: str | Path, which: Which = "best", **overrides: Any) -> Backbone:
-    """The backbone of a run folder or of a regablate ``.ckpt``, built as it was trained.
+    """The backbone of a run folder, a regablate ``.ckpt`` or a Hugging Face DINOv2 folder.
 
     ``overrides`` replace stored settings (``num_registers`` to convert, ``img_size``, ...).
     """
     path = Path(source)
+    folder = hf_folder(path)
+    if folder is not None:
+        if overrides:
+            raise RegablateError(f"{folder} is a Hugging Face folder: give no {', '.join(overrides)}")
+        return load_hf_backbone(folder)
     checkpoint = find_checkpoint(path, which) if path.is_dir() else path
     if not checkpoint.is_file():
         raise RegablateError(f"checkpoint not found: {checkpoint}")
