@@ -20,6 +20,9 @@ Test-time registers (``regablate.artifacts.register_neurons``): ``--find_registe
 also finds the MLP units that write the outliers, on the same images, writes them to
 ``register_neurons.json`` and prints them with the outlier fraction that one test-time register
 holding them leaves; ``--test_time_registers FILE`` inspects the model with such a register added.
+
+``--token_probes true`` adds the token probes (``regablate.artifacts.token_probes``, ``--token_probe.*``):
+``token_probes.json``, their table under the verdict, and ``outlier_map.png`` at the probed block.
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ from regablate.artifacts.register_neurons import (
 from regablate.artifacts.register_neurons import find_register_neurons as find_neurons  # the flag has its name
 from regablate.artifacts.scan import ArtifactScan, scan
 from regablate.artifacts.stats import Threshold
+from regablate.artifacts.token_probes import (
+    TOKEN_PROBES_FILE,
+    TokenProbeResult,
+    TokenProbes,
+    folder_splits,
+    run_token_probes,
+    scene_splits,
+    text_table,
+)
+from regablate.artifacts.token_probes import summary_keys as token_summary_keys
 from regablate.artifacts.verdict import decide, summary_lines
 from regablate.commands import (
     BACKBONE_ARGUMENTS,
@@ -63,6 +76,7 @@ from regablate.runs import write_folder_atomic, write_json_atomic
 RENAMED = (Renamed("--out", "--output"),)
 # Neuron-search settings that inspect takes from its own flags.
 SHARED_WITH_SEARCH = {"threshold", "threshold_value", "num_images"}
+SHARED_WITH_TOKEN_PROBES = {"threshold", "threshold_value"}
 
 
 def inspect(
@@ -79,6 +93,8 @@ def inspect(
     find_register_neurons: bool = False,
     register_neurons: NeuronSearch | None = None,
     test_time_registers: str | None = None,
+    token_probes: bool = False,
+    token_probe: TokenProbes | None = None,
 ) -> dict[str, Any]:
     """Does a ViT have artifacts? Writes norm histograms, attention maps and stats.json, prints a verdict.
 
@@ -96,6 +112,8 @@ def inspect(
         find_register_neurons: find register neurons, write register_neurons.json.
         register_neurons: how register neurons are found.
         test_time_registers: inspect with a test-time register (a register_neurons.json).
+        token_probes: probe what each kind of token holds (position, pixels, class), write token_probes.json.
+        token_probe: the token probes' settings.
     """
     rule = Threshold(threshold, threshold_value)
     if masks is not None and images is None:
@@ -113,6 +131,9 @@ def inspect(
         add_test_time_register(model, test_time_registers)
     out = Path(output) if output else Path("runs") / "inspect" / resolved.name
     check_output_folder(out)
+    token_settings = replace(token_probe or TokenProbes(), threshold=rule.mode, threshold_value=rule.value)
+    if token_probes:
+        token_settings.block_of(model)  # a block outside the model fails before any image is read
     mean, std = resolved.normalisation
     size = tuple(model.patch_embed.img_size)
     if images:
@@ -144,15 +165,28 @@ def inspect(
         add_test_time_register(model, neurons)
         moved = scan(model, batch, threshold=rule, blocks=blocks, segmentation=segmentation)
         stats["test_time_registers/outlier_frac"] = moved.stats["artifacts/outlier_frac"]
+    tokens = None
+    if token_probes:
+        if images:
+            splits = folder_splits(Path(images), token_settings, size, mean, std)
+        else:
+            splits = list(scene_splits(seed, token_settings, size, mean, std))
+        tokens = run_token_probes(model, splits, settings=token_settings)
+        stats.update(token_summary_keys(tokens.table, "token_probes/"))
     pictures = unnormalize(batch, mean, std)
-    write_folder_atomic(out, lambda folder: write_outputs(folder, result, pictures, stats, neurons, segmentation))
+    write_folder_atomic(
+        out, lambda folder: write_outputs(folder, result, pictures, stats, neurons, segmentation, tokens)
+    )
     print("\n".join(summary_lines(result.stats, judged, rule, len(model.blocks))))
+    if tokens is not None:
+        print("\n".join(text_table(tokens.table)))
     if neurons is not None:
         print("\n".join(neuron_lines(neurons, stats["test_time_registers/outlier_frac"])))
     written = ", ".join(
         [
             "stats.json",
             *([NEURONS_FILE] if neurons else []),
+            *([TOKEN_PROBES_FILE, "outlier_map.png"] if tokens else []),
             "attention.png",
             "outlier_positions.png",
             "outliers.png",
@@ -168,8 +202,9 @@ def build_parser() -> ArgumentParser:
         "inspect", "Does a ViT have artifacts? Writes norm histograms, attention maps and stats.json, prints a verdict."
     )
     add_backbone_arguments(parser)
-    parser.add_function_arguments(inspect, skip={"run", "source", "register_neurons"})
+    parser.add_function_arguments(inspect, skip={"run", "source", "register_neurons", "token_probe"})
     parser.add_class_arguments(NeuronSearch, "register_neurons", skip=SHARED_WITH_SEARCH)
+    parser.add_class_arguments(TokenProbes, "token_probe", skip=SHARED_WITH_TOKEN_PROBES)
     return parser
 
 
@@ -181,9 +216,10 @@ def parse(argv: list[str]) -> Namespace:
 def main(argv: list[str]) -> None:
     """Run ``regablate inspect`` with ``argv`` (the arguments after ``inspect``)."""
     cfg = parse(argv)
-    options = function_arguments(cfg, skip=(*BACKBONE_ARGUMENTS, "register_neurons"))
+    options = function_arguments(cfg, skip=(*BACKBONE_ARGUMENTS, "register_neurons", "token_probe"))
     search = NeuronSearch(**function_arguments(cfg.register_neurons))
-    inspect(cfg.run, backbone_source(cfg), register_neurons=search, **options)
+    tokens = TokenProbes(**function_arguments(cfg.token_probe))
+    inspect(cfg.run, backbone_source(cfg), register_neurons=search, token_probe=tokens, **options)
 
 
 def check_output_folder(out: Path) -> None:
@@ -199,10 +235,13 @@ def write_outputs(
     stats: dict[str, Any],
     neurons: RegisterNeurons | None = None,
     segmentation: Tensor | None = None,
+    tokens: TokenProbeResult | None = None,
 ) -> None:
     write_json_atomic(folder / "stats.json", stats)
     if neurons is not None:
         neurons.save(folder / NEURONS_FILE)
+    if tokens is not None:
+        tokens.save(folder)
     save_image(attention_grid(images, result.attention_maps), folder / "attention.png")
     save_image(position_grid(result.outlier_positions), folder / "outlier_positions.png")
     save_image(outlier_grid(images, result.outliers, result.grid, segmentation), folder / "outliers.png")
