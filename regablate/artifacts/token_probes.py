@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from regablate.models.backbone import block_index, eval_mode, extract_features
 from regablate.models.layout import TokenLayout
 from regablate.probe.heads import Schedule, train_head
 from regablate.progress import Progress
-from regablate.runs import write_json_atomic
+from regablate.runs import atomic_path, write_json_atomic
 
 TOKEN_PROBES_FILE = "token_probes.json"
 OUTLIER_MAP_FILE = "outlier_map.png"
@@ -309,7 +309,8 @@ class TokenProbeResult:
         """``token_probes.json`` and ``outlier_map.png`` into ``folder``."""
         write_json_atomic(folder / TOKEN_PROBES_FILE, self.table)
         figure = outlier_map(self.outlier_positions, self.table["block"], sum(self.table["images"].values()))
-        figure.savefig(folder / OUTLIER_MAP_FILE)
+        with atomic_path(folder / OUTLIER_MAP_FILE) as tmp:
+            figure.savefig(tmp, format="png")
 
 
 def probe_tokens(
@@ -466,6 +467,21 @@ def dataset_split(dataset: Dataset, count: int) -> tuple[Tensor, Tensor | None]:
     return torch.stack([s["image"] for s in samples]), labels
 
 
+def probe_dataset_tokens(
+    model: VisionTransformer,
+    train: Dataset,
+    scored: Dataset,
+    *,
+    settings: TokenProbes,
+    scored_on: str,
+    device: torch.device | str = "cpu",
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> TokenProbeResult:
+    """The token probes of ``regablate probe``: trained on the first images of ``train``, scored on ``scored``'s."""
+    splits = [dataset_split(train, settings.train_images), dataset_split(scored, settings.test_images)]
+    return run_token_probes(model, splits, settings=settings, scored_on=scored_on, device=device, autocast=autocast)
+
+
 def run_token_probes(
     model: VisionTransformer,
     splits: Sequence[tuple[Tensor, Tensor | None]],
@@ -473,13 +489,16 @@ def run_token_probes(
     settings: TokenProbes,
     scored_on: str = "test",
     device: torch.device | str = "cpu",
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> TokenProbeResult:
-    """Read the tokens of the (train, scored) ``splits`` at ``settings.block`` on ``device``, then probe them."""
+    """Read the tokens of the (train, scored) ``splits`` at ``settings.block`` on ``device`` (under ``autocast``),
+    then probe them on the host."""
     block = settings.block_of(model)
     started = time.perf_counter()
     total = sum(len(images) for images, _ in splits)
     progress = Progress(f"token probes: reading block {block}", total)
-    train, test = (read_tokens(model, images, block, labels, device, progress) for images, labels in splits)
+    with autocast():
+        train, test = (read_tokens(model, images, block, labels, device, progress) for images, labels in splits)
     progress.finish()
     seconds_tokens = time.perf_counter() - started
     result = probe_tokens(model, train, test, block=block, settings=settings, scored_on=scored_on)
