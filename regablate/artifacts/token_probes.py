@@ -28,7 +28,9 @@ the pixel probe is a ridge regression solved in closed form.
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -504,3 +506,37 @@ def run_token_probes(
     result = probe_tokens(model, train, test, block=block, settings=settings, scored_on=scored_on)
     result.table["seconds_tokens"] = round(seconds_tokens, 3)
     return result
+
+
+def report_section(experiment: Path, runs: Sequence[str]) -> str:
+    """results.md's token-probe tables: one per run folder of ``experiment`` holding a ``token_probes.json``."""
+    lines: list[str] = []
+    for run in runs:
+        path = experiment / run / TOKEN_PROBES_FILE
+        if not path.is_file():
+            continue
+        try:
+            table = json.loads(path.read_text())
+            rows = markdown_table(table)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            print(f"report: skipped {path}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            continue
+        images = table["images"]
+        lines += [
+            "",
+            f"### {run}: token probes at block {table['block']} "
+            f"({images['train']} train, {images[table['scored_on']]} {table['scored_on']} images)",
+            "",
+            *rows,
+        ]
+    if not lines:
+        return ""
+    header = [
+        "",
+        "## Token probes",
+        "",
+        "What each kind of token holds (`regablate probe --probe.probes [..., token]`): linear probes of the patch "
+        "position, the patch's pixels (normalised L2 error, 0 exact, 1 the mean patch) and the image class, each "
+        "trained on one kind's tokens and scored on held-out images; `-`: not a patch, `none`: no tokens or labels.",
+    ]
+    return "\n".join(header + lines) + "\n"
