@@ -157,6 +157,14 @@ def inspect(
     stats["verdict"] = judged.to_json()
     if (attached := attached_neurons(model)) is not None:
         stats.update(summary_labels(attached))
+    tokens = None
+    if token_probes:  # of the model the verdict is of, before --find_register_neurons adds a register
+        if images:
+            splits = folder_splits(Path(images), token_settings, size, mean, std)
+        else:
+            splits = list(scene_splits(seed, token_settings, size, mean, std))
+        tokens = run_token_probes(model, splits, settings=token_settings)
+        stats.update(token_summary_keys(tokens.table, "token_probes/"))
     neurons = None
     if find_register_neurons:
         shared: dict[str, Any] = {"threshold": rule.mode, "threshold_value": rule.value, "num_images": len(batch)}
@@ -165,14 +173,6 @@ def inspect(
         add_test_time_register(model, neurons)
         moved = scan(model, batch, threshold=rule, blocks=blocks, segmentation=segmentation)
         stats["test_time_registers/outlier_frac"] = moved.stats["artifacts/outlier_frac"]
-    tokens = None
-    if token_probes:
-        if images:
-            splits = folder_splits(Path(images), token_settings, size, mean, std)
-        else:
-            splits = list(scene_splits(seed, token_settings, size, mean, std))
-        tokens = run_token_probes(model, splits, settings=token_settings)
-        stats.update(token_summary_keys(tokens.table, "token_probes/"))
     pictures = unnormalize(batch, mean, std)
     write_folder_atomic(
         out, lambda folder: write_outputs(folder, result, pictures, stats, neurons, segmentation, tokens)
