@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch.utils.hooks import RemovableHandle
 
 from regablate.models import build_backbone
 
@@ -69,7 +70,9 @@ def plant_artifacts(
     return model
 
 
-def copy_global_feature(model: VisionTransformer, block: int = 1, positions: tuple[int, ...] = CORNERS):
+def copy_global_feature(
+    model: VisionTransformer, block: int = 1, positions: tuple[int, ...] = CORNERS
+) -> RemovableHandle:
     """From block ``block`` on, the planted positions hold the image's mean patch token, not their own.
 
     A forward hook (so it does not survive saving): after ``block``, each planted token is replaced by

@@ -210,7 +210,7 @@ def split_kinds(split: TokenSplit, layout: TokenLayout, outliers: Tensor) -> dic
 @contextmanager
 def one_thread() -> Iterator[None]:
     """Run the heads on one intra-op thread: a step of a linear head on a few hundred tokens is too small to
-    share, and on a loaded machine the threads' hand-offs cost 50x the step (10.3 s against 0.18 s for 300
+    share, and on a loaded machine the threads' hand-offs cost nearly 60x the step (10.3 s against 0.18 s for 300
     steps of a 32 -> 64 head on 15360 tokens, measured here on 2 busy cores, 2026-12-05)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
