@@ -156,3 +156,5 @@ def test_probe_runs_the_token_probe_alone_and_the_report_shows_its_table(tmp_pat
     section = report_section(tmp_path / "grid", ["r0_s0", "r2_s0"])
     assert "### r2_s0: token probes at block 3 (32 train, 16 test images)" in section
     assert "| register_2 | 32/16 | - | - |" in section and "| outlier | 128/64 |" in section
+    kinds = [line.split(" | ")[0].removeprefix("| ") for line in section.splitlines()[-5:]]
+    assert kinds == ["cls", "register_1", "register_2", "normal", "outlier"], "in the table's order, not by name"

@@ -369,7 +369,8 @@ def table_rows(table: dict[str, Any]) -> list[list[str]]:
     scored = table["scored_on"]
     header = ["kind", f"tokens train/{scored}", "position top-1", "pixel error", "class top-1"]
     rows = [header]
-    for kind, cells in table["kinds"].items():
+    for kind in sorted(table["kinds"], key=_kind_order):  # token_probes.json keeps its keys sorted by name
+        cells = table["kinds"][kind]
         row = [kind, f"{cells['tokens']['train']}/{cells['tokens']['test']}"]
         for name in PROBE_NAMES:
             cell = cells[name]
@@ -381,6 +382,13 @@ def table_rows(table: dict[str, Any]) -> list[list[str]]:
                 row.append(f"{cell['value']:.3f}")
         rows.append(row)
     return rows
+
+
+def _kind_order(kind: str) -> tuple[int, int]:
+    """Table order: the class token, the registers by number, a test-time register, normal, outlier patches."""
+    if kind.startswith("register_"):
+        return 1, int(kind.removeprefix("register_"))
+    return ["cls", "", "test_time_register", "normal", "outlier"].index(kind), 0
 
 
 def text_table(table: dict[str, Any]) -> list[str]:
