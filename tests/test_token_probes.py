@@ -47,6 +47,7 @@ def test_planted_tokens_that_copy_a_global_feature_classify_better_and_localise_
     normal, outlier = kinds["normal"], kinds["outlier"]
     assert outlier["tokens"] == {"train": 96 * len(CORNERS), "test": 64 * len(CORNERS)}
     assert normal["tokens"] == {"train": 96 * (64 - len(CORNERS)), "test": 64 * (64 - len(CORNERS))}
+    assert outlier["class"]["tokens"] == outlier["tokens"] and normal["pixels"]["tokens"] == normal["tokens"]
     assert outlier["class"]["value"] > normal["class"]["value"] + 0.05  # global information (Table 1)
     assert lift(outlier["position"]) < lift(normal["position"]) - 0.05  # little local information (Fig. 5b)
     assert abs(lift(outlier["position"])) < 0.05 and outlier["position"]["chance"] == pytest.approx(1 / len(CORNERS))
@@ -62,6 +63,13 @@ def test_planted_outliers_that_keep_their_own_content_still_localise():
     model = plant_artifacts(tiny_vit(), onset=1)
     kinds = run_token_probes(model, scenes(), settings=SMALL).table["kinds"]
     assert lift(kinds["outlier"]["position"]) > 0.1  # the copy above leaves it near 0
+
+
+def test_a_kind_with_more_tokens_than_max_tokens_trains_on_a_draw_and_says_so():
+    settings = TokenProbes(train_images=8, test_images=8, steps=5, max_tokens=100)
+    normal = run_token_probes(tiny_vit(), scenes(settings), settings=settings).table["kinds"]["normal"]
+    assert normal["tokens"] == {"train": 8 * 64, "test": 8 * 64}
+    assert normal["position"]["tokens"] == normal["class"]["tokens"] == {"train": 100, "test": 8 * 64}
 
 
 def test_an_empty_kind_and_unlabelled_images_give_no_number_only_why():

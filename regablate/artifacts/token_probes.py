@@ -268,13 +268,15 @@ def _draw(kind: KindTokens, limit: int, seed: int) -> KindTokens:
 def probe_kind(
     train: KindTokens, test: KindTokens, num_patches: int, num_classes: int | None, settings: TokenProbes
 ) -> dict[str, Any]:
-    """The three probes of one kind: each a cell with its value, its token counts and, where it has no
-    value, why."""
+    """The three probes of one kind: ``tokens`` (all of the kind's tokens per split), then each probe's cell:
+    its value with the tokens it was trained and scored on (at most ``max_tokens`` of them trained on), or
+    no value and why."""
     counts = {"train": len(train.features), "test": len(test.features)}
     cells: dict[str, Any] = {"tokens": counts}
     empty = [split for split, count in counts.items() if count == 0]
     why_empty = f"no tokens of this kind in the {' and '.join(empty)} images" if empty else None
     train = _draw(train, settings.max_tokens, settings.seed)
+    used = {"train": len(train.features), "test": counts["test"]}  # what each number comes from (after the draw)
     mean, std = _standardiser(train.features) if counts["train"] else (0.0, 1.0)
     x_train, x_test = (train.features - mean) / std, (test.features - mean) / std
     for name in PROBE_NAMES:
@@ -286,7 +288,8 @@ def probe_kind(
             cells[name] = {"value": None, "why": why_empty}
         elif name == "pixels":
             assert train.pixels is not None and test.pixels is not None
-            cells[name] = {"value": _pixel_error(x_train, train.pixels, x_test, test.pixels, settings.ridge)}
+            error = _pixel_error(x_train, train.pixels, x_test, test.pixels, settings.ridge)
+            cells[name] = {"value": error, "tokens": used}
         else:
             targets, test_targets, classes = (
                 (train.positions, test.positions, num_patches)
@@ -295,7 +298,7 @@ def probe_kind(
             )
             assert targets is not None and test_targets is not None and classes is not None
             top1, chance = _top1(x_train, targets.long(), x_test, test_targets.long(), classes, settings)
-            cells[name] = {"value": top1, "chance": chance}
+            cells[name] = {"value": top1, "chance": chance, "tokens": used}
     return cells
 
 
