@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from regablate.artifacts.register_neurons import NeuronSearch, add_test_time_register, find_register_neurons
 from regablate.artifacts.token_probes import (
     NOT_A_PATCH,
     TokenProbes,
@@ -63,6 +64,17 @@ def test_planted_outliers_that_keep_their_own_content_still_localise():
     model = plant_artifacts(tiny_vit(), onset=1)
     kinds = run_token_probes(model, scenes(), settings=SMALL).table["kinds"]
     assert lift(kinds["outlier"]["position"]) > 0.1  # the copy above leaves it near 0
+
+
+def test_a_test_time_register_is_a_kind_of_its_own_and_takes_the_outliers():
+    model = plant_artifacts(tiny_vit(), onset=1)
+    images = scenes(SMALL)[0][0][:8]
+    add_test_time_register(model, find_register_neurons(model, images, NeuronSearch(top_k=1), model_name="planted"))
+    kinds = run_token_probes(model, scenes(), settings=SMALL).table["kinds"]
+    assert list(kinds) == ["cls", "register_1", "register_2", "test_time_register", "normal", "outlier"]
+    assert kinds["test_time_register"]["position"] == {"value": None, "why": NOT_A_PATCH}
+    assert kinds["test_time_register"]["class"]["value"] is not None
+    assert kinds["outlier"]["tokens"] == {"train": 0, "test": 0}, "the register holds what the outliers held"
 
 
 def test_a_kind_with_more_tokens_than_max_tokens_trains_on_a_draw_and_says_so():
