@@ -11,16 +11,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from regablate.artifacts.register_neurons import NeuronSearch, add_test_time_register, find_register_neurons
-from regablate.artifacts.token_probes import (
-    NOT_A_PATCH,
-    TokenProbes,
-    folder_splits,
-    report_section,
-    run_token_probes,
-    scene_splits,
-    summary_keys,
-    text_table,
-)
+from regablate.artifacts.token_probes import TokenProbes, folder_splits, run_token_probes, scene_splits
+from regablate.artifacts.token_tables import NOT_A_PATCH, report_section, summary_keys, text_table
 from regablate.cli import main
 from regablate.data.synthetic import IMAGENET_MEAN, IMAGENET_STD
 from tests.planted import CORNERS, MODEL, SIZES, copy_global_feature, plant_artifacts, tiny_vit

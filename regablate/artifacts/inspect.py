@@ -49,15 +49,14 @@ from regablate.artifacts.register_neurons import find_register_neurons as find_n
 from regablate.artifacts.scan import ArtifactScan, scan
 from regablate.artifacts.stats import Threshold
 from regablate.artifacts.token_probes import (
-    TOKEN_PROBES_FILE,
     TokenProbeResult,
     TokenProbes,
     folder_splits,
     run_token_probes,
     scene_splits,
-    text_table,
 )
-from regablate.artifacts.token_probes import summary_keys as token_summary_keys
+from regablate.artifacts.token_tables import TOKEN_PROBES_FILE, text_table
+from regablate.artifacts.token_tables import summary_keys as token_summary_keys
 from regablate.artifacts.verdict import decide, summary_lines
 from regablate.commands import (
     BACKBONE_ARGUMENTS,

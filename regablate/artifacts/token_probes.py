@@ -23,14 +23,12 @@ the pixel probe is a ridge regression solved in closed form.
 
 ``regablate inspect --token_probes true`` and the ``token`` probe of ``regablate probe`` run them
 (:class:`TokenProbes` holds the settings of both: ``--token_probe.*``) and write ``token_probes.json``;
-``regablate report`` shows the table of every run folder that holds one.
+``regablate.artifacts.token_tables`` shows it (printed, in ``regablate report``, as summary keys).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -40,12 +38,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from regablate.artifacts.stats import Threshold, token_norms
+from regablate.artifacts.token_tables import NOT_A_PATCH, OUTLIER_MAP_FILE, PROBE_NAMES, TOKEN_PROBES_FILE, outlier_map
 from regablate.data.common import num_samples
 from regablate.data.images import image_files, load_images
 from regablate.data.synthetic import SyntheticScenesDataset
@@ -56,18 +54,12 @@ from regablate.probe.heads import Schedule, train_head
 from regablate.progress import Progress
 from regablate.runs import atomic_path, write_json_atomic
 
-TOKEN_PROBES_FILE = "token_probes.json"
-OUTLIER_MAP_FILE = "outlier_map.png"
-PROBE_NAMES = ("position", "pixels", "class")
-# The kinds whose numbers also go into summary.json / stats.json (registers stay in token_probes.json).
-SUMMARY_KINDS = ("cls", "normal", "outlier")
 DESCRIPTIONS = {
     "position": "linear classifier of the patch index, top-1 on the scored images",
     "pixels": "ridge regression of the patch's normalised input pixels; "
     "error sum|x_hat - x|^2 / sum|x - train mean|^2 on the scored images (0 exact, 1 the mean patch)",
     "class": "linear classifier of the image's label from the single token, top-1 on the scored images",
 }
-NOT_A_PATCH = "not a patch: no position or pixels of its own"
 EXTRACT_BATCH = 64
 
 
@@ -356,80 +348,6 @@ def probe_tokens(
     return TokenProbeResult(table, outliers.float().mean(dim=0).reshape(train.grid))
 
 
-def summary_keys(table: dict[str, Any], prefix: str) -> dict[str, float | int]:
-    """Flat numbers of the class token, normal and outlier patches (``<prefix><kind>_<probe>``), and the block."""
-    keys: dict[str, float | int] = {f"{prefix}block": table["block"]}
-    for kind in SUMMARY_KINDS:
-        for name in PROBE_NAMES:
-            value = table["kinds"].get(kind, {}).get(name, {}).get("value")
-            if value is not None:
-                keys[f"{prefix}{kind}_{name}"] = value
-    return keys
-
-
-def table_rows(table: dict[str, Any]) -> list[list[str]]:
-    """The table's header and one row per kind: token counts, then each probe's value (chance), or ``-``."""
-    scored = table["scored_on"]
-    header = ["kind", f"tokens train/{scored}", "position top-1", "pixel error", "class top-1"]
-    rows = [header]
-    for kind in sorted(table["kinds"], key=_kind_order):  # token_probes.json keeps its keys sorted by name
-        cells = table["kinds"][kind]
-        row = [kind, f"{cells['tokens']['train']}/{cells['tokens']['test']}"]
-        for name in PROBE_NAMES:
-            cell = cells[name]
-            if cell["value"] is None:
-                row.append("-" if cell["why"] == NOT_A_PATCH else "none")
-            elif "chance" in cell:
-                row.append(f"{cell['value']:.3f} (chance {cell['chance']:.2f})")
-            else:
-                row.append(f"{cell['value']:.3f}")
-        rows.append(row)
-    return rows
-
-
-def _kind_order(kind: str) -> tuple[int, int]:
-    """Table order: the class token, the registers by number, a test-time register, normal, outlier patches."""
-    if kind.startswith("register_"):
-        return 1, int(kind.removeprefix("register_"))
-    return ["cls", "", "test_time_register", "normal", "outlier"].index(kind), 0
-
-
-def text_table(table: dict[str, Any]) -> list[str]:
-    """The table as printed lines (``regablate inspect`` and ``regablate probe``)."""
-    rows = table_rows(table)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        f"token probes     : block {table['block']}, trained on {table['images']['train']} images, "
-        f"scored on {table['images'][table['scored_on']]} ({TOKEN_PROBES_FILE}; - : not a patch, "
-        "none : no tokens or labels)"
-    ]
-    lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    return lines
-
-
-def markdown_table(table: dict[str, Any]) -> list[str]:
-    """The table in markdown (``regablate report``'s results.md)."""
-    rows = table_rows(table)
-    return [
-        "| " + " | ".join(rows[0]) + " |",
-        "|---|" + "---:|" * (len(rows[0]) - 1),
-        *("| " + " | ".join(row) + " |" for row in rows[1:]),
-    ]
-
-
-def outlier_map(frequency: Tensor, block: int, num_images: int) -> Figure:
-    """The paper's Fig. 10: how often each patch position holds an outlier token, over the probed images."""
-    figure = Figure(figsize=(4.2, 3.6), dpi=100)
-    axes = figure.subplots()
-    shown = axes.imshow(frequency.numpy(), cmap="inferno", vmin=0.0, vmax=max(float(frequency.max()), 1e-6))
-    axes.set_title(f"block {block}: outlier tokens per patch position\n({num_images} images)", fontsize="medium")
-    axes.set_xlabel("patch column")
-    axes.set_ylabel("patch row")
-    figure.colorbar(shown, ax=axes, label="share of images")
-    figure.tight_layout()
-    return figure
-
-
 # Images with labels: the two splits the probes train and score on.
 
 
@@ -517,37 +435,3 @@ def run_token_probes(
     result = probe_tokens(model, train, test, block=block, settings=settings, scored_on=scored_on)
     result.table["seconds_tokens"] = round(seconds_tokens, 3)
     return result
-
-
-def report_section(experiment: Path, runs: Sequence[str]) -> str:
-    """results.md's token-probe tables: one per run folder of ``experiment`` holding a ``token_probes.json``."""
-    lines: list[str] = []
-    for run in runs:
-        path = experiment / run / TOKEN_PROBES_FILE
-        if not path.is_file():
-            continue
-        try:
-            table = json.loads(path.read_text())
-            rows = markdown_table(table)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            print(f"report: skipped {path}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-            continue
-        images = table["images"]
-        lines += [
-            "",
-            f"### {run}: token probes at block {table['block']} "
-            f"({images['train']} train, {images[table['scored_on']]} {table['scored_on']} images)",
-            "",
-            *rows,
-        ]
-    if not lines:
-        return ""
-    header = [
-        "",
-        "## Token probes",
-        "",
-        "What each kind of token holds (`regablate probe --probe.probes [..., token]`): linear probes of the patch "
-        "position, the patch's pixels (normalised L2 error, 0 exact, 1 the mean patch) and the image class, each "
-        "trained on one kind's tokens and scored on held-out images; `-`: not a patch, `none`: no tokens or labels.",
-    ]
-    return "\n".join(header + lines) + "\n"

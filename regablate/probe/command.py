@@ -52,8 +52,9 @@ from regablate.artifacts.register_neurons import (
 )
 from regablate.artifacts.scan import scan
 from regablate.artifacts.stats import Threshold
-from regablate.artifacts.token_probes import TokenProbes, probe_dataset_tokens, text_table
-from regablate.artifacts.token_probes import summary_keys as token_summary_keys
+from regablate.artifacts.token_probes import TokenProbes, probe_dataset_tokens
+from regablate.artifacts.token_tables import summary_keys as token_summary_keys
+from regablate.artifacts.token_tables import text_table
 from regablate.commands import Renamed, add_backbone_arguments, backbone_source, modernise, tool_parser
 from regablate.data.common import num_samples
 from regablate.errors import RegablateError

@@ -25,7 +25,7 @@ from pathlib import Path
 from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt
 
-from regablate.artifacts.token_probes import report_section as token_report_section
+from regablate.artifacts.token_tables import report_section as token_report_section
 from regablate.commands import Renamed, function_arguments, modernise, tool_parser
 from regablate.report.figure import attention_rows, draw_figure8
 from regablate.report.paper import paper_overlays
