@@ -65,7 +65,7 @@ EXTRACT_BATCH = 64
 
 @dataclass(frozen=True)
 class TokenProbes:
-    """Settings of the token probes (``--token_probe.*`` in ``regablate inspect`` and ``regablate probe``).
+    """How the token probes run: the block, the images, the heads (the same flags in inspect and probe).
 
     Args:
         block: the block whose output tokens are probed (negative counts from the end; -1: the last, what the
