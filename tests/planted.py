@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch.utils.hooks import RemovableHandle
 
 from regablate.models import build_backbone
 
@@ -67,3 +68,26 @@ def plant_artifacts(
         pool.q.bias.copy_(direction)
         pool.kv.weight[:dim, CHANNEL] = direction
     return model
+
+
+def copy_global_feature(
+    model: VisionTransformer, block: int = 1, positions: tuple[int, ...] = CORNERS
+) -> RemovableHandle:
+    """From block ``block`` on, the planted positions hold the image's mean patch token, not their own.
+
+    A forward hook (so it does not survive saving): after ``block``, each planted token is replaced by
+    the mean of the image's patch tokens, keeping its own ``CHANNEL`` (the planted high norm). The
+    planted tokens then carry global information and lose their position and pixels, as the paper's
+    outlier tokens do (Sec. 2.1). Returns the hook's handle.
+    """
+    start = model.num_prefix_tokens
+    planted = [start + p for p in positions]
+
+    def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        copied = output[:, start:].mean(dim=1, keepdim=True).expand(-1, len(planted), -1).clone()
+        copied[..., CHANNEL] = output[:, planted, CHANNEL]
+        output = output.clone()
+        output[:, planted] = copied
+        return output
+
+    return model.blocks[block].register_forward_hook(hook)

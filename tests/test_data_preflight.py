@@ -194,6 +194,29 @@ def test_a_dinov2_probe_on_more_blocks_than_the_model_has_is_refused_before_the_
     assert "  probe_cls: ok: SyntheticScenes" in capsys.readouterr().out
 
 
+def test_a_token_probe_below_the_models_blocks_is_refused_before_the_fit(tmp_path, capsys):
+    """tiny.yaml's ViT has 2 blocks."""
+    path = tmp_path / "tokens.yaml"
+    path.write_text(
+        f"""grid:
+  name: tokens
+  base: {REPO / "tests" / "configs" / "tiny.yaml"}
+  axes: {{model.init_args.num_registers: [0], seed_everything: [0]}}
+  stages:
+    - {{name: fit, command: fit}}
+    - {{name: probe, command: probe, args: {{--probe.probes: [token], --token_probe.block: 2}}}}
+"""
+    )
+    assert sweep(tmp_path, path) == 2
+    assert "  probe: ERROR: --token_probe.block 2 is outside the run's model's 2 blocks; give -2..1" in (
+        capsys.readouterr().out
+    )
+    assert not (tmp_path / "runs").exists()
+    path.write_text(path.read_text().replace("block: 2}", "block: -2}"))
+    regablate_main(["sweep", str(path), "--output", str(tmp_path / "runs"), "--dry_run", "true"])
+    assert "  probe: ok: SyntheticScenes" in capsys.readouterr().out
+
+
 def test_the_depth_of_a_timm_model_without_model_kwargs_comes_from_timm():
     from regablate.sweep.preflight import model_depth
 

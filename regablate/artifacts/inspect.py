@@ -20,6 +20,9 @@ Test-time registers (``regablate.artifacts.register_neurons``): ``--find_registe
 also finds the MLP units that write the outliers, on the same images, writes them to
 ``register_neurons.json`` and prints them with the outlier fraction that one test-time register
 holding them leaves; ``--test_time_registers FILE`` inspects the model with such a register added.
+
+``--token_probes true`` adds the token probes (``regablate.artifacts.token_probes``, ``--token_probe.*``):
+``token_probes.json``, their table under the verdict, and ``outlier_map.png`` at the probed block.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from regablate.artifacts import settings
-from regablate.artifacts.settings import NeuronSearch
+from regablate.artifacts.settings import NeuronSearch, TokenProbes
 from regablate.commands import (
     BACKBONE_ARGUMENTS,
     BackboneSource,
@@ -48,6 +51,7 @@ from regablate.errors import RegablateError
 RENAMED = (Renamed("--out", "--output"),)
 # Neuron-search settings that inspect takes from its own flags.
 SHARED_WITH_SEARCH = {"threshold", "threshold_value", "num_images"}
+SHARED_WITH_TOKEN_PROBES = {"threshold", "threshold_value"}
 
 
 def inspect(
@@ -63,6 +67,8 @@ def inspect(
     output: str | None = None,
     find_register_neurons: bool = False,
     register_neurons: NeuronSearch | None = None,
+    token_probes: bool = False,
+    token_probe: TokenProbes | None = None,
     test_time_registers: str | None = None,
 ) -> dict[str, Any]:
     """Does a ViT have artifacts? Writes norm histograms, attention maps and stats.json, prints a verdict.
@@ -81,6 +87,8 @@ def inspect(
         find_register_neurons: find register neurons, write register_neurons.json.
         register_neurons: how register neurons are found.
         test_time_registers: inspect with a test-time register (a register_neurons.json).
+        token_probes: probe what each kind of token holds (position, pixels, class), write token_probes.json.
+        token_probe: the token probes' settings.
     """
     if masks is not None and images is None:
         raise RegablateError("--masks needs --images: synthetic scenes bring their own masks")
@@ -101,6 +109,9 @@ def inspect(
     from regablate.artifacts.register_neurons import find_register_neurons as find_neurons  # the flag has its name
     from regablate.artifacts.scan import scan
     from regablate.artifacts.stats import Threshold
+    from regablate.artifacts.token_probes import folder_splits, run_token_probes, scene_splits
+    from regablate.artifacts.token_tables import TOKEN_PROBES_FILE, text_table
+    from regablate.artifacts.token_tables import summary_keys as token_summary_keys
     from regablate.artifacts.verdict import decide, summary_lines
     from regablate.data.images import fit_masks, image_files, load_images, read_masks, synthetic_images
     from regablate.models.layout import num_registers_of
@@ -113,6 +124,9 @@ def inspect(
     object_masks = read_masks(Path(masks), Path(images), files) if masks is not None and images else None
     resolved = resolve_backbone(source or BackboneSource(), run)
     model = resolved.model
+    token_settings = replace(token_probe or TokenProbes(), threshold=rule.mode, threshold_value=rule.value)
+    if token_probes:
+        token_settings.block_of(model)  # a block outside the model fails before any image is read
     if test_time_registers is not None:
         add_test_time_register(model, test_time_registers)
     out = Path(output) if output else Path("runs") / "inspect" / resolved.name
@@ -140,6 +154,14 @@ def inspect(
     stats["verdict"] = judged.to_json()
     if (attached := attached_neurons(model)) is not None:
         stats.update(summary_labels(attached))
+    tokens = None
+    if token_probes:  # of the model the verdict is of, before --find_register_neurons adds a register
+        if images:
+            splits = folder_splits(Path(images), token_settings, size, mean, std)
+        else:
+            splits = list(scene_splits(seed, token_settings, size, mean, std))
+        tokens = run_token_probes(model, splits, settings=token_settings)
+        stats.update(token_summary_keys(tokens.table, "token_probes/"))
     neurons = None
     if find_register_neurons:
         shared: dict[str, Any] = {"threshold": rule.mode, "threshold_value": rule.value, "num_images": len(batch)}
@@ -149,8 +171,12 @@ def inspect(
         moved = scan(model, batch, threshold=rule, blocks=blocks, segmentation=segmentation)
         stats["test_time_registers/outlier_frac"] = moved.stats["artifacts/outlier_frac"]
     pictures = unnormalize(batch, mean, std)
-    write_folder_atomic(out, lambda folder: write_outputs(folder, result, pictures, stats, neurons, segmentation))
+    write_folder_atomic(
+        out, lambda folder: write_outputs(folder, result, pictures, stats, neurons, segmentation, tokens)
+    )
     print("\n".join(summary_lines(result.stats, judged, rule, len(model.blocks))))
+    if tokens is not None:
+        print("\n".join(text_table(tokens.table)))
     if neurons is not None:
         print("\n".join(neuron_lines(neurons, stats["test_time_registers/outlier_frac"])))
     written = ", ".join(
@@ -161,6 +187,7 @@ def inspect(
             "outlier_positions.png",
             "outliers.png",
             "norms/",
+            *([TOKEN_PROBES_FILE, "outlier_map.png"] if tokens else []),
         ]
     )
     print(f"wrote {out}/: {written}")
@@ -172,8 +199,9 @@ def build_parser() -> ArgumentParser:
         "inspect", "Does a ViT have artifacts? Writes norm histograms, attention maps and stats.json, prints a verdict."
     )
     add_backbone_arguments(parser)
-    parser.add_function_arguments(inspect, skip={"run", "source", "register_neurons"})
+    parser.add_function_arguments(inspect, skip={"run", "source", "register_neurons", "token_probe"})
     parser.add_class_arguments(NeuronSearch, "register_neurons", skip=SHARED_WITH_SEARCH)
+    parser.add_class_arguments(TokenProbes, "token_probe", skip=SHARED_WITH_TOKEN_PROBES)
     return parser
 
 
@@ -185,9 +213,10 @@ def parse(argv: list[str]) -> Namespace:
 def main(argv: list[str]) -> None:
     """Run ``regablate inspect`` with ``argv`` (the arguments after ``inspect``)."""
     cfg = parse(argv)
-    options = function_arguments(cfg, skip=(*BACKBONE_ARGUMENTS, "register_neurons"))
+    options = function_arguments(cfg, skip=(*BACKBONE_ARGUMENTS, "register_neurons", "token_probe"))
     search = NeuronSearch(**function_arguments(cfg.register_neurons))
-    inspect(cfg.run, backbone_source(cfg), register_neurons=search, **options)
+    tokens = TokenProbes(**function_arguments(cfg.token_probe))
+    inspect(cfg.run, backbone_source(cfg), register_neurons=search, token_probe=tokens, **options)
 
 
 def check_output_folder(out: Path) -> None:

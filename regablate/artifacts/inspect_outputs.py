@@ -11,6 +11,7 @@ from torchvision.utils import save_image
 from regablate.artifacts.pictures import attention_grid, norm_histogram, outlier_grid, position_grid
 from regablate.artifacts.register_neurons import NEURONS_FILE, RegisterNeurons
 from regablate.artifacts.scan import ArtifactScan
+from regablate.artifacts.token_probes import TokenProbeResult
 from regablate.runs import write_json_atomic
 
 
@@ -21,10 +22,13 @@ def write_outputs(
     stats: dict[str, Any],
     neurons: RegisterNeurons | None = None,
     segmentation: Tensor | None = None,
+    tokens: TokenProbeResult | None = None,
 ) -> None:
     write_json_atomic(folder / "stats.json", stats)
     if neurons is not None:
         neurons.save(folder / NEURONS_FILE)
+    if tokens is not None:
+        tokens.save(folder)
     save_image(attention_grid(images, result.attention_maps), folder / "attention.png")
     save_image(position_grid(result.outlier_positions), folder / "outlier_positions.png")
     save_image(outlier_grid(images, result.outliers, result.grid, segmentation), folder / "outliers.png")

@@ -1,4 +1,4 @@
-"""Settings of the artifact measures that command lines take: the outlier rule and the register-neuron search.
+"""Settings of the artifact measures that command lines take: the outlier rule, the register-neuron search, the token probes.
 
 Kept apart from the measures (``regablate.artifacts.stats``, ``regablate.artifacts.register_neurons``)
 so that ``regablate inspect`` builds its parser, and refuses a bad rule, without importing torch.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from regablate.errors import RegablateError
 
@@ -62,3 +63,60 @@ class NeuronSearch:
         outlier = block_index(self.outlier_block, depth)
         deepest = outlier if self.max_block is None else block_index(self.max_block, depth)
         return outlier, deepest
+
+
+@dataclass(frozen=True)
+class TokenProbes:
+    """How the token probes run: the block, the images, the heads (the same flags in inspect and probe).
+
+    Args:
+        block: the block whose output tokens are probed (negative counts from the end; -1: the last, what the
+            model outputs, as the paper's probes read).
+        train_images: images the probes train on.
+        test_images: images they are scored on.
+        steps: steps of each top-1 probe (AdamW, cosine).
+        lr: AdamW learning rate of the top-1 probes (on standardised tokens).
+        batch_size: tokens per step of the top-1 probes.
+        ridge: L2 penalty of the pixel probe, per training token (the tokens are standardised).
+        max_tokens: most training tokens of one kind (a seeded draw above it).
+        threshold: outlier rule: relative | absolute | percentile (inspect: its own --threshold).
+        threshold_value: the rule's number (default 4 / 150 / 98).
+        seed: seed of the heads, their mini-batches and the token draw.
+    """
+
+    block: int = -1
+    train_images: int = 256
+    test_images: int = 128
+    steps: int = 300
+    lr: float = 1e-2
+    batch_size: int = 256
+    ridge: float = 1e-3
+    max_tokens: int = 32768
+    threshold: str = "relative"
+    threshold_value: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        threshold_value(self.threshold, self.threshold_value)  # a bad threshold fails here, in one line
+        for name in ("train_images", "test_images", "steps", "batch_size", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise RegablateError(f"--token_probe.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "ridge"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise RegablateError(f"--token_probe.{name} must be a positive number, got {value}")
+
+    def rule(self) -> Any:  # a Threshold (its module imports torch; parsing must not)
+        """Which patch tokens are outliers."""
+        from regablate.artifacts.stats import Threshold  # torch: not needed to parse
+
+        return Threshold(self.threshold, self.threshold_value)
+
+    def block_of(self, model: Any) -> int:
+        """The probed block's index in ``0..depth-1``; a block outside the model is one line."""
+        depth = len(model.blocks)
+        if not -depth <= self.block < depth:
+            raise RegablateError(
+                f"--token_probe.block {self.block} is outside the model's {depth} blocks (give {-depth}..{depth - 1})"
+            )
+        return self.block % depth

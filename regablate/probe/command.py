@@ -24,6 +24,10 @@ rank extracts its share of every split (one process per device, the command line
 rank) and rank 0 trains the heads. Everything that can fail on bad input (arguments, devices,
 the model, the data's first samples, free disk space) is checked before any process starts.
 Nothing is written to the output folder until the probe has its results.
+
+``--probe.probes`` may add ``token``: the token probes (``regablate.artifacts.token_probes``, settings
+``--token_probe.*``) on the first train and scored images, run on rank 0 after the other probes, into
+``token_probes.json`` and ``outlier_map.png``, their headline numbers into ``summary.json``.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ from regablate.artifacts.register_neurons import (
 )
 from regablate.artifacts.scan import scan
 from regablate.artifacts.stats import Threshold
+from regablate.artifacts.token_probes import TokenProbes, probe_dataset_tokens
+from regablate.artifacts.token_tables import summary_keys as token_summary_keys
+from regablate.artifacts.token_tables import text_table
 from regablate.commands import Renamed, add_backbone_arguments, backbone_source, modernise, tool_parser
 from regablate.data.common import num_samples
 from regablate.errors import RegablateError
@@ -55,7 +62,7 @@ from regablate.models.resolve import ResolvedBackbone, resolve_backbone, run_fol
 from regablate.probe.device import ProbeDevice
 from regablate.probe.features import ViTExtractor
 from regablate.probe.plan import frozen_dataset, plan_probe
-from regablate.probe.protocol import LinearProbe
+from regablate.probe.protocol import TOKEN_PROBE, LinearProbe
 from regablate.probe.run import check_protocol_devices, feature_store, run_probe
 from regablate.runs import RunRecord
 
@@ -98,6 +105,7 @@ def build_parser() -> ArgumentParser:
     parser.add_subclass_arguments(LightningDataModule, "data", required=False)
     parser.set_defaults(data=DEFAULT_DATA)
     parser.add_class_arguments(LinearProbe, "probe")
+    parser.add_class_arguments(TokenProbes, "token_probe")
     return parser
 
 
@@ -206,6 +214,9 @@ def main(argv: list[str]) -> None:
         resolved = resolve_backbone(backbone_source(cfg), cfg.run, getattr(datamodule, "img_size", None))
     model, source = resolved.model, resolved.description
     _check_sizes(model, datamodule)
+    tokens = init.token_probe if TOKEN_PROBE in probe.probes else None
+    if tokens is not None:
+        tokens.block_of(model)  # a block outside the model fails before anything is extracted
     output_dir = _output_dir(cfg, resolved)
     extractor = ViTExtractor(model)
     data_config = cfg.data.as_dict()
@@ -214,6 +225,11 @@ def main(argv: list[str]) -> None:
     if cfg.dry_run:
         print(f"probe plan of {resolved.name} (r{num_registers_of(model)}) into {output_dir}; nothing is extracted")
         print(plan.describe(where, cache_known=cfg.test_time_registers is None))
+        if tokens is not None:
+            print(
+                f"token probes: {tokens.train_images} train and {tokens.test_images} {plan.scored_on} images, "
+                f"block {tokens.block_of(model)}, read by the backbone, not stored"
+            )
         return
     plan.check_disk_space()
     where.launch()  # from here on, every rank runs
@@ -224,30 +240,61 @@ def main(argv: list[str]) -> None:
         if cfg.test_time_registers is not None:
             neurons, labels = _add_test_time_register(cfg, model, datamodule, source, where)
             summary.update(labels)
-        report = run_probe(
-            extractor,
-            datamodule,
-            probe,
-            output_dir=output_dir,
-            patch_size=tuple(model.patch_embed.patch_size),
-            data_config=data_config,
-            use_cache=cfg.cache,
-            source=source,
-            where=where,
-            plan=plan,
-            summary=summary,
-            dataset=cfg.dataset,
-        )
-    if report is None:  # another rank than 0: its share is extracted
+        report = None
+        if any(name != TOKEN_PROBE for name in probe.probes):
+            report = run_probe(
+                extractor,
+                datamodule,
+                probe,
+                output_dir=output_dir,
+                patch_size=tuple(model.patch_embed.patch_size),
+                data_config=data_config,
+                use_cache=cfg.cache,
+                source=source,
+                where=where,
+                plan=plan,
+                summary=summary,
+                dataset=cfg.dataset,
+            )
+        if tokens is not None and where.is_main:
+            _token_probes(model, datamodule, tokens, plan.scored_on, where, output_dir, summary)
+    if not where.is_main:  # another rank than 0: its share is extracted
         return
     if neurons is not None:  # a finished row of its own in a grid's report
         neurons.save(output_dir / NEURONS_FILE)
         RunRecord(output_dir).update({"status": "complete"})
+    if report is None:
+        return
     for name, value in report.metrics.items():
         print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
     for probe_name, reason in report.skipped.items():
         print(f"skipped {probe_name}: {reason}")
     print(f"results: {output_dir / 'summary.json'}, {output_dir / 'probe.json'}")
+
+
+def _token_probes(
+    model: VisionTransformer,
+    datamodule: LightningDataModule,
+    settings: TokenProbes,
+    scored_on: str,
+    where: ProbeDevice,
+    output_dir: Path,
+    summary: dict[str, Any],
+) -> None:
+    """The token probe, on rank 0: ``token_probes.json``, ``outlier_map.png`` and its numbers in ``summary.json``."""
+    result = probe_dataset_tokens(
+        model,
+        frozen_dataset(datamodule, "train"),
+        frozen_dataset(datamodule, scored_on),
+        settings=settings,
+        scored_on=scored_on,
+        device=where.device,
+        autocast=where.autocast,
+    )
+    result.save(output_dir)
+    RunRecord(output_dir).update({**summary, **token_summary_keys(result.table, "probe/token_")})
+    print("\n".join(text_table(result.table)))
+    print(f"token probes: {output_dir / 'token_probes.json'}")
 
 
 def _identity(output_dir: Path, resolved: ResolvedBackbone) -> dict[str, Any]:

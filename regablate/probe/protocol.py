@@ -52,6 +52,8 @@ DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 # Feature groups of the classification grid; registers enter neither.
 CLS_FEATURES = ("cls", "cls+mean")
 PROBES = ("cls", "seg", "depth", "lost")
+# Opt-in, run by the probe command on the backbone itself (regablate.artifacts.token_probes), not on cached features.
+TOKEN_PROBE = "token"
 # The targets each probe needs in the data.
 NEEDS = {"cls": "label", "seg": "mask", "depth": "depth", "lost": "box"}
 # The fields each probe reads, by the role of the split: "train" fits its head, "select" picks the
@@ -104,7 +106,7 @@ class LinearProbe:
             are computed each step (an unbiased estimate of the loss on the upsampled map).
         ignore_index: mask value that marks unlabelled pixels (VOC/ADE20k use 255).
         lost_k: LOST's number of lowest-degree patches to expand the seed among.
-        probes: which probes to run (cls, seg, depth, lost).
+        probes: which probes to run (cls, seg, depth, lost; and token, not by default: --token_probe.*).
         seed: seed of head initialisation, mini-batch order and the sampled pixels.
     """
 
@@ -125,9 +127,9 @@ class LinearProbe:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = set(self.probes) - set(PROBES)
+        unknown = set(self.probes) - {*PROBES, TOKEN_PROBE}
         if unknown:
-            raise RegablateError(f"unknown probe(s) {sorted(unknown)}; choose from {', '.join(PROBES)}")
+            raise RegablateError(f"unknown probe(s) {sorted(unknown)}; choose from {', '.join(PROBES)}, {TOKEN_PROBE}")
         if len(self.lrs) < 1 or any(lr <= 0 for lr in self.lrs):
             raise RegablateError(f"lrs must be positive learning rates, got {list(self.lrs)}")
         for name in ("cls_steps", "seg_steps", "depth_steps", "batch_size", "pixels_per_image", "depth_bins", "lost_k"):
@@ -137,7 +139,7 @@ class LinearProbe:
     @property
     def cached_probes(self) -> list[str]:
         """The probes that run here, on cached features: all under ``fast``, LOST only under ``dinov2``."""
-        return [probe for probe in self.probes if self.protocol == "fast" or probe == "lost"]
+        return [probe for probe in self.probes if probe != TOKEN_PROBE and (self.protocol == "fast" or probe == "lost")]
 
     def schedule(self, steps: int) -> Schedule:
         return Schedule(steps=steps, batch_size=self.batch_size, seed=self.seed)

@@ -7,7 +7,8 @@ Writes into the experiment folder (each file atomically):
 
 * ``results.csv``: one row per run folder holding a ``summary.json``, every summary key;
 * ``results.md``: mean ± std over seeds per register count (and per value of any other axis),
-  the best mean of each column in bold;
+  the best mean of each column in bold; then the token-probe table of each run that has one
+  (``regablate.artifacts.token_probes``);
 * ``figure8.png``: top, the last block's CLS attention on the same images for each register
   count (from each count's lowest-seed run, via ``regablate.artifacts.scan``); bottom, classification
   top-1, segmentation mIoU, depth RMSE and outlier fraction against the register count, with
@@ -24,6 +25,7 @@ from pathlib import Path
 from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt
 
+from regablate.artifacts.token_tables import report_section as token_report_section
 from regablate.commands import Renamed, function_arguments, modernise, tool_parser
 from regablate.report.paper import paper_overlays
 from regablate.report.settings import Report
@@ -75,7 +77,8 @@ def write_report(experiment: Path, settings: Report) -> list[Path]:
         experiment / "hparams",
     ]
     write_text_atomic(written[0], results_csv(rows))
-    write_text_atomic(written[1], results_markdown(experiment.name, rows))
+    token_tables = token_report_section(experiment, [row["run"] for row in rows])
+    write_text_atomic(written[1], results_markdown(experiment.name, rows) + token_tables)
     maps = attention_rows(experiment, rows, settings.images, settings.num_images)
     overlays = paper_overlays(rows) if settings.paper else None
     with atomic_path(written[2]) as tmp:

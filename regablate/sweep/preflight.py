@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 import yaml
 
 from regablate.errors import RegablateError
+from regablate.probe.protocol import TOKEN_PROBE
 from regablate.sweep.grid import LIGHTNING_COMMANDS, Grid, Stage
 from regablate.sweep.plan import stage_arguments
 
@@ -58,12 +59,15 @@ def stage_data(stage: Stage, run_data: dict[str, Any] | None) -> dict[str, Any] 
 def model_problem(stage: Stage, run_data: dict[str, Any] | None, depth: int | None) -> str | None:
     """What a probe stage asks of the run's model (``depth`` blocks; None: unknown) that the model lacks, or None.
 
-    DINOv2's classification heads read the last ``cls_n_last_blocks`` blocks: a model with fewer
-    would fail the probe only after the fit, a day into the run.
+    DINOv2's classification heads read the last ``cls_n_last_blocks`` blocks, the token probe its
+    ``--token_probe.block``: a model with fewer would fail the probe only after the fit, a day into the run.
     """
     if stage.command != "probe" or depth is None:
         return None
-    probe = stage_arguments(stage, run_data).probe
+    arguments = stage_arguments(stage, run_data)
+    probe, block = arguments.probe, arguments.token_probe.block
+    if TOKEN_PROBE in probe.probes and not -depth <= block < depth:
+        return f"--token_probe.block {block} is outside the run's model's {depth} blocks; give {-depth}..{depth - 1}"
     if probe.protocol != "dinov2" or "cls" not in probe.probes:
         return None
     wanted = max(probe.dinov2.cls_n_last_blocks)
