@@ -1,4 +1,4 @@
-"""Settings of the artifact measures that command lines take: the outlier rule, the register-neuron search, the token probes.
+"""Settings of the artifact measures that command lines take: outlier rule, register-neuron search, token probes.
 
 Kept apart from the measures (``regablate.artifacts.stats``, ``regablate.artifacts.register_neurons``)
 so that ``regablate inspect`` builds its parser, and refuses a bad rule, without importing torch.

@@ -12,10 +12,11 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
-from torch import Tensor
+if TYPE_CHECKING:  # the report reads tables without torch or matplotlib
+    from matplotlib.figure import Figure
+    from torch import Tensor
 
 TOKEN_PROBES_FILE = "token_probes.json"
 OUTLIER_MAP_FILE = "outlier_map.png"
@@ -88,6 +89,8 @@ def markdown_table(table: dict[str, Any]) -> list[str]:
 
 def outlier_map(frequency: Tensor, block: int, num_images: int) -> Figure:
     """The paper's Fig. 10: how often each patch position holds an outlier token, over the probed images."""
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(4.2, 3.6), dpi=100)
     axes = figure.subplots()
     shown = axes.imshow(frequency.numpy(), cmap="inferno", vmin=0.0, vmax=max(float(frequency.max()), 1e-6))

@@ -50,8 +50,9 @@ from regablate.artifacts.register_neurons import (
     summary_labels,
 )
 from regablate.artifacts.scan import scan
+from regablate.artifacts.settings import TokenProbes
 from regablate.artifacts.stats import Threshold
-from regablate.artifacts.token_probes import TokenProbes, probe_dataset_tokens
+from regablate.artifacts.token_probes import probe_dataset_tokens
 from regablate.artifacts.token_tables import summary_keys as token_summary_keys
 from regablate.artifacts.token_tables import text_table
 from regablate.commands import Renamed, add_backbone_arguments, backbone_source, modernise, tool_parser
@@ -273,7 +274,7 @@ def main(argv: list[str]) -> None:
 
 
 def _token_probes(
-    model: VisionTransformer,
+    model: Backbone,
     datamodule: LightningDataModule,
     settings: TokenProbes,
     scored_on: str,

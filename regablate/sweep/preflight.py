@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, cast
 import yaml
 
 from regablate.errors import RegablateError
-from regablate.probe.protocol import TOKEN_PROBE
 from regablate.sweep.grid import LIGHTNING_COMMANDS, Grid, Stage
 from regablate.sweep.plan import stage_arguments
 
@@ -66,7 +65,7 @@ def model_problem(stage: Stage, run_data: dict[str, Any] | None, depth: int | No
         return None
     arguments = stage_arguments(stage, run_data)
     probe, block = arguments.probe, arguments.token_probe.block
-    if TOKEN_PROBE in probe.probes and not -depth <= block < depth:
+    if "token" in probe.probes and not -depth <= block < depth:
         return f"--token_probe.block {block} is outside the run's model's {depth} blocks; give {-depth}..{depth - 1}"
     if probe.protocol != "dinov2" or "cls" not in probe.probes:
         return None
