@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from regablate.cli import main
 from regablate.errors import RegablateError
 from regablate.models import build_backbone, extract_features
 from regablate.models.interventions import Intervention, intervened, register_statistics
@@ -107,3 +110,39 @@ def test_bad_input_is_refused_in_one_line(images, intervention, registers, messa
     model = build_backbone(TINY_MODEL, registers, **TINY).eval()
     with pytest.raises(RegablateError, match=message), intervened(model, intervention):
         model.forward_features(images)
+
+
+RANDOM_MODEL = ["--model", TINY_MODEL, "--pretrained", "false", "--num_registers", "2", "--img_size", "32"]
+RANDOM_MODEL += ["--patch_size", "4", "--embed_dim", "32", "--depth", "2", "--num_heads", "2"]
+PROBE_DATA = ["--data.img_size", "32", "--data.train_size", "64", "--data.val_size", "32", "--data.test_size", "32"]
+PROBE_FAST = ["--probe.batch_size", "32", "--probe.cls_steps", "20", "--probe.seg_steps", "20"]
+PROBE_FAST += ["--probe.depth_steps", "20"]
+
+
+def test_probe_records_the_intervention_apart_from_the_plain_model(tmp_path):
+    out = tmp_path / "probe"
+    args = ["probe", *RANDOM_MODEL, *PROBE_DATA, *PROBE_FAST, "--output", str(out)]
+    main([*args, "--register_intervention", "mean", "--test_registers", "1", "--intervention_images", "16"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["register_intervention"] == "mean" and summary["test_registers"] == 1
+    probe_json = json.loads((out / "probe.json").read_text())
+    assert probe_json["source"]["register_intervention"] == "mean"
+    intervened_store = probe_json["weights"]
+    main(args)
+    assert json.loads((out / "probe.json").read_text())["weights"] != intervened_store
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--test_registers", "3"], "between 0 and the model's 2 registers"),
+        (["--intervention_from_block", "2", "--register_intervention", "zero"], "intervention_from_block"),
+    ],
+)
+def test_probe_refuses_bad_interventions_before_extracting(tmp_path, capsys, flags, message):
+    out = tmp_path / "probe"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["probe", *RANDOM_MODEL, *PROBE_DATA, "--output", str(out), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and not out.exists()
