@@ -146,3 +146,13 @@ def test_probe_refuses_bad_interventions_before_extracting(tmp_path, capsys, fla
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and not out.exists()
+
+
+def test_the_report_puts_intervened_results_in_their_own_series():
+    from regablate.report.tables import aggregate
+
+    plain = {"run": "r2_s0", "num_registers": 2, "status": "complete", "probe/cls_top1": 0.5}
+    zeroed = {**plain, "run": "r2_s0_zero", "register_intervention": "zero", "intervention_from_block": 0}
+    fewer = {**plain, "run": "r2_s0_k1", "test_registers": 1}
+    table = aggregate([plain, zeroed, fewer])
+    assert len(table) == 3 and "registers zero" in table and "K=1 test registers" in table

@@ -15,7 +15,7 @@ forward pre-hook on each block, so the extraction code runs unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -71,6 +71,18 @@ class Intervention:
             raise RegablateError(
                 f"intervention_from_block must be between 0 and {depth - 1} (the model's blocks), got {self.from_block}"
             )
+
+
+def intervention_label(keys: Mapping[str, Any]) -> str | None:
+    """How a report names results probed with an intervention (from their summary keys); None for the plain model."""
+    parts = []
+    if keys.get("test_registers") is not None:
+        parts.append(f"K={keys['test_registers']} test registers")
+    kind = keys.get("register_intervention")
+    if kind not in (None, "none"):
+        start = keys.get("intervention_from_block") or 0
+        parts.append(f"registers {kind}" + (f" from block {start}" if start else ""))
+    return ", ".join(parts) or None
 
 
 @dataclass(frozen=True)
