@@ -7,7 +7,7 @@ Two knobs, applied for one pass by :func:`intervened`:
   ``num_registers=0`` compute, and ``K = R`` is the untouched model.
 - ``kind`` replaces each kept register, at the input of every block from ``from_block`` on, by
   zeros (``zero``), its mean over a reference set (``mean``), Gaussian noise with that mean and
-  per-channel std (``noise``), or the same register of the next image in the batch (``shuffle``).
+  per-channel std (``noise``), or the same register of the previous image in the batch (``shuffle``).
 
 Token positions come from :class:`~regablate.models.layout.TokenLayout`; the replacement is a
 forward pre-hook on each block, so the extraction code runs unchanged.
