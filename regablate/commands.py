@@ -124,7 +124,7 @@ def parser_message(message: str) -> str:
     message = " ".join(message.split())
     restriction = _RESTRICTION.search(message)
     keys = _KEY.findall(message[: restriction.start()]) if restriction else []
-    if keys:
+    if restriction and keys:
         type_name, value, rule = restriction.groups()
         key = keys[-1]  # the innermost key names the argument
         owner = _SUBCLASS.search(message)

@@ -106,7 +106,7 @@ def inspect(
         )
     # Images and masks are checked before the model is loaded (which can take minutes).
     files = image_files(Path(images), num_images) if images else []
-    object_masks = read_masks(Path(masks), Path(images), files) if masks is not None else None
+    object_masks = read_masks(Path(masks), Path(images), files) if masks is not None and images else None
     resolved = resolve_backbone(source or BackboneSource(), run)
     model = resolved.model
     if test_time_registers is not None:
@@ -121,7 +121,7 @@ def inspect(
     else:
         batch, segmentation = synthetic_images(seed, num_images, size, mean, std)
     result = scan(model, batch, threshold=rule, blocks=blocks, segmentation=segmentation)
-    stats = {
+    stats: dict[str, Any] = {
         **result.stats,
         "model": resolved.name,
         "num_registers": model.num_reg_tokens,
@@ -138,7 +138,7 @@ def inspect(
         stats.update(summary_labels(attached))
     neurons = None
     if find_register_neurons:
-        shared = {"threshold": rule.mode, "threshold_value": rule.value, "num_images": len(batch)}
+        shared: dict[str, Any] = {"threshold": rule.mode, "threshold_value": rule.value, "num_images": len(batch)}
         search = replace(register_neurons or NeuronSearch(), **shared)
         neurons = find_neurons(model, batch, search, model_name=resolved.name)
         add_test_time_register(model, neurons)

@@ -50,7 +50,8 @@ def attention_grid(images: Tensor, maps: Tensor) -> Tensor:
     ``images``: ``(B, 3, H, W)`` in [0, 1]; ``maps``: ``(B, 1 + R, h, w)`` from ``stats.query_attention_maps``.
     """
     b, columns = maps.shape[:2]
-    tiles = colorize(maps.flatten(0, 1), tuple(images.shape[-2:])).view(b, columns, 3, *images.shape[-2:])
+    height, width = images.shape[-2:]
+    tiles = colorize(maps.flatten(0, 1), (height, width)).view(b, columns, 3, *images.shape[-2:])
     rows = torch.cat([images.cpu().float().unsqueeze(1), tiles], dim=1)
     return make_grid(rows.flatten(0, 1), nrow=columns + 1, padding=2, pad_value=1.0)
 

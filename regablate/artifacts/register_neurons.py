@@ -260,7 +260,7 @@ def add_test_time_register(model: VisionTransformer, neurons: RegisterNeurons | 
         raise RegablateError("the model already has a test-time register")
     neurons.check(model, source)
     position = TokenLayout.of(model).num_prefix  # after the class token and the trained registers
-    register = RegisterNeuronHooks(neurons, position=position).to(model.pos_embed.device)
+    register = RegisterNeuronHooks(neurons, position=position).to(model.patch_embed.proj.weight.device)
     register.handles = [
         model.norm_pre.register_forward_pre_hook(register.insert_token),
         *(_fc2(model, block).register_forward_pre_hook(register.mover(block)) for block in register.blocks),

@@ -22,8 +22,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -113,7 +115,7 @@ def scan(
     )
 
 
-def pool_attention(pool: nn.Module, patches: Tensor) -> Tensor:
+def pool_attention(pool: AttentionPoolLatent, patches: Tensor) -> Tensor:
     """Attention probabilities of timm's ``AttentionPoolLatent`` queries over ``patches`` ``(B, N, D)``.
 
     Returns ``(B, heads, latents, N)``. The pool's own forward runs the fused kernel and keeps no
@@ -137,7 +139,7 @@ def _captured(model: VisionTransformer) -> Iterator[dict[str, Tensor]]:
     """Hooks filling ``embeddings``, ``last_input`` and ``attention`` (last block) during one pass."""
     captured: dict[str, Tensor] = {}
     last = model.blocks[-1]
-    attention = getattr(last, "attn", None)
+    attention: Any = getattr(last, "attn", None)
     if not (hasattr(attention, "fused_attn") and isinstance(getattr(attention, "attn_drop", None), nn.Module)):
         raise RegablateError(
             f"cannot read attention maps of {type(last).__name__}: it has no timm Attention with attn_drop"

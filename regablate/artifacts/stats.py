@@ -53,12 +53,10 @@ class Threshold:
     def __post_init__(self) -> None:
         if self.mode not in THRESHOLD_MODES:
             raise RegablateError(f"unknown threshold mode {self.mode!r}; use one of {', '.join(THRESHOLD_MODES)}")
-        if self.value is None:
-            object.__setattr__(self, "value", DEFAULT_THRESHOLD_VALUES[self.mode])
-        value = float(self.value)
+        value = float(DEFAULT_THRESHOLD_VALUES[self.mode] if self.value is None else self.value)
         if not math.isfinite(value) or value <= 0 or (self.mode == "percentile" and value >= 100):
             allowed = "between 0 and 100 (exclusive)" if self.mode == "percentile" else "a positive number"
-            raise RegablateError(f"threshold value for mode {self.mode!r} must be {allowed}, got {self.value}")
+            raise RegablateError(f"threshold value for mode {self.mode!r} must be {allowed}, got {value:g}")
         object.__setattr__(self, "value", value)
 
     def cutoff(self, patch_norms: Tensor) -> Tensor:
@@ -68,11 +66,12 @@ class Threshold:
     def cutoffs(self, patch_norms: Tensor) -> Tensor:
         """One cutoff per leading index (a block) of ``(K, ...)`` patch norms: ``(K,)``."""
         norms = patch_norms.detach().flatten(1).float()
+        value = float(self.value or 0.0)  # never None after __post_init__
         if self.mode == "absolute":
-            return norms.new_full((len(norms),), self.value)
+            return norms.new_full((len(norms),), value)
         if self.mode == "relative":
-            return self.value * norms.median(dim=1).values
-        return torch.quantile(norms, self.value / 100.0, dim=1)
+            return value * norms.median(dim=1).values
+        return torch.quantile(norms, value / 100.0, dim=1)
 
     def describe(self) -> str:
         if self.mode == "absolute":

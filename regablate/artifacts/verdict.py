@@ -109,7 +109,7 @@ def decide(stats: dict[str, float]) -> Verdict:
     get = stats.get
     frac = stats["artifacts/outlier_frac"]
     onset = get("artifacts/outlier_onset_block")
-    facts = {
+    facts: dict[str, Any] = {
         "outlier_frac": frac,
         "onset_block": None if onset is None else int(onset),
         "registers": _registers(stats),

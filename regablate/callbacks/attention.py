@@ -7,7 +7,7 @@ from lightning import LightningModule, Trainer
 
 from regablate.artifacts.pictures import attention_grid, unnormalize
 from regablate.artifacts.scan import scan
-from regablate.callbacks.fixed_images import FixedImagesCallback, normalisation, tensorboards
+from regablate.callbacks.fixed_images import FixedImagesCallback, backbone_of, normalisation, tensorboards
 
 
 class AttentionMaps(FixedImagesCallback):
@@ -35,7 +35,7 @@ class AttentionMaps(FixedImagesCallback):
         if not writers:
             return
         images, _ = self.images(pl_module)
-        maps = scan(pl_module.backbone, images, blocks=[-1]).attention_maps
+        maps = scan(backbone_of(pl_module), images, blocks=[-1]).attention_maps
         grid = attention_grid(unnormalize(images.cpu(), *normalisation(trainer)), maps)
         for writer in writers:
             writer.add_image("attention/cls", grid, step)

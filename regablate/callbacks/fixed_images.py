@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
@@ -75,9 +75,17 @@ class FixedImagesCallback(Callback):
         return self.batch["image"], self.batch.get("mask")
 
 
+def backbone_of(pl_module: LightningModule) -> VisionTransformer:
+    """The backbone of a regablate task (the callbacks measure it)."""
+    backbone = getattr(pl_module, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise RegablateError(f"{type(pl_module).__name__} has no backbone: the callback needs a regablate task")
+    return cast(VisionTransformer, backbone)
+
+
 def draw_validation_images(trainer: Trainer, num_images: int) -> dict[str, Tensor]:
     """The first ``num_images`` validation samples (``image``, and ``mask`` when the data has one)."""
-    datamodule = trainer.datamodule
+    datamodule = getattr(trainer, "datamodule", None)
     if datamodule is None:
         raise RegablateError(
             "the artifact callbacks draw their images from a datamodule's validation data; use a datamodule"
@@ -98,7 +106,7 @@ def draw_validation_images(trainer: Trainer, num_images: int) -> dict[str, Tenso
 
 def normalisation(trainer: Trainer) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The datamodule's ``mean``/``std`` (ImageNet's when it has none), to show images as they were."""
-    datamodule = trainer.datamodule
+    datamodule = getattr(trainer, "datamodule", None)
     return tuple(getattr(datamodule, "mean", IMAGENET_MEAN)), tuple(getattr(datamodule, "std", IMAGENET_STD))
 
 

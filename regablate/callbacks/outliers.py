@@ -22,7 +22,7 @@ from regablate.artifacts.stats import (
     summary_keys,
     token_norms,
 )
-from regablate.callbacks.fixed_images import FixedImagesCallback, tensorboards
+from regablate.callbacks.fixed_images import FixedImagesCallback, backbone_of, tensorboards
 from regablate.errors import RegablateError
 from regablate.models.layout import TokenLayout
 from regablate.runs import RunRecord
@@ -103,7 +103,7 @@ class OutlierNormMonitor(FixedImagesCallback):
     def measure(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         images, segmentation = self.images(pl_module)
         result = scan(
-            pl_module.backbone, images, threshold=self.threshold, blocks=self.blocks, segmentation=segmentation
+            backbone_of(pl_module), images, threshold=self.threshold, blocks=self.blocks, segmentation=segmentation
         )
         self.latest = {**result.stats, "artifacts/step": float(step)}
         for logger in trainer.loggers:
@@ -121,7 +121,7 @@ class OutlierNormMonitor(FixedImagesCallback):
         due = every and trainer.is_global_zero and step % every == 0
         if due and self._tap is None and self.last_train_batch_step != step:  # once per step under accumulation
             self.last_train_batch_step = step
-            self._tap = BlockNormTap(pl_module.backbone, self.blocks)
+            self._tap = BlockNormTap(backbone_of(pl_module), self.blocks)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -129,7 +129,7 @@ class OutlierNormMonitor(FixedImagesCallback):
         if self._tap is not None:
             norms, self._tap = self._tap.close(), None
             if norms:
-                self.log_train_batch(trainer, TokenLayout.of(pl_module.backbone), norms)
+                self.log_train_batch(trainer, TokenLayout.of(backbone_of(pl_module)), norms)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def log_train_batch(self, trainer: Trainer, layout: TokenLayout, norms: dict[int, Tensor]) -> None:
@@ -146,7 +146,7 @@ class OutlierNormMonitor(FixedImagesCallback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._maybe_measure(trainer, pl_module)
-        if trainer.fast_dev_run:
+        if getattr(trainer, "fast_dev_run", False):
             return
         log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
         if self.latest and trainer.is_global_zero and log_dir is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn
 
@@ -26,9 +27,9 @@ class RunConfig(SaveConfigCallback):
     """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if trainer.fast_dev_run or self.already_saved:
+        if getattr(trainer, "fast_dev_run", False) or self.already_saved:
             return
-        self.run_dir = Path(trainer.log_dir)
+        self.run_dir = Path(trainer.log_dir or ".")
         stage = TrainerFn(stage).value
         if stage != TrainerFn.FITTING.value:
             self.config_filename = f"{stage}_config.yaml"
@@ -62,7 +63,7 @@ class RunSummary(Callback):
         if self._fit_start is not None:
             extra["fit_seconds"] = round(time.perf_counter() - self._fit_start, 3)
         checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and checkpoint.best_model_score is not None:
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_score is not None:
             extra["best_model_score"] = float(checkpoint.best_model_score)
         self._write(trainer, pl_module, extra)
 
@@ -70,7 +71,7 @@ class RunSummary(Callback):
         self._write(trainer, pl_module, {})
 
     def _write(self, trainer: Trainer, pl_module: LightningModule, extra: dict[str, Any]) -> None:
-        if trainer.fast_dev_run:
+        if getattr(trainer, "fast_dev_run", False):
             return
         log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
         if not trainer.is_global_zero or log_dir is None:

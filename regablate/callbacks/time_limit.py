@@ -27,6 +27,7 @@ from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from regablate.errors import EXIT_TIME_LIMIT, RegablateError
@@ -61,11 +62,11 @@ class TimeLimitCheckpoint(Callback):
             environment.auto_requeue = False  # this callback handles the time limit (see the module's docstring)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.signum is None or trainer.fast_dev_run:
+        if self.signum is None or getattr(trainer, "fast_dev_run", False):
             return
         if threading.current_thread() is not threading.main_thread():
             return  # signals reach only the main thread; nothing to install elsewhere
-        if trainer.checkpoint_callback is None:
+        if not isinstance(trainer.checkpoint_callback, ModelCheckpoint):
             rank_zero_warn("TimeLimitCheckpoint: no ModelCheckpoint to save last.ckpt with; the time limit will end it")
             return
         self.requested = False
@@ -83,7 +84,9 @@ class TimeLimitCheckpoint(Callback):
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         checkpoint = trainer.checkpoint_callback
-        path = Path(checkpoint.dirpath) / LAST_CHECKPOINT
+        if not isinstance(checkpoint, ModelCheckpoint) or self.signum is None:
+            return  # never installed without both (setup)
+        path = Path(checkpoint.dirpath or trainer.default_root_dir) / LAST_CHECKPOINT
         trainer.save_checkpoint(path)
         rank_zero_info(
             f"regablate: {self.signum.name} (time limit near): saved {path} at step {trainer.global_step}; "
@@ -98,6 +101,6 @@ class TimeLimitCheckpoint(Callback):
         self._restore()  # Lightning skips the teardown hooks after an exception (our SystemExit included)
 
     def _restore(self) -> None:
-        if self._installed:
+        if self._installed and self.signum is not None:
             signal.signal(self.signum, self._previous)
             self._installed = False

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from regablate.data.resume import train_sampler
 from regablate.errors import RegablateError
+from regablate.hparams import Hyperparameters
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,6 +32,11 @@ def check_loader_args(
     require(all(s > 0 for s in std), f"std values must be positive, got {tuple(std)}")
 
 
+def num_samples(dataset: Dataset[Any]) -> int:
+    """``len(dataset)``: torch types ``Dataset`` without ``__len__``, but every dataset here has one."""
+    return len(cast(Sized, dataset))
+
+
 class SplitDataModule(L.LightningDataModule):
     """Loaders over ``self.dataset(split)`` for splits train/val/test (predict uses test).
 
@@ -41,6 +48,11 @@ class SplitDataModule(L.LightningDataModule):
     ``data.resume.train_sampler``, the ``DistributedSampler(seed=PL_GLOBAL_SEED)`` that Lightning
     would insert, dealing one permutation out to the ranks.
     """
+
+    if TYPE_CHECKING:  # Lightning types hparams as a MutableMapping; we read it by attribute
+
+        @property
+        def hparams(self) -> Hyperparameters: ...
 
     def dataset(self, split: str) -> Dataset:
         raise NotImplementedError

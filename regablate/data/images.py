@@ -111,7 +111,7 @@ def _png_mask(source: Path, folder: Path, file: Path) -> np.ndarray:
     if image.mode in ("RGBA", "LA", "PA"):  # transparency is not an object
         image = image.convert("RGB" if image.mode == "RGBA" else "L")
     values = np.asarray(image)
-    return (values.any(axis=-1) if values.ndim == 3 else values != 0).astype(np.uint8)
+    return np.asarray(values.any(axis=-1) if values.ndim == 3 else values != 0, dtype=np.uint8)
 
 
 def _npz_masks(source: Path, folder: Path, files: Sequence[Path]) -> list[np.ndarray]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -37,7 +38,7 @@ from regablate.runs import write_folder_atomic
 
 NUM_CLASSES = 10  # object classes of the scenes: ImageNet labels, ADE ids 1..10
 NYU_FRAME = (480, 640)  # the Kinect frame the Eigen crop is defined on
-BACKBONE = {"model_name": "vit_large_patch14_dinov2", "embed_dim": 48, "depth": 4, "num_heads": 3}
+BACKBONE_NAME = "vit_large_patch14_dinov2"  # at the shape below (embed_dim 48, depth 4, 3 heads)
 
 
 def _jpeg(image: np.ndarray, quality: int = 90) -> bytes:
@@ -52,7 +53,7 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _scene(split: str, index: int, size: int, seed: int) -> dict[str, np.ndarray]:
+def _scene(split: str, index: int, size: int, seed: int) -> dict[str, Any]:
     """One scene as the uint8 RGB image, the class mask (0 background, c + 1) and depth (float32)."""
     scene = render_scene(seed, split, index, img_size=size, num_classes=NUM_CLASSES)
     image = (scene["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
@@ -121,8 +122,7 @@ def write_r0_backbone(path: Path, seed: int) -> None:
     resamples it, as DINOv2's 518 px weights are resampled for the paper's 224 px.
     """
     torch.manual_seed(seed)
-    kwargs = {key: value for key, value in BACKBONE.items() if key != "model_name"}
-    model = build_backbone(BACKBONE["model_name"], 0, img_size=112, **kwargs)
+    model = build_backbone(BACKBONE_NAME, 0, img_size=112, embed_dim=48, depth=4, num_heads=3)
     save_file({name: t.detach().contiguous() for name, t in model.state_dict().items()}, str(path))
 
 

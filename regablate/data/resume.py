@@ -40,7 +40,8 @@ def train_sampler(dataset: Dataset, batch_size: int, trainer: Trainer | None) ->
     seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     if trainer is not None:
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        # a _ProcessedTracker at run time, typed as its base class
+        done = getattr(trainer.fit_loop.epoch_loop.batch_progress.current, "processed", 0)
         if 0 < done < math.ceil(len(sampler) / batch_size):
             sampler.skip = done * batch_size
             # Lightning warns next that "your dataloader is not resumable": it looks for a stateful loader, not this.

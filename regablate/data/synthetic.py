@@ -19,11 +19,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import Dataset
 
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD, SplitDataModule, check_loader_args, require
-from regablate.hparams import make_hyperparameters_plain
+from regablate.hparams import HueJitter, make_hyperparameters_plain
 
 # Shape tests on rotated coordinates (u, v) in units of the object's radius. Every shape
 # fits in a disc of radius _REACH, which bounds the window each object is drawn in.
@@ -40,7 +40,6 @@ _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     ),
 }
 SHAPES = tuple(_SHAPES)
-HueJitter = restricted_number_type("HueJitter", float, [(">=", 0), ("<=", 0.5)], docstring="a hue shift in [0, 0.5]")
 TEXTURES = ("solid", "stripes", "checker", "dots")
 _REACH = 1.25  # the square's corner: 0.85 * sqrt(2)
 _DARK = 0.5  # brightness of the dark parts of a texture
@@ -65,7 +64,7 @@ def _texture(name: str, u: np.ndarray, v: np.ndarray, period: float) -> np.ndarr
         dark = (np.floor(u * (2.0 / period)) + np.floor(v * (2.0 / period))) % 2.0
     else:  # dots
         du, dv = u % period - period / 2, v % period - period / 2
-        dark = du * du + dv * dv <= (0.3 * period) ** 2
+        dark = (du * du + dv * dv <= (0.3 * period) ** 2).astype(np.float64)
     return 1.0 - (1.0 - _DARK) * dark
 
 
@@ -243,8 +242,8 @@ class SyntheticScenesDataset(Dataset):
         num_classes: int = 10,
         max_objects: int = 3,
         hue_jitter: float = 0.03,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
         hflip: bool = False,
         min_objects: int = 1,
         object_size: tuple[float, float] | None = None,

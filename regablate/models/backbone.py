@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -143,7 +143,7 @@ def _default_head(model_name: str) -> tuple[bool, str]:
     """Whether timm builds ``model_name`` with a class token, and its ``global_pool`` (a meta-device build, once)."""
     with torch.device("meta"):
         model = timm.create_model(model_name, num_classes=0)
-    return model.cls_token is not None, model.global_pool
+    return model.cls_token is not None, str(model.global_pool)
 
 
 def _check_vit_name(model_name: str) -> None:
@@ -202,8 +202,11 @@ def extract_features(model: VisionTransformer, images: Tensor, blocks: Sequence[
     wanted = sorted({block_index(i, depth) for i in blocks})
     if wanted:
         with_prefix = layout.num_prefix > 0  # timm returns bare patch tensors for a model without prefix tokens
-        tokens, inter = model.forward_intermediates(
-            images, indices=wanted, return_prefix_tokens=with_prefix, norm=False, output_fmt="NLC"
+        tokens, inter = cast(
+            "tuple[Tensor, list[Any]]",  # final tokens and the blocks' outputs (intermediates_only=False)
+            model.forward_intermediates(
+                images, indices=wanted, return_prefix_tokens=with_prefix, norm=False, output_fmt="NLC"
+            ),
         )
         taken = {i: torch.cat([item[1], item[0]], dim=1) if with_prefix else item for i, item in zip(wanted, inter)}
         by_request = {i: taken[block_index(i, depth)] for i in blocks}

@@ -111,7 +111,8 @@ def resolve_backbone(
     """Build the backbone ``source`` (and an optional positional run folder ``run``) name."""
     if run is not None and source.checkpoint is not None:
         raise RegablateError("give a run folder or --checkpoint, not both")
-    path = Path(run if run is not None else source.checkpoint).expanduser() if (run or source.checkpoint) else None
+    given = run if run is not None else source.checkpoint
+    path = Path(given).expanduser() if given else None
     if path is not None and not path.exists():
         raise RegablateError(f"{'run folder' if run is not None else 'checkpoint'} not found: {path}")
     folder = run_folder(run, source.checkpoint)

@@ -50,6 +50,7 @@ from regablate.artifacts.register_neurons import (
 from regablate.artifacts.scan import scan
 from regablate.artifacts.stats import Threshold
 from regablate.commands import Renamed, add_backbone_arguments, backbone_source, modernise, tool_parser
+from regablate.data.common import num_samples
 from regablate.errors import RegablateError
 from regablate.models.interventions import Intervention, InterventionKind
 from regablate.models.resolve import ResolvedBackbone, resolve_backbone, run_folder
@@ -174,7 +175,7 @@ def _add_test_time_register(
     if where.is_main:
         search = NeuronSearch(**cfg.register_neurons.as_dict())
         dataset = frozen_dataset(datamodule, "train")
-        count = min(search.num_images, len(dataset))
+        count = min(search.num_images, num_samples(dataset))
         images = torch.stack([dataset[i]["image"] for i in range(count)]).to(where.device)
         if cfg.test_time_registers == AUTO:
             name = str(source.get("checkpoint") or source.get("model_name"))

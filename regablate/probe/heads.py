@@ -71,6 +71,8 @@ class LinearClassifierGrid(nn.Module):
     and one SGD optimiser (lr 1, momentum) trains every head at its own rate.
     """
 
+    lrs: Tensor
+
     def __init__(self, groups: int, width: int, num_classes: int, lrs: Sequence[float], init_std: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(groups, len(lrs), width, num_classes))
@@ -139,6 +141,8 @@ class DepthHead(nn.Module):
     The linear map of the concatenation is written as its two halves (patch part + CLS part):
     the same function, but the CLS half is computed once per image instead of once per patch.
     """
+
+    centres: Tensor
 
     def __init__(self, patch_width: int, cls_width: int, centres: Tensor) -> None:
         super().__init__()

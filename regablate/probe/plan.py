@@ -20,6 +20,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import Dataset
 
+from regablate.data.common import num_samples
 from regablate.errors import RegablateError
 from regablate.probe.cache import FeatureCache, FieldSpec
 from regablate.probe.device import ProbeDevice
@@ -42,7 +43,7 @@ class SplitPlan:
 
     @property
     def num_samples(self) -> int:
-        return len(self.dataset)
+        return num_samples(self.dataset)
 
     @property
     def missing(self) -> dict[str, FieldSpec]:
@@ -189,7 +190,7 @@ def _target_spec(name: str, value: Any, mask_dtype: torch.dtype) -> FieldSpec:
 
 
 def _first_sample(dataset: Dataset, split: str) -> dict[str, Any]:
-    if len(dataset) == 0:
+    if num_samples(dataset) == 0:
         raise RegablateError(f"the {split} split holds no samples: nothing to probe")
     try:
         sample = dataset[0]

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning import LightningDataModule
-from torch import Tensor
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, default_collate
 from torch.utils.tensorboard import SummaryWriter
 
@@ -49,7 +50,7 @@ def feature_store(
     extractor: Extractor, output_dir: str | Path, data_config: dict[str, Any], precision: str, use_cache: bool
 ) -> FeatureCache:
     """The store of ``extractor``'s features: ``output_dir/probe_cache``, or a scratch folder without the cache."""
-    if not hasattr(extractor, "state_dict"):
+    if not isinstance(extractor, nn.Module):
         raise RegablateError("the feature store needs an extractor with weights (an nn.Module) to key its files")
     root = Path(output_dir) / (CACHE_FOLDER if use_cache else SCRATCH_FOLDER)
     return FeatureCache(root, weights_fingerprint(extractor), data_config, precision)
@@ -219,8 +220,11 @@ def check_protocol_devices(probe: LinearProbe, where: ProbeDevice) -> None:
 def _run_dinov2(
     extractor: Extractor, datamodule: LightningDataModule, probe: LinearProbe, scored_on: str, where: ProbeDevice
 ) -> ProbeReport:
+    model = getattr(extractor, "model", None)
+    if not isinstance(model, VisionTransformer):
+        raise RegablateError("--probe.protocol dinov2 trains its heads on a timm ViT's blocks: give it a ViT backbone")
     return run_dinov2(
-        extractor.model,
+        model,
         datamodule,
         probe.dinov2,
         probes=probe.probes,

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 
 import torch
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 from torch import Tensor
 
 from regablate.artifacts.scan import scan
@@ -71,11 +71,10 @@ def draw_figure8(
         raise RegablateError("no run has a num_registers in its summary: nothing to plot")
     num_rows = 0 if images is None else len(images)
     figure = Figure(figsize=(13, 3.4 + 1.6 * num_rows), layout="constrained")
-    top, bottom = (
-        figure.subfigures(2, 1, height_ratios=[max(num_rows, 0.01) * 1.6, 3.4]) if num_rows else (None, figure)
-    )
     figure.suptitle(f"{title}: attention maps and frozen-feature probes against the register count", fontsize=12)
-    if top is not None:
+    bottom: Figure | SubFigure = figure
+    if images is not None and num_rows:
+        top, bottom = figure.subfigures(2, 1, squeeze=False, height_ratios=[num_rows * 1.6, 3.4])[:, 0]
         _attention_panel(top, images, maps)
     axes = bottom.subplots(1, len(PANELS))
     positions = {registers: i for i, registers in enumerate(counts)}

@@ -107,7 +107,7 @@ def results_markdown(name: str, rows: list[dict[str, Any]]) -> str:
     columns = [(key, higher) for key, _, higher in PANELS if key in present]
     columns += [(key, higher) for key, higher in TABLE_EXTRA if key in present]
     cells = [(label, registers, cell) for label, series in table.items() for registers, cell in sorted(series.items())]
-    best = {}
+    best: dict[str, float | None] = {}
     for key, higher in columns:
         means = [statistics.fmean(cell[key]) for _, _, cell in cells if cell.get(key)]
         best[key] = (max if higher else min)(means) if means else None
@@ -130,7 +130,8 @@ def results_markdown(name: str, rows: list[dict[str, Any]]) -> str:
                 continue
             mean, std = mean_std(cell[key])
             text = f"{mean:.4f} ± {std:.4f}"
-            values.append(f"**{text}**" if best[key] is not None and math.isclose(mean, best[key]) else text)
+            top = best[key]
+            values.append(f"**{text}**" if top is not None and math.isclose(mean, top) else text)
         lines.append(f"| {label} | {registers} | {seeds} | " + " | ".join(values) + " |")
     if failed:
         lines += ["", f"Failed runs (see their sweep.log): {', '.join(failed)}"]

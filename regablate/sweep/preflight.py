@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -89,7 +89,7 @@ def _timm_depth(name: str) -> int | None:
 
     try:
         with torch.device("meta"):
-            return len(timm.create_model(name, pretrained=False, num_classes=0).blocks)
+            return len(cast("torch.nn.Sequential", timm.create_model(name, pretrained=False, num_classes=0).blocks))
     except (RuntimeError, AttributeError):  # not a timm ViT: the fit stage says so
         return None
 

@@ -312,7 +312,9 @@ class SlurmLauncher:
         for job in jobs:
             entry = previous.get(job.run.name)
             if entry and entry["job_id"] in alive:
-                slurm_job = submitit.SlurmJob(self.folder, entry["job_id"], tasks=tuple(range(entry["tasks"])))
+                slurm_job: submitit.SlurmJob[Any] = submitit.SlurmJob(
+                    self.folder, entry["job_id"], tasks=tuple(range(entry["tasks"]))
+                )
                 waiting[slurm_job] = job
                 state = alive[entry["job_id"]]
                 self.on_event("start", job, f"slurm job {entry['job_id']} (from an earlier sweep, still {state})")

@@ -22,6 +22,7 @@ import os
 import socket
 import time
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def is_complete(run_dir: Path, stages: list[str]) -> bool:
     return all(summary.get(stage_key(stage)) == COMPLETE for stage in stages)
 
 
-def slurm_job_id(env: dict[str, str] | None = None) -> str | None:
+def slurm_job_id(env: Mapping[str, str] | None = None) -> str | None:
     """This process's Slurm job as ``squeue`` names it (``<array>_<index>`` for an array element), or None."""
     env = os.environ if env is None else env
     if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:

@@ -104,7 +104,7 @@ def run_status(
             if listed not in ACTIVE_JOB_STATES and not listed.startswith("PENDING"):
                 status.state = listed.lower()
         elif queue is None:
-            status.state = {RUNNING: "running", REQUEUED: "queued", None: "queued"}.get(state, state)
+            status.state = {RUNNING: "running", REQUEUED: "queued", None: "queued"}.get(state) or str(state)
             notes.append("squeue is not available here")
         else:
             status.state, status.job_state = "interrupted", ended_jobs.get(job, "")

@@ -16,19 +16,25 @@ into this signature, so every argument stays a plain ``model.init_args.*`` key.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning import LightningModule
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from timm.models.vision_transformer import VisionTransformer
 
-from regablate.hparams import make_hyperparameters_plain
+from regablate.hparams import Hyperparameters, make_hyperparameters_plain
 from regablate.models.backbone import build_backbone
 from regablate.tasks.optim import adamw_warmup_cosine, weight_decay_groups
 
 
 class BackboneTask(LightningModule):
     """The base of the tasks: a register ViT backbone and its optimiser."""
+
+    if TYPE_CHECKING:  # Lightning types hparams as a MutableMapping; we read it by attribute
+
+        @property
+        def hparams(self) -> Hyperparameters: ...
 
     def __init__(
         self,
@@ -89,7 +95,7 @@ class BackboneTask(LightningModule):
         """The schedule's peak learning rate: ``lr``, unless the task scales it (called once the data is set up)."""
         return self.hparams.lr
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """AdamW over ``param_groups`` (frozen parameters left out), warmup then cosine per step."""
         hp = self.hparams
         total_steps = self.trainer.estimated_stepping_batches  # sets the training data up

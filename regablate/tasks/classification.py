@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from jsonargparse.typing import ClosedUnitInterval, PositiveInt
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from regablate.errors import RegablateError
@@ -59,7 +59,9 @@ class Classification(BackboneTask):
 
     def configure_metrics(self) -> None:
         num_classes = self.hparams.num_classes
-        metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+        metrics: dict[str, Metric | MetricCollection] = {
+            "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        }
         if num_classes > 5:
             metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
         collection = MetricCollection(metrics)

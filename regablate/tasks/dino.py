@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,6 @@ from jsonargparse.typing import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
-    restricted_number_type,
 )
 from timm.layers import DropPath
 from torch import Tensor, nn
@@ -53,6 +52,7 @@ from torchvision.ops import roi_align
 
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
 from regablate.errors import RegablateError
+from regablate.hparams import Fraction, PositiveFraction
 from regablate.models.backbone import global_feature
 from regablate.models.layout import TokenLayout
 from regablate.tasks.base import BackboneTask
@@ -61,12 +61,6 @@ from regablate.tasks.masking import Masks, draw_masks
 from regablate.tasks.optim import dinov2_param_groups, scaled_lr
 from regablate.tasks.views import DINOV2_BLUR_PROBS, PhotometricViews
 
-# A fraction in (0, 1]: a crop's area as a fraction of the image, layer-wise learning-rate decay (1: none).
-PositiveFraction = restricted_number_type(
-    "PositiveFraction", float, [(">", 0), ("<=", 1)], docstring="a fraction in (0, 1]"
-)
-# A fraction in [0, 1): iBOT's mask ratios, the student's stochastic depth.
-Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)], docstring="a fraction in [0, 1)")
 Centering = Literal["sinkhorn_knopp", "centering"]
 LRScalingRule = Literal["sqrt_wrt_1024", "none"]
 # DINOv2 counts several schedules in epochs of OFFICIAL_EPOCH_LENGTH = 1250 iterations; here they are steps.
@@ -144,8 +138,8 @@ def cosine_schedule(start: float, end: float, step: int, total: int) -> float:
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
-    teacher_params = list(teacher.parameters())
-    student_params = list(student.parameters())
+    teacher_params: list[Tensor] = list(teacher.parameters())
+    student_params: list[Tensor] = list(student.parameters())
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
 
 
@@ -177,6 +171,11 @@ class DINO(BackboneTask):
     ``train/feature_std`` (std of the student's CLS features over the batch). Validation logs
     ``val/loss`` and ``val/teacher_entropy`` on fixed crops, views and masks.
     """
+
+    center: Tensor
+    ibot_center: Tensor
+    mean: Tensor
+    std: Tensor
 
     def __init__(
         self,
@@ -448,9 +447,13 @@ class DINO(BackboneTask):
         if masks is None:
             return self.student.forward_features(images)
 
+        token = self.mask_token
+        if token is None:
+            raise RegablateError("masked patches need iBOT's mask token (ibot_loss_weight > 0)")
+
         def replace(module: nn.Module, args: Any, patches: Tensor) -> Tensor:  # (B, H, W, D) or (B, N, D)
             hidden = masks.view(*patches.shape[:-1], 1)
-            return torch.where(hidden, self.mask_token.to(patches.dtype), patches)
+            return torch.where(hidden, token.to(patches.dtype), patches)
 
         handle = self.student.patch_embed.register_forward_hook(replace)
         try:
@@ -532,7 +535,7 @@ class DINO(BackboneTask):
                 else []
             )
         all_cls = torch.cat([student_cls, *local_cls])
-        if masks is None:
+        if masks is None or student_patches is None or teacher_patch_probs is None:
             student_out = self.student_head(all_cls)
         else:
             student_out, student_patch_out = self._heads(
@@ -541,7 +544,7 @@ class DINO(BackboneTask):
 
         terms = {"DINO": self.dino_loss(student_out, teacher_probs)}
         backward = terms["DINO"]
-        if masks is not None:
+        if masks is not None and teacher_patch_probs is not None:
             ibot = masked_patch_loss(student_patch_out, teacher_patch_probs, masks.weights, hp.student_temp)
             terms["iBOT"] = hp.ibot_loss_weight * ibot
             backward = backward + terms["iBOT"]
@@ -640,7 +643,7 @@ class DINO(BackboneTask):
         momentum = self.teacher_momentum(self.global_step)
         ema_update(self.backbone, self.student, momentum)
         ema_update(self.teacher_head, self.student_head, momentum)
-        if self.student_ibot_head is not None:
+        if self.teacher_ibot_head is not None and self.student_ibot_head is not None:
             ema_update(self.teacher_ibot_head, self.student_ibot_head, momentum)
         self.log("train/teacher_momentum", momentum)
 
@@ -653,7 +656,7 @@ class DINO(BackboneTask):
 
 def set_drop_path(model: nn.Module, rate: float, uniform: bool) -> None:
     """Stochastic depth in every block of a timm ViT: ``rate`` in each (DINOv2's uniform rule) or 0 to ``rate``."""
-    blocks = list(model.blocks)
+    blocks = list(cast(nn.Module, model.blocks).children())
     rates = [rate] * len(blocks) if uniform else torch.linspace(0, rate, len(blocks)).tolist()
     for block, block_rate in zip(blocks, rates):
         for name in ("drop_path1", "drop_path2"):

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 from torch.optim import AdamW
@@ -141,7 +142,7 @@ class WarmupCosine(LRScheduler):
         start, end = self.weight_decay, self.weight_decay_end
         return end + (start - end) * (1 + math.cos(math.pi * progress)) / 2
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | Tensor]:
         step, factor = self.last_epoch, self.lr_factor(self.last_epoch)
         return [
             0.0 if step < group.get("frozen_steps", 0) else group["initial_lr"] * factor
@@ -166,7 +167,7 @@ def adamw_warmup_cosine(
     weight_decay_end: float | None = None,
     groups: list[dict[str, Any]] | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
-) -> dict[str, Any]:
+) -> OptimizerLRSchedulerConfig:
     """Lightning's ``configure_optimizers`` answer: AdamW over ``groups`` (default :func:`weight_decay_groups`
     of ``module``), :class:`WarmupCosine` stepping per batch."""
     if not math.isfinite(total_steps):

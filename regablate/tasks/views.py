@@ -28,6 +28,7 @@ rows, so an image gets the same view on any number of devices (as its crops, ``r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import kornia.augmentation as K
 import torch
@@ -102,12 +103,12 @@ class PhotometricViews(nn.Module):
         batch = crops[0].shape[0]
         x = (torch.cat(crops) * std + mean).clamp_(0.0, 1.0)
         for op in self.colour:
-            x = draws.apply(op, x, len(crops))
+            x = draws.apply(cast(K.AugmentationBase2D, op), x, len(crops))
         parts = list(x.split(batch))
         if local:
-            parts = list(draws.apply(self.blurs[2], x, len(crops)).split(batch))
+            parts = list(draws.apply(cast(K.AugmentationBase2D, self.blurs[2]), x, len(crops)).split(batch))
         else:
-            for index, blur in enumerate(self.blurs[:2]):
+            for index, blur in enumerate(cast("list[K.AugmentationBase2D]", self.blurs[:2])):
                 if blur.p > 0:
                     parts[index] = draws.apply(blur, parts[index], 1)
             if self.solarize.p > 0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +48,12 @@ def any_input_size(model: VisionTransformer) -> Iterator[VisionTransformer]:
     """``model`` in timm's ``dynamic_img_size`` mode for the block: any input size, position embedding resampled."""
     embed = model.patch_embed
     saved = (model.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt)
-    model.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt = True, False, False, Format.NHWC
+    # timm declares dynamic_img_size Final (set at construction); switching it for a block is the point here
+    model.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt = True, False, False, Format.NHWC  # type: ignore[misc]
     try:
         yield model
     finally:
-        model.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt = saved
+        model.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt = saved  # type: ignore[misc]
 
 
 class FrozenBackbone:
@@ -76,7 +78,10 @@ class FrozenBackbone:
         """(patches (B, D, h, w), CLS (B, D)) of each of the last ``n`` blocks, in block order, as float32."""
         images = pad_to_patches(images.to(self.device, non_blocking=True), self.patch)
         with self.autocast(), any_input_size(self.model):
-            blocks = self.model.forward_intermediates(
-                images, indices=n, return_prefix_tokens=True, norm=norm, output_fmt="NCHW", intermediates_only=True
+            blocks = cast(
+                "list[tuple[Tensor, Tensor]]",  # (patches, prefix) per block with return_prefix_tokens
+                self.model.forward_intermediates(
+                    images, indices=n, return_prefix_tokens=True, norm=norm, output_fmt="NCHW", intermediates_only=True
+                ),
             )
         return [(patches.float(), prefix[:, 0].float()) for patches, prefix in blocks]

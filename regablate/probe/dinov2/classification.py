@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader, Dataset
 
+from regablate.data.common import num_samples
 from regablate.errors import RegablateError
 from regablate.probe.dinov2.backbone import FrozenBackbone
 from regablate.probe.dinov2.data import Views, pad_collate, training_batches
@@ -151,7 +152,7 @@ class ClassifierGrid:
             labels = batch["label"].to(logits.device, non_blocking=True)
             finite &= torch.isfinite(logits).flatten(2).all(dim=-1).cpu()
             correct += (logits.argmax(dim=-1) == labels).sum(dim=-1).cpu()
-        top1 = correct.double() / len(views)
+        top1 = correct.double() / num_samples(views)
         return torch.where(finite, top1, torch.full_like(top1, -1.0)).float()
 
 

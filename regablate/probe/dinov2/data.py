@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
+from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD, num_samples
 from regablate.data.huggingface import BatchTransform, HFDataModule
 from regablate.errors import RegablateError
 
@@ -66,7 +66,7 @@ class Views(Dataset):
         self.raw, self.transform = raw, transform
 
     def __len__(self) -> int:
-        return len(self.raw)
+        return num_samples(self.raw)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         return self.transform(self.raw[index])
@@ -91,7 +91,7 @@ def training_batches(
     loader = DataLoader(
         views,
         batch_size=batch_size,
-        sampler=EndlessSampler(len(views), seed),
+        sampler=EndlessSampler(num_samples(views), seed),
         num_workers=num_workers,
         collate_fn=pad_collate,
         pin_memory=pin_memory,
@@ -127,5 +127,5 @@ def same_size_groups(images: list[Tensor]) -> list[list[int]]:
     """Indices of ``images`` grouped by (H, W), first-seen order: each group is one stacked forward."""
     groups: dict[tuple[int, int], list[int]] = {}
     for index, image in enumerate(images):
-        groups.setdefault(tuple(image.shape[-2:]), []).append(index)
+        groups.setdefault((image.shape[-2], image.shape[-1]), []).append(index)
     return list(groups.values())

@@ -21,6 +21,7 @@ from lightning import LightningDataModule
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import Dataset
 
+from regablate.data.common import num_samples
 from regablate.errors import RegablateError
 from regablate.hparams import plain
 from regablate.probe.dinov2.backbone import Autocast, FrozenBackbone
@@ -38,7 +39,7 @@ PROBES = ("cls", "seg", "depth")  # the protocols of DINOv2 (LOST has one protoc
 
 def missing_targets(raw: dict[str, Dataset], probes: Sequence[str]) -> dict[str, str]:
     """Probes whose targets a split lacks -> why (read from each split's first sample)."""
-    empty = [split for split in raw if len(raw[split]) == 0]
+    empty = [split for split in raw if num_samples(raw[split]) == 0]
     if empty:
         raise RegablateError(f"the {', '.join(empty)} split holds no samples: nothing to probe")
     first = {split: dataset[0] for split, dataset in raw.items()}

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import Dataset
 
+from regablate.data.common import num_samples
 from regablate.errors import RegablateError
 from regablate.probe.dinov2.backbone import FrozenBackbone
 from regablate.probe.dinov2.data import IGNORE, Views, evaluation_batches, same_size_groups, training_batches
@@ -43,7 +44,7 @@ class BNHead(nn.Module):
         self.bn = nn.BatchNorm2d(width)
         self.conv_seg = nn.Conv2d(width, num_classes, kernel_size=1)
         nn.init.normal_(self.conv_seg.weight, std=0.01)  # mmseg BaseDecodeHead init_cfg: Normal(std=0.01), conv_seg
-        nn.init.zeros_(self.conv_seg.bias)
+        nn.init.zeros_(self.conv_seg.bias)  # type: ignore[arg-type]  # bias=True above: never None
 
     def forward(self, patches: Tensor) -> Tensor:
         """Patch tokens (B, D, h, w) -> class logits on the patch grid (B, C, h, w)."""
@@ -65,7 +66,7 @@ def slide_windows(height: int, width: int, crop: int, stride: int) -> list[tuple
 def count_classes(raw: Dataset, ignore_index: int | None) -> int:
     """Stored class values in the train masks (the largest id + 1, ``ignore_index`` above the ids not counted)."""
     largest = -1
-    for index in range(len(raw)):
+    for index in range(num_samples(raw)):
         mask = torch.as_tensor(raw[index]["mask"])
         values = mask[mask != ignore_index] if ignore_index is not None else mask
         if values.numel():
@@ -137,16 +138,18 @@ class SegmentationProbe:
         windows overlap and divided by the count.
         """
         height, width = images.shape[-2:]
-        total = count = None
+        total: Tensor | None = None
+        count = images.new_zeros(1, 1, height, width)
         for y1, y2, x1, x2 in slide_windows(height, width, self.crop, self.stride):
             logits = self.logits(images[:, :, y1:y2, x1:x2])
             logits = F.interpolate(logits, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)
             if total is None:
                 total = logits.new_zeros(len(images), logits.shape[1], height, width)
-                count = logits.new_zeros(1, 1, height, width)
             total[:, :, y1:y2, x1:x2] += logits
             count[:, :, y1:y2, x1:x2] += 1
-        return total / count
+        if total is None:
+            raise RegablateError(f"no sliding window fits a {height}x{width} image")
+        return total / count.to(total.dtype)
 
     @torch.no_grad()
     def miou(self, raw: Dataset, normalisation: tuple[Sequence[float], Sequence[float]], workers: int) -> float:

@@ -158,7 +158,7 @@ class SegmentationTrainView:
     def __call__(self, sample: dict[str, Any]) -> dict[str, Tensor]:
         image, mask = _image(sample), self.labels(sample["mask"])
         ratio = _uniform(*self.ratio_range)
-        size = rescale_size(*image.shape[-2:], 4 * self.short_side * ratio, self.short_side * ratio)
+        size = rescale_size(image.shape[-2], image.shape[-1], 4 * self.short_side * ratio, self.short_side * ratio)
         image = TF.resize(image, list(size), InterpolationMode.BILINEAR, antialias=False).clamp(0, 1)
         mask = TF.resize(mask[None], list(size), InterpolationMode.NEAREST)[0]
         top, left = self._crop_box(*size)
@@ -192,7 +192,7 @@ class SegmentationEvalView:
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Tensor]:
         image = _image(sample)
-        size = rescale_size(*image.shape[-2:], 4 * self.short_side, self.short_side)
+        size = rescale_size(image.shape[-2], image.shape[-1], 4 * self.short_side, self.short_side)
         image = TF.resize(image, list(size), InterpolationMode.BILINEAR, antialias=False).clamp(0, 1)
         return {"image": self.normalize(image), "mask": self.labels(sample["mask"])}
 
