@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -189,3 +189,15 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message, or its type when it has none (for one-line errors)."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def intervention_label(keys: Mapping[str, Any]) -> str | None:
+    """How a report names results probed with an intervention (from their summary keys); None for the plain model."""
+    parts = []
+    if keys.get("test_registers") is not None:
+        parts.append(f"K={keys['test_registers']} test registers")
+    kind = keys.get("register_intervention")
+    if kind not in (None, "none"):
+        start = keys.get("intervention_from_block") or 0
+        parts.append(f"registers {kind}" + (f" from block {start}" if start else ""))
+    return ", ".join(parts) or None

@@ -32,6 +32,7 @@ Nothing is written to the output folder until the probe has its results.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +59,12 @@ from regablate.artifacts.token_tables import text_table
 from regablate.commands import Renamed, add_backbone_arguments, backbone_source, modernise, tool_parser
 from regablate.data.common import num_samples
 from regablate.errors import RegablateError
+from regablate.models.interventions import Intervention, InterventionKind
 from regablate.models.layout import Backbone, num_registers_of
 from regablate.models.resolve import ResolvedBackbone, resolve_backbone, run_folder
 from regablate.probe.device import ProbeDevice
 from regablate.probe.features import ViTExtractor
+from regablate.probe.intervened import IntervenedExtractor, reference_size, reference_statistics
 from regablate.probe.plan import frozen_dataset, plan_probe
 from regablate.probe.protocol import TOKEN_PROBE, LinearProbe
 from regablate.probe.run import check_protocol_devices, feature_store, run_probe
@@ -84,6 +87,10 @@ def probe_options(
     test_time_registers: str | None = None,
     dry_run: bool = False,
     dataset: str | None = None,
+    register_intervention: InterventionKind = "none",
+    intervention_from_block: int = 0,
+    test_registers: int | None = None,
+    intervention_images: int = 512,
 ) -> None:
     """The probe command's own flags (the model, data, devices and protocol have theirs).
 
@@ -94,6 +101,12 @@ def probe_options(
         dry_run: print, per split, the samples, the fields kept and the bytes they take; extract nothing.
         dataset: name of the probed data in summary.json (default: the data's path); the report overlays the paper's
             values on imagenet-1k, ade20k and nyud.
+        register_intervention: replace each register at every block's input from intervention_from_block on by
+            zeros, its mean or Gaussian noise (mean and per-channel std over the training split), or the same
+            register of another image in the batch (shuffle).
+        intervention_from_block: the first block whose input the intervention replaces (0: before block 0).
+        test_registers: run the model with only its first K registers (the others removed from the sequence).
+        intervention_images: training images the mean/noise statistics are taken over.
     """
 
 
@@ -143,6 +156,12 @@ def _output_dir(cfg: Namespace, resolved: ResolvedBackbone) -> Path:
     if cfg.output is not None:
         return Path(cfg.output)
     suffix = "_ttr" if cfg.test_time_registers is not None else ""
+    if cfg.test_registers is not None:
+        suffix += f"_k{cfg.test_registers}"
+    if cfg.register_intervention != "none":
+        suffix += f"_{cfg.register_intervention}" + (
+            f"_b{cfg.intervention_from_block}" if cfg.intervention_from_block else ""
+        )
     run_dir = resolved.run_dir
     if run_dir is not None:
         return run_dir.with_name(run_dir.name + suffix) if suffix else run_dir
@@ -219,7 +238,16 @@ def main(argv: list[str]) -> None:
     if tokens is not None:
         tokens.block_of(model)  # a block outside the model fails before anything is extracted
     output_dir = _output_dir(cfg, resolved)
-    extractor = ViTExtractor(model)
+    intervention = Intervention(cfg.register_intervention, cfg.intervention_from_block, cfg.test_registers)
+    intervention.check(model)
+    if intervention.needs_statistics and reference_size(datamodule) == 0:
+        raise RegablateError(
+            f"register_intervention {intervention.kind} needs reference images; the training split is empty"
+        )
+    # mean/noise statistics are taken on the probe's devices after launch; until then (the plan needs
+    # only the features' shapes) the registers are zeroed, and the statistics then re-key the store
+    planned = replace(intervention, kind="zero") if intervention.needs_statistics else intervention
+    extractor = ViTExtractor(model) if intervention.is_plain else IntervenedExtractor(model, planned)
     data_config = cfg.data.as_dict()
     store = feature_store(extractor, output_dir, data_config, where.resolved_precision, cfg.cache)
     plan = plan_probe(extractor, datamodule, probe, store, reuse=cfg.cache)
@@ -241,6 +269,12 @@ def main(argv: list[str]) -> None:
         if cfg.test_time_registers is not None:
             neurons, labels = _add_test_time_register(cfg, model, datamodule, source, where)
             summary.update(labels)
+        if not intervention.is_plain:
+            summary.update(intervention.key())
+            source = {**source, **intervention.key()}
+            if intervention.needs_statistics:
+                statistics = reference_statistics(model, intervention, datamodule, cfg.intervention_images, where)
+                extractor = IntervenedExtractor(model, intervention, statistics)
         report = None
         if any(name != TOKEN_PROBE for name in probe.probes):
             report = run_probe(

@@ -23,7 +23,7 @@ from regablate.report.paper import (
     TTR_SERIES,
     val_scored_panels,
 )
-from regablate.runs import RunRecord, write_folder_atomic
+from regablate.runs import RunRecord, intervention_label, write_folder_atomic
 
 
 def collect_rows(experiment: Path) -> list[dict[str, Any]]:
@@ -87,6 +87,9 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, list[
         label = series_label(row, axes)
         if row.get("test_time_registers"):  # a `probe --test_time_registers` folder beside its run
             label = TTR_SERIES if label == TRAINED_SERIES else f"{label}, {TTR_SERIES}"
+        tampered = intervention_label(row)  # a `probe --register_intervention/--test_registers` folder
+        if tampered:
+            label = tampered if label == TRAINED_SERIES else f"{label}, {tampered}"
         for key, value in row.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 table[label][int(registers)][key].append(float(value))

@@ -1,0 +1,69 @@
+"""Register interventions against the plain extraction of the same model, on the same batches.
+
+Each side runs ``ViTExtractor`` (final CLS/pooled, patch tokens, last-block keys) over the same
+random batches; the intervened sides run it under ``--register_intervention KIND`` from block 0
+(``mean``/``noise`` with statistics taken beforehand). Repeats alternate the sides; ratios are of
+median times (target: intervened / plain <= 1.03). The one extra pass ``mean``/``noise`` need, the
+statistics over the reference images, is timed on its own and given per image against extraction.
+
+    python benchmarks/interventions.py [--model vit_small_patch16_224] [--img_size 112] [--registers 4]
+        [--images 64] [--batch_size 32] [--repeats 5] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from regablate.models import build_backbone
+from regablate.models.interventions import Intervention, register_statistics
+from regablate.probe.features import ViTExtractor
+from regablate.probe.intervened import IntervenedExtractor
+
+
+def timed(run: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_small_patch16_224")
+    parser.add_argument("--img_size", type=int, default=112)
+    parser.add_argument("--registers", type=int, default=4)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build_backbone(args.model, args.registers, img_size=args.img_size).eval()
+    batches = list(torch.randn(args.images, 3, args.img_size, args.img_size).split(args.batch_size))
+    with torch.inference_mode():
+        stats_seconds = timed(lambda: register_statistics(model, batches, Intervention("mean")))
+    stats = register_statistics(model, batches, Intervention("mean"))
+    sides: dict[str, torch.nn.Module] = {"plain": ViTExtractor(model)}
+    for kind in ("zero", "mean", "noise", "shuffle"):
+        sides[kind] = IntervenedExtractor(model, Intervention(kind), stats if kind in ("mean", "noise") else None)
+    sides["test_registers=R"] = IntervenedExtractor(model, Intervention(test_registers=args.registers))
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(args.repeats):
+        for name, extractor in sides.items():
+            times[name].append(timed(lambda extractor=extractor: [extractor(batch) for batch in batches]))
+    plain = statistics.median(times["plain"])
+    print(f"{args.model} img {args.img_size}, R={args.registers}, {args.images} images, {args.threads} thread(s)")
+    print(f"plain extraction: {plain:.3f} s (median of {args.repeats})")
+    for name, values in times.items():
+        if name != "plain":
+            print(f"{name:>18}: {statistics.median(values) / plain:.3f} x plain")
+    print(f"mean/noise statistics pass over the same images: {stats_seconds / plain:.3f} x one plain extraction")
+
+
+if __name__ == "__main__":
+    main()
