@@ -20,9 +20,10 @@ from tests.formats import ADE_ROOT, image_bytes, write_ade_zip, write_nyu_labele
 pytestmark = pytest.mark.usefixtures("offline_hf")
 
 
-def test_ade20k_zip_becomes_a_saved_dataset_with_the_files_unchanged(tmp_path):
+def test_ade20k_zip_becomes_a_saved_dataset_with_the_files_unchanged(tmp_path, capsys):
     archive = write_ade_zip(tmp_path / "ADEChallengeData2016.zip", {"training": 3, "validation": 2})
     prepare_ade20k(str(archive), str(tmp_path / "ade20k"))
+    assert "prepare: train: 3 images in " in capsys.readouterr().out  # Progress's closing line, per split
     saved = datasets.load_from_disk(str(tmp_path / "ade20k"))
     assert {split: len(data) for split, data in saved.items()} == {"train": 3, "validation": 2}
     first = saved["validation"].cast_column("annotation", datasets.Image(decode=False))[0]["annotation"]

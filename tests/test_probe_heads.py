@@ -92,6 +92,7 @@ def test_classifier_grid_trains_each_head_as_if_alone():
             lambda i: grid.loss(inputs[:, i], y[i]),
             64,
             schedule,
+            "probe: cls head",
         )
         return grid
 
@@ -106,6 +107,17 @@ def test_classifier_grid_trains_each_head_as_if_alone():
 def _keys(grid):
     """1-D keys on a grid: +1 on object cells, -1 elsewhere."""
     return torch.tensor(grid, dtype=torch.float32)[None, ..., None] * 2 - 1
+
+
+def test_head_training_reports_its_steps_through_progress(capsys):
+    grid = LinearClassifierGrid(1, 4, 2, [0.1])
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    optimizer = torch.optim.SGD(grid.parameters(), lr=1.0)
+    train_head(
+        optimizer, lambda i: grid.loss(x[i].unsqueeze(0), y[i]), 8, Schedule(steps=5, batch_size=4), "probe: seg head"
+    )
+    out = capsys.readouterr().out
+    assert "probe: seg head: 5 steps in " in out  # the closing line of Progress, plain off a terminal
 
 
 def test_lost_seed_is_the_patch_of_lowest_degree():

@@ -1,10 +1,11 @@
 """Write a prepared dataset (``scripts/prepare_*.py``): rows streamed into a ``save_to_disk`` folder.
 
 Each split is a generator of rows that ``Dataset.from_generator`` writes to Arrow shards as they
-come (``writer_batch_size`` rows in memory at a time, never the dataset), behind a progress bar
-with an ETA; the splits are then saved with ``save_to_disk`` into a staging folder that is
-renamed into place only when everything succeeded, so a failed or interrupted preparation leaves
-no half-written output (and no cache: the shards are written to a temporary folder beside it).
+come (``writer_batch_size`` rows in memory at a time, never the dataset), counted by
+:class:`~regablate.progress.Progress` (an ETA; plain lines off a terminal); the splits are then
+saved with ``save_to_disk`` into a staging folder that is renamed into place only when everything
+succeeded, so a failed or interrupted preparation leaves no half-written output (and no cache: the
+shards are written to a temporary folder beside it).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from tqdm.auto import tqdm
 
 from regablate.errors import RegablateError
+from regablate.progress import Progress
 from regablate.runs import write_folder_atomic
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ WRITER_BATCH_SIZE = 100  # rows held before each Arrow write: ~100 encoded image
 
 @dataclass
 class SplitRows:
-    """One split to write: ``rows(**kwargs)`` yields its rows; ``total`` drives the progress bar."""
+    """One split to write: ``rows(**kwargs)`` yields its rows; ``total`` drives the progress and its ETA."""
 
     rows: Callable[..., Iterator[dict[str, Any]]]
     kwargs: dict[str, Any]
@@ -37,7 +38,7 @@ class SplitRows:
 
 
 def _with_progress(rows: Callable[..., Iterator[dict[str, Any]]], total: int, desc: str, **kwargs: Any) -> Iterator:
-    yield from tqdm(rows(**kwargs), total=total, desc=desc, unit="img", mininterval=2.0)
+    yield from Progress(f"prepare: {desc}", total).wrap(rows(**kwargs))
 
 
 def _unsharded(kwargs: dict[str, Any]) -> dict[str, Any]:

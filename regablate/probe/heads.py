@@ -25,6 +25,8 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from torchmetrics.classification import MulticlassJaccardIndex
 from torchmetrics.regression import MeanSquaredError
 
+from regablate.progress import Progress
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -39,9 +41,15 @@ class Schedule:
     seed: int = 0
 
 
-def train_head(optimizer: Optimizer, loss_of: Callable[[Tensor], Tensor], num_samples: int, schedule: Schedule) -> None:
-    """Minimise ``loss_of(indices)`` over shuffled mini-batches of sample indices (seeded epochs)."""
+def train_head(
+    optimizer: Optimizer, loss_of: Callable[[Tensor], Tensor], num_samples: int, schedule: Schedule, label: str
+) -> None:
+    """Minimise ``loss_of(indices)`` over shuffled mini-batches of sample indices (seeded epochs).
+
+    ``label`` names the head in the progress lines (``probe: cls head: 300/1000 ..., ETA 12 s``).
+    """
     total = schedule.steps
+    progress = Progress(label, total, unit="steps")
     cosine = CosineAnnealingLR(optimizer, T_max=total)
     order = torch.Generator().manual_seed(schedule.seed)
     step = 0
@@ -53,6 +61,8 @@ def train_head(optimizer: Optimizer, loss_of: Callable[[Tensor], Tensor], num_sa
             optimizer.step()
             cosine.step()
             step += 1
+            progress.update()
+    progress.finish()
 
 
 def chunks(num_samples: int, size: int) -> Iterator[Tensor]:

@@ -229,6 +229,7 @@ class LinearProbe:
             lambda idx: grid.loss(_classifier_inputs(train, idx, device), train.label[idx].to(device).long()),
             len(train),
             self.schedule(self.cls_steps),
+            "probe: cls head",
         )
         val_top1 = _grid_accuracy(grid, val, device)
         best = int(val_top1.flatten().argmax())
@@ -277,7 +278,7 @@ class LinearProbe:
 
         optimizer = torch.optim.AdamW(head.parameters(), lr=self.seg_lr, weight_decay=1e-4, fused=True)
         head.train()
-        train_head(optimizer, loss_of, len(train), self.schedule(self.seg_steps))
+        train_head(optimizer, loss_of, len(train), self.schedule(self.seg_steps), "probe: seg head")
         head.eval()
         size = tuple(score.mask.shape[-2:])
         miou = miou_metric(classes, self.ignore_index).to(device)
@@ -334,7 +335,7 @@ class LinearProbe:
             return F.mse_loss(pixels(depth, ys.to(device), xs.to(device))[valid], target[valid])
 
         optimizer = torch.optim.AdamW(head.parameters(), lr=self.depth_lr, weight_decay=1e-4, fused=True)
-        train_head(optimizer, loss_of, len(train), self.schedule(self.depth_steps))
+        train_head(optimizer, loss_of, len(train), self.schedule(self.depth_steps), "probe: depth head")
         rmse = rmse_metric().to(device)
         size = tuple(score.depth.shape[-2:])
         with torch.no_grad():
