@@ -8,8 +8,9 @@
    first two a head warm-up with the backbone frozen), then ``--steps`` timed steps. Figures:
    images/s, peak GPU memory, and model FLOP utilisation: the FLOPs of one training step counted
    by torch's ``FlopCounterMode`` (attention on its matmul path, so that it is counted; the timed
-   steps use fused attention) over the time of a step, against ``--peak_tflops`` (790: the bf16
-   dense matmul rate measured on the lent H200; its datasheet says 989).
+   steps use fused attention) over the time of a step, against ``--peak_tflops`` (989: the H200
+   SXM's dense bf16 peak, NVIDIA H200 datasheet). The achievable matmul rate is measured here too
+   (square bf16 matmuls, ``matmul_peak``) and printed beside it; MFU uses the datasheet figure.
 2. The probe's extraction of the same backbone against a plain ``forward_features`` loop
    (``benchmarks/probe_extraction.py``).
 
@@ -123,6 +124,22 @@ def step_flops(task: DINO, images: torch.Tensor, precision: str) -> float:
     return float(counter.get_total_flops())
 
 
+def matmul_peak(device: torch.device, size: int, repeats: int) -> float:
+    """The achievable dense matmul rate in FLOP/s: ``repeats`` square ``size`` matmuls, bf16 on a GPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up: kernel selection
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
 def dino_figures(args: argparse.Namespace, where: ProbeDevice) -> None:
     recipe = paper_recipe(args.tiny)
     torch.manual_seed(0)
@@ -161,9 +178,13 @@ def dino_figures(args: argparse.Namespace, where: ProbeDevice) -> None:
     per_image = step_flops(task, images, where.resolved_precision) / count
     line(f"dino FLOPs per image and step: {per_image / 1e9:.2f} GFLOP (FlopCounterMode, forward + backward)")
     achieved = per_image * rate
+    size = 256 if args.tiny else 8192
+    measured = matmul_peak(where.device, size, 3 if args.tiny else 50)
+    line(f"matmul peak measured here: {measured / 1e12:.1f} TFLOP/s ({size}x{size} matmuls)")
+    line(f"matmul peak from the datasheet: {args.peak_tflops:.0f} TFLOP/s (MFU uses this one)")
     line(
         f"dino model FLOP utilisation: {achieved / (args.peak_tflops * 1e12):.1%} "
-        f"({achieved / 1e12:.1f} of {args.peak_tflops:.0f} TFLOP/s bf16 peak)"
+        f"({achieved / 1e12:.1f} of {args.peak_tflops:.0f} TFLOP/s datasheet peak)"
     )
 
 
@@ -175,7 +196,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=8, help="loader workers that render the scenes once")
-    parser.add_argument("--peak_tflops", type=float, default=790.0, help="bf16 dense peak (790 measured on the H200)")
+    parser.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak (H200 SXM datasheet: 989)")
     parser.add_argument("--probe_images", type=int, default=2048)
     parser.add_argument("--probe_repeats", type=int, default=3)
     parser.add_argument("--skip_dino", action="store_true")

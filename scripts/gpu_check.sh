@@ -4,7 +4,8 @@
 #
 #   1. DINO as paper_run.yaml trains it (ViT-L/14 at 224 px, 4 registers, bf16-mixed, 2 + 8 crops,
 #      batch 64), random weights, synthetic scenes: images/s, peak GPU memory, model FLOP utilisation
-#      against the bf16 peak (790 TFLOP/s, measured on the lent H200);
+#      against the H200 SXM's dense bf16 peak from NVIDIA's datasheet (989 TFLOP/s), with the
+#      achievable matmul rate measured beside it;
 #   2. the probe's extraction of that backbone against a plain forward_features loop (images/s, ratio);
 #   3. `regablate probe` end to end on the GPU (a dry run, then every probe of a random ViT-S/14).
 #

@@ -42,7 +42,8 @@ def test_the_gpu_checks_measurements_run_at_tiny_size_on_the_cpu():
     assert rate and float(rate.group(1)) > 0, text
     flops = re.search(r"dino FLOPs per image and step: ([\d.]+) GFLOP", text)
     assert flops and float(flops.group(1)) > 0, text
-    assert re.search(r"dino model FLOP utilisation: [\d.]+% \([\d.]+ of 790 TFLOP/s", text), text
+    assert re.search(r"dino model FLOP utilisation: [\d.]+% \([\d.]+ of 989 TFLOP/s datasheet", text), text
+    assert re.search(r"matmul peak measured here: [\d.]+ TFLOP/s", text), text
     for side in ("plain", "extract \\(cls\\)", "extract \\(all\\)"):
         assert re.search(rf"probe {side} *: +[\d.]+ images/s", text), text
     assert re.search(r"probe extract \(cls\) / plain: [\d.]+", text), text
