@@ -72,7 +72,7 @@ def scan(
     """
     depth = len(model.blocks)
     wanted = measured_blocks(depth, blocks)
-    grid = tuple(model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
+    grid = tuple(model.patch_embed.dynamic_feat_size((images.shape[-2], images.shape[-1])))
     layout = TokenLayout.of(model)
     with torch.no_grad(), eval_mode(model), _captured(model) as captured:
         features = extract_features(model, images, blocks=wanted)

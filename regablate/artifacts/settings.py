@@ -106,12 +106,6 @@ class TokenProbes:
             if not (math.isfinite(value) and value > 0):
                 raise RegablateError(f"--token_probe.{name} must be a positive number, got {value}")
 
-    def rule(self) -> Any:  # a Threshold (its module imports torch; parsing must not)
-        """Which patch tokens are outliers."""
-        from regablate.artifacts.stats import Threshold  # torch: not needed to parse
-
-        return Threshold(self.threshold, self.threshold_value)
-
     def block_of(self, model: Any) -> int:
         """The probed block's index in ``0..depth-1``; a block outside the model is one line."""
         depth = len(model.blocks)

@@ -37,19 +37,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from regablate.artifacts.settings import TokenProbes
-from regablate.artifacts.stats import token_norms
+from regablate.artifacts.stats import Threshold, token_norms
 from regablate.artifacts.token_tables import NOT_A_PATCH, OUTLIER_MAP_FILE, PROBE_NAMES, TOKEN_PROBES_FILE, outlier_map
 from regablate.data.common import num_samples
 from regablate.data.images import image_files, load_images
 from regablate.data.synthetic import SyntheticScenesDataset
 from regablate.errors import RegablateError
 from regablate.models.backbone import eval_mode, extract_features
-from regablate.models.layout import TokenLayout
+from regablate.models.layout import Backbone, TokenLayout
 from regablate.probe.heads import Schedule, train_head
 from regablate.progress import Progress
 from regablate.runs import atomic_path, write_json_atomic
@@ -82,7 +81,7 @@ def patch_pixels(images: Tensor, patch_size: Sequence[int]) -> Tensor:
 
 @torch.no_grad()
 def read_tokens(
-    model: VisionTransformer,
+    model: Backbone,
     images: Tensor,
     block: int,
     labels: Tensor | None = None,
@@ -104,7 +103,7 @@ def read_tokens(
         norms=torch.cat(norms),
         pixels=patch_pixels(images.float(), model.patch_embed.patch_size),
         labels=labels,
-        grid=tuple(model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))),
+        grid=tuple(model.patch_embed.dynamic_feat_size((images.shape[-2], images.shape[-1]))),
     )
 
 
@@ -173,6 +172,7 @@ def _top1(
         lambda idx: F.cross_entropy(head(train[idx]), targets[idx]),
         len(train),
         Schedule(settings.steps, settings.batch_size, settings.seed),
+        "token probe head",
     )
     with torch.no_grad():
         top1 = (head(test).argmax(dim=1) == test_targets).float().mean().item()
@@ -256,7 +256,7 @@ class TokenProbeResult:
 
 
 def probe_tokens(
-    model: VisionTransformer,
+    model: Backbone,
     train: TokenSplit,
     test: TokenSplit,
     *,
@@ -267,7 +267,7 @@ def probe_tokens(
     """Train and score every kind's probes on ``train`` / ``test`` (read at ``block`` by :func:`read_tokens`)."""
     started = time.perf_counter()
     layout = TokenLayout.of(model)
-    threshold = settings.rule()
+    threshold = Threshold(settings.threshold, settings.threshold_value)
     cutoff = float(threshold.cutoff(train.norms))
     num_patches = train.norms.shape[1]
     labelled = [s.labels for s in (train, test) if s.labels is not None]
@@ -344,7 +344,7 @@ def dataset_split(dataset: Dataset, count: int) -> tuple[Tensor, Tensor | None]:
 
 
 def probe_dataset_tokens(
-    model: VisionTransformer,
+    model: Backbone,
     train: Dataset,
     scored: Dataset,
     *,
@@ -359,7 +359,7 @@ def probe_dataset_tokens(
 
 
 def run_token_probes(
-    model: VisionTransformer,
+    model: Backbone,
     splits: Sequence[tuple[Tensor, Tensor | None]],
     *,
     settings: TokenProbes,

@@ -18,14 +18,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from regablate.errors import RegablateError
-from regablate.models.layout import TokenLayout
+from regablate.models.layout import Backbone, TokenLayout, num_registers_of
 
 InterventionKind = Literal["none", "zero", "mean", "noise", "shuffle"]
 KINDS: tuple[str, ...] = ("none", "zero", "mean", "noise", "shuffle")
@@ -55,7 +54,7 @@ class Intervention:
             "test_registers": self.test_registers,
         }
 
-    def check(self, model: VisionTransformer) -> None:
+    def check(self, model: Backbone) -> None:
         """Refuse, in one line, what ``model`` cannot do (before any feature is extracted)."""
         if self.kind not in KINDS:
             raise RegablateError(f"register_intervention must be one of {', '.join(KINDS)}, got {self.kind!r}")
@@ -85,35 +84,34 @@ class RegisterStatistics:
     std: Tensor
 
 
-def _register_slice(model: VisionTransformer) -> slice:
+def _register_slice(model: Backbone) -> slice:
     layout = TokenLayout.of(model)
     start = int(layout.has_cls)
     return slice(start, start + layout.num_registers)
 
 
 @contextmanager
-def kept_registers(model: VisionTransformer, count: int | None) -> Iterator[None]:
+def kept_registers(model: Backbone, count: int | None) -> Iterator[None]:
     """Run ``model`` with only its first ``count`` trained registers in the sequence."""
-    total = model.num_reg_tokens
+    total = num_registers_of(model)
     if count is None or count == total:
         yield
         return
-    saved = (model.reg_token, model.num_reg_tokens, model.num_prefix_tokens)
-    reg_token = model.reg_token
+    target = cast(Any, model)  # both families keep these counts as plain attributes
+    saved = (target.reg_token, target.num_reg_tokens, target.num_prefix_tokens)
+    reg_token = target.reg_token
     assert reg_token is not None
-    model.reg_token = nn.Parameter(reg_token[:, :count], requires_grad=False) if count else None
-    model.num_reg_tokens = count
-    model.num_prefix_tokens = saved[2] - (total - count)
+    target.reg_token = nn.Parameter(reg_token[:, :count], requires_grad=False) if count else None
+    target.num_reg_tokens = count
+    target.num_prefix_tokens = saved[2] - (total - count)
     try:
         yield
     finally:
-        model.reg_token, model.num_reg_tokens, model.num_prefix_tokens = saved
+        target.reg_token, target.num_reg_tokens, target.num_prefix_tokens = saved
 
 
 @torch.no_grad()
-def register_statistics(
-    model: VisionTransformer, batches: Iterable[Tensor], intervention: Intervention
-) -> RegisterStatistics:
+def register_statistics(model: Backbone, batches: Iterable[Tensor], intervention: Intervention) -> RegisterStatistics:
     """Mean and std of each kept register at every block input from ``from_block``, over ``batches``.
 
     One extra pass over the reference images through the model with its kept registers, untouched.
@@ -156,7 +154,7 @@ def register_statistics(
 
 @contextmanager
 def intervened(
-    model: VisionTransformer,
+    model: Backbone,
     intervention: Intervention,
     statistics: RegisterStatistics | None = None,
     *,

@@ -76,8 +76,9 @@ def resolve_backbone(
     if hf is not None:
         if source.model or source.num_registers is not None:
             raise RegablateError(f"{hf} is a Hugging Face folder: its config.json gives the model; leave out --model")
-        model = load_hf_backbone(hf)
-        return _resolved(model, hf.name, False, None, {"checkpoint": str(hf), "model_name": "huggingface"})
+        return _resolved(
+            load_hf_backbone(hf), hf.name, False, None, {"checkpoint": str(hf), "model_name": "huggingface"}
+        )
     folder = run_folder(run, source.checkpoint)
     # Without --model a .ckpt must be regablate's own (reading it says what is wrong if not).
     if path is not None and (is_training_checkpoint(path) or (path.suffix == ".ckpt" and not source.model)):

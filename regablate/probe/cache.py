@@ -101,7 +101,7 @@ class RowWriter:
                     "module's num_seg_classes and the probe's ignore_index to the values the data use"
                 )
         data = rows.detach().to("cpu", self.spec.dtype).contiguous().view(torch.uint8).numpy()
-        view, offset = memoryview(data).cast("B"), self._data_start + first_row * self.spec.row_bytes
+        view, offset = data.data.cast("B"), self._data_start + first_row * self.spec.row_bytes
         while view:  # pwrite may write less than asked (very large writes)
             written = os.pwrite(self._fd, view, offset)
             view, offset = view[written:], offset + written

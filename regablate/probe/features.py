@@ -86,7 +86,7 @@ class ViTExtractor(nn.Module):
         tokens = extract_features(self.model, images)
         keys, self._keys = self._keys, None
         assert keys is not None, "the attn.qkv hook did not run"
-        grid = tuple(self.model.patch_embed.dynamic_feat_size(images.shape[-2:]))
+        grid = tuple(self.model.patch_embed.dynamic_feat_size((images.shape[-2], images.shape[-1])))
         return BatchFeatures(cls=tokens.pooled, patches=_on_grid(tokens.patches, grid), keys=_on_grid(keys, grid))
 
 

@@ -13,10 +13,10 @@ from typing import cast
 
 import torch
 from lightning import LightningDataModule
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from regablate.models.interventions import KINDS, Intervention, RegisterStatistics, intervened, register_statistics
+from regablate.models.layout import Backbone
 from regablate.probe.device import ProbeDevice
 from regablate.probe.features import BatchFeatures, ViTExtractor
 from regablate.probe.plan import frozen_dataset
@@ -31,7 +31,7 @@ class IntervenedExtractor(ViTExtractor):
     """A ViT extractor whose every pass runs with ``intervention`` (and, for mean/noise, ``statistics``)."""
 
     def __init__(
-        self, model: VisionTransformer, intervention: Intervention, statistics: RegisterStatistics | None = None
+        self, model: Backbone, intervention: Intervention, statistics: RegisterStatistics | None = None
     ) -> None:
         super().__init__(model)
         intervention.check(model)
@@ -56,7 +56,7 @@ class IntervenedExtractor(ViTExtractor):
 
 
 def reference_statistics(
-    model: VisionTransformer,
+    model: Backbone,
     intervention: Intervention,
     datamodule: LightningDataModule,
     num_images: int,

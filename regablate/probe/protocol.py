@@ -20,7 +20,7 @@ the device's memory or be copied whole.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -144,7 +144,7 @@ class LinearProbe:
     def schedule(self, steps: int) -> Schedule:
         return Schedule(steps=steps, batch_size=self.batch_size, seed=self.seed)
 
-    def fields(self, split: str, scored_on: str, skipped: Sequence[str] = ()) -> set[str]:
+    def fields(self, split: str, scored_on: str, skipped: Collection[str] = ()) -> set[str]:
         """The fields ``split`` must hold for the cached probes that run (all but ``skipped``)."""
         return {
             name
