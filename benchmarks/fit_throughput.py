@@ -35,7 +35,7 @@ class StepTimer(Callback):
         self.start = 0.0
         self.end = 0.0
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.warmup:
             self.start = time.perf_counter()
         self.end = time.perf_counter()

@@ -36,11 +36,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from probe_extraction import measure  # noqa: E402
+from probe_extraction import measure
 
-from regablate.data import SyntheticScenes  # noqa: E402
-from regablate.probe import ProbeDevice  # noqa: E402
-from regablate.tasks import DINO  # noqa: E402
+from regablate.data import SyntheticScenes
+from regablate.probe import ProbeDevice
+from regablate.tasks import DINO
 
 PAPER_RUN = Path(__file__).resolve().parents[1] / "configs" / "fig8" / "paper_run.yaml"
 TINY = {
@@ -83,7 +83,7 @@ class StepClock(Callback):
         self.warmup, self.last = warmup, last
         self.start = self.end = 0.0
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step in (self.warmup, self.last):
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize(pl_module.device)

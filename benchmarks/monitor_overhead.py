@@ -32,9 +32,9 @@ from lightning import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fit_throughput import load_config, timed_fit  # noqa: E402
+from fit_throughput import load_config, timed_fit
 
-from regablate.callbacks import OutlierNormMonitor  # noqa: E402
+from regablate.callbacks import OutlierNormMonitor
 
 
 class NotingMonitor(OutlierNormMonitor):
@@ -42,11 +42,11 @@ class NotingMonitor(OutlierNormMonitor):
 
     measured = False
 
-    def measure(self, trainer, pl_module, step) -> None:  # noqa: ANN001
+    def measure(self, trainer, pl_module, step) -> None:
         self.measured = True
         super().measure(trainer, pl_module, step)
 
-    def log_train_batch(self, trainer, num_prefix, norms) -> None:  # noqa: ANN001
+    def log_train_batch(self, trainer, num_prefix, norms) -> None:
         self.measured = True
         super().log_train_batch(trainer, num_prefix, norms)
 
@@ -59,7 +59,7 @@ class PairedStepTimer(Callback):
         self.last: float | None = None
         self.times: dict[bool, list[float]] = {True: [], False: []}
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
         if self.last is not None and trainer.global_step > self.warmup:
             self.times[self.monitor.measured].append(now - self.last)

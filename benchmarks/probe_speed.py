@@ -64,7 +64,7 @@ from regablate.probe.protocol import LinearProbe
 from regablate.probe.run import extract_missing, feature_store, run_probe
 
 
-def timed(fn) -> float:  # noqa: ANN001
+def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start

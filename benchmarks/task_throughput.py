@@ -27,12 +27,12 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fit_throughput import StepTimer  # noqa: E402
+from fit_throughput import StepTimer
 
-from regablate.data import SyntheticScenes  # noqa: E402
-from regablate.models import build_backbone  # noqa: E402
-from regablate.tasks import DINO, Classification, Distillation  # noqa: E402
-from regablate.tasks.dino import ema_update  # noqa: E402
+from regablate.data import SyntheticScenes
+from regablate.models import build_backbone
+from regablate.tasks import DINO, Classification, Distillation
+from regablate.tasks.dino import ema_update
 
 SIZES = {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}  # the quickstart model
 BATCH = 64

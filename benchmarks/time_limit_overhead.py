@@ -27,8 +27,8 @@ from lightning import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from regablate.callbacks import TimeLimitCheckpoint  # noqa: E402
-from regablate.lightning_cli import build_cli  # noqa: E402
+from regablate.callbacks import TimeLimitCheckpoint
+from regablate.lightning_cli import build_cli
 
 
 def checked(step: int) -> bool:
@@ -44,7 +44,7 @@ class EverySecondStep(TimeLimitCheckpoint):
         super().__init__()
         self.seconds: list[float] = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if checked(trainer.global_step):
             started = time.perf_counter()
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -58,7 +58,7 @@ class PairedStepTimes(Callback):
         self.warmup, self.last = warmup, None
         self.times: dict[bool, list[float]] = {True: [], False: []}
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
         if self.last is not None and trainer.global_step > self.warmup:
             self.times[checked(trainer.global_step)].append(now - self.last)  # the step that just ended

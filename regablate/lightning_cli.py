@@ -86,7 +86,7 @@ def check_lightning_checkpoint(path: Path) -> None:
         raise RegablateError(f"ckpt_path {path} is not a checkpoint (not a torch.save archive); {hint}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - whatever the loader trips on, the file is the user's
+    except Exception as err:
         raise RegablateError(
             f"ckpt_path {path} is a corrupt or foreign checkpoint ({type(err).__name__}: {first_line(err)}); {hint}"
         ) from None

@@ -164,7 +164,7 @@ def checkpoint_hparams(path: str | Path) -> dict[str, Any]:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any read failure is the user's file, reported in one line
+    except Exception as err:
         raise RegablateError(f"cannot read checkpoint {path}: {first_line(err)}") from None
     hparams = state.get("hyper_parameters") if isinstance(state, dict) else None
     if not hparams or "model_name" not in hparams:

@@ -61,7 +61,7 @@ def quiet_trainer(steps: int, **overrides):
 
 def run_regablate(
     *args: str, cwd: Path = REPO, timeout: float = 400, check: bool = True
-) -> subprocess.CompletedProcess:  # noqa: E501
+) -> subprocess.CompletedProcess:
     """``python -m regablate ARGS`` as a user runs it, one thread per process (DDP ranks share the cores)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "regablate", *args]

@@ -144,7 +144,7 @@ def _captured(model: Backbone) -> Iterator[dict[str, Tensor]]:
             f"cannot read attention maps of {type(last).__name__}: it has no timm Attention with attn_drop"
         )
 
-    def keep(name: str, from_input: bool = False):  # noqa: ANN202 - a hook factory
+    def keep(name: str, from_input: bool = False):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             captured[name] = (inputs[0] if from_input else output).detach()
 

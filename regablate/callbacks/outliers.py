@@ -165,7 +165,7 @@ class BlockNormTap:
         wanted = measured_blocks(len(model.blocks), blocks)
         self.handles: list[RemovableHandle] = [model.blocks[b].register_forward_hook(self._keeper(b)) for b in wanted]
 
-    def _keeper(self, block: int):  # noqa: ANN202 - a hook factory
+    def _keeper(self, block: int):
         def keep(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             if block not in self.norms:
                 self.norms[block] = token_norms(output.detach())

@@ -150,7 +150,7 @@ class FeatureCache:
             with safe_open(str(path), framework="pt") as handle:
                 meta = json.loads((handle.metadata() or {})[META_KEY])
                 tensor = handle.get_tensor(field)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        except Exception as err:
             raise RegablateError(
                 f"cannot read probe cache {path} ({type(err).__name__}); delete it to recompute"
             ) from None

@@ -196,7 +196,7 @@ def _first_sample(dataset: Dataset, split: str) -> dict[str, Any]:
         sample = dataset[0]
     except RegablateError:
         raise
-    except Exception as err:  # noqa: BLE001 - whatever the data's loader raises, said in one line
+    except Exception as err:
         raise RegablateError(
             f"cannot load the first {split} sample ({type(err).__name__}: {first_line(err)}); check --data"
         ) from None

@@ -124,7 +124,7 @@ def _loaded(loader: DataLoader, split: str, rows: range) -> Iterator[dict[str, T
             batch = next(batches)
         except StopIteration:
             return
-        except Exception as err:  # noqa: BLE001 - whatever the data's loader raises, said in one line
+        except Exception as err:
             raise RegablateError(
                 f"cannot load a {split} sample in rows {rows.start}..{rows.stop - 1} "
                 f"({type(err).__name__}: {first_line(err)}); check --data"

@@ -110,7 +110,7 @@ def run_stage(args: list[str], env: dict[str, str], cwd: str, log_path: str) -> 
         _exit_handlers()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)  # as Python ends after an unhandled Ctrl-C
-    except BaseException:  # noqa: BLE001 - a stage's crash is its exit code, as for any Python process
+    except BaseException:
         traceback.print_exc()
         code = 1
     _exit_handlers()

@@ -325,7 +325,7 @@ class SlurmLauncher:
             try:
                 with self.executor.batch():
                     submitted = [self.executor.submit(SlurmRun(job, self.shape, self.max_requeues)) for job in fresh]
-            except Exception as err:  # noqa: BLE001 - sbatch's refusal, reported in one line
+            except Exception as err:
                 raise RegablateError(f"sbatch refused the jobs: {first_line(err)}") from None
             for job, slurm_job in zip(fresh, submitted):
                 previous[job.run.name] = {"job_id": slurm_job.job_id, "tasks": self.shape.tasks}
@@ -372,7 +372,7 @@ class SlurmLauncher:
         """A job that ended with its result files: task 0's exception, if any, goes into the run's log."""
         try:
             slurm_job.task(0).result()
-        except Exception as err:  # noqa: BLE001 - a job that died is a failed run, reported, not raised
+        except Exception as err:
             _log(job.run_dir, f"slurm job {slurm_job.job_id} failed: {err}")
 
     def _vanished(self, slurm_job: Any, job: RunJob) -> None:

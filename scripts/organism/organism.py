@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from scenes import build  # noqa: E402
+from scenes import build
 
-from regablate.artifacts import stats as A  # noqa: E402
-from regablate.probe.lost import corloc, lost_boxes  # noqa: E402
+from regablate.artifacts import stats as A
+from regablate.probe.lost import corloc, lost_boxes
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
