@@ -71,6 +71,22 @@ def test_the_import_graph_has_no_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def room(module: str) -> str:
+    """The folder (``regablate.probe``) or top module (``regablate.runs``) a module belongs to."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_the_folders_and_top_modules_stack():
+    """Between folders and top modules the imports form no cycle either (sweep <-> report, data <-> models were two)."""
+    rooms: dict[str, set[str]] = {}
+    for module, imported in import_graph().items():
+        rooms.setdefault(room(module), set()).update(room(name) for name in imported)
+    graph = {name: targets - {name} for name, targets in rooms.items()}
+    assert {"regablate.data", "regablate.models", "regablate.sweep", "regablate.report"} <= set(graph)
+    cycle = find_cycle(graph)
+    assert cycle is None, "folder cycle: " + " -> ".join(cycle)
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None

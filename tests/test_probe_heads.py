@@ -6,17 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from regablate.minibatch import Schedule, train_head
 from regablate.probe.heads import (
     DepthHead,
     LinearClassifierGrid,
     PixelSampler,
-    Schedule,
     SegmentationHead,
     decode_depth,
     linear_bin_centres,
     miou_metric,
     rmse_metric,
-    train_head,
 )
 from regablate.probe.lost import corloc, lost_boxes, lost_foreground, lost_seeds, paired_box_iou, seed_component
 

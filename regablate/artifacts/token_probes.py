@@ -47,9 +47,9 @@ from regablate.data.common import num_samples
 from regablate.data.images import image_files, load_images
 from regablate.data.synthetic import SyntheticScenesDataset
 from regablate.errors import RegablateError
+from regablate.minibatch import Schedule, train_head
 from regablate.models.backbone import eval_mode, extract_features
 from regablate.models.layout import Backbone, TokenLayout
-from regablate.probe.heads import Schedule, train_head
 from regablate.progress import Progress
 from regablate.runs import atomic_path, write_json_atomic
 

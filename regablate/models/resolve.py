@@ -20,9 +20,9 @@ from typing import Any
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from regablate.commands import BackboneSource
-from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
 from regablate.errors import RegablateError
 from regablate.models.backbone import build_backbone
 from regablate.models.formats import hf_folder, load_hf_backbone
@@ -45,7 +45,7 @@ class ResolvedBackbone:
         """The mean/std the weights expect: timm's data config for its pretrained weights, else ImageNet's
         (what regablate's data modules train with)."""
         if not self.pretrained:
-            return IMAGENET_MEAN, IMAGENET_STD
+            return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         config = timm.data.resolve_model_data_config(self.model)
         return tuple(config["mean"]), tuple(config["std"])
 

@@ -14,55 +14,13 @@ What keeps a step cheap: the dense heads compute their loss at a few sampled pix
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import CosineAnnealingLR
 from torchmetrics.classification import MulticlassJaccardIndex
 from torchmetrics.regression import MeanSquaredError
-
-from regablate.progress import Progress
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How long and in what mini-batches a head trains: ``steps`` steps of cosine decay.
-
-    A step count rather than epochs (as DINOv2's linear evaluation counts iterations): the
-    cost stays fixed for large datasets and small ones still get enough updates.
-    """
-
-    steps: int
-    batch_size: int
-    seed: int = 0
-
-
-def train_head(
-    optimizer: Optimizer, loss_of: Callable[[Tensor], Tensor], num_samples: int, schedule: Schedule, label: str
-) -> None:
-    """Minimise ``loss_of(indices)`` over shuffled mini-batches of sample indices (seeded epochs).
-
-    ``label`` names the head in the progress lines (``probe: cls head: 300/1000 ..., ETA 12 s``).
-    """
-    total = schedule.steps
-    progress = Progress(label, total, unit="steps")
-    cosine = CosineAnnealingLR(optimizer, T_max=total)
-    order = torch.Generator().manual_seed(schedule.seed)
-    step = 0
-    while step < total:
-        for indices in torch.randperm(num_samples, generator=order).split(schedule.batch_size)[: total - step]:
-            loss = loss_of(indices)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            cosine.step()
-            step += 1
-            progress.update()
-    progress.finish()
 
 
 def chunks(num_samples: int, size: int) -> Iterator[Tensor]:

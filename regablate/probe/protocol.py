@@ -29,19 +29,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from regablate.errors import RegablateError
+from regablate.minibatch import Schedule, train_head
 from regablate.probe.dinov2.settings import DINOv2Settings
 from regablate.probe.features import FeatureSet
 from regablate.probe.heads import (
     DepthHead,
     LinearClassifierGrid,
     PixelSampler,
-    Schedule,
     SegmentationHead,
     chunks,
     linear_bin_centres,
     miou_metric,
     rmse_metric,
-    train_head,
     valid_depth,
 )
 from regablate.probe.lost import corloc, lost_boxes
