@@ -189,7 +189,7 @@ def dino_figures(args: argparse.Namespace, where: ProbeDevice) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: the CPU smoke test")
     parser.add_argument("--steps", type=int, default=30)

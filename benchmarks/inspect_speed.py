@@ -36,7 +36,7 @@ def seconds(run: Callable[[], object]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--img_size", type=int, default=224)
     parser.add_argument("--model_kwargs", type=json.loads, default={})

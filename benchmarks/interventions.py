@@ -32,7 +32,7 @@ def timed(run: Callable[[], None]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--img_size", type=int, default=112)
     parser.add_argument("--registers", type=int, default=4)

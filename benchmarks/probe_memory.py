@@ -59,7 +59,7 @@ def probe_peak(model: str, depth: int, img_size: int, probes: str | None, train:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", default="vit_small_patch14_dinov2")
     parser.add_argument("--depth", type=int, default=2, help="blocks (12 for ViT-S itself)")
     parser.add_argument("--sizes", type=int, nargs=2, default=[512, 2048], help="two training-set sizes")

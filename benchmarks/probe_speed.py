@@ -90,7 +90,7 @@ def train_pass(extractor: ViTExtractor, plan: ProbePlan, where: ProbeDevice) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--protocol", choices=("fast", "dinov2"), default="fast")
     parser.add_argument("--model", default=None, help="default: vit_tiny_patch16_224 (fast), vit_small_patch16_224")
     parser.add_argument("--img_size", type=int, default=224)

@@ -92,7 +92,7 @@ def stage_overheads(folder: Path, grid: Path, preload: str, env: dict[str, str])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--runs", type=int, default=3, help="register counts in the grid (from 0, 1, 2, 4, 8, 16)")
     parser.add_argument("--steps", type=int, default=20, help="optimiser steps per fit")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each command (the median is shown)")

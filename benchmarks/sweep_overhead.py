@@ -27,7 +27,7 @@ REGISTERS = (0, 1, 2, 4, 8, 16)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--runs", type=int, default=3, help="register counts in the grid (from 0, 1, 2, 4, 8, 16)")
     parser.add_argument("--steps", type=int, default=60, help="optimiser steps per run")
     args = parser.parse_args()

@@ -44,7 +44,7 @@ def measure(grid_path: Path, repeats: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("grids", nargs="*", default=["configs/fig8/cpu.yaml", "configs/fig8/paper.yaml"])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()

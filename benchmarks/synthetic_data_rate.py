@@ -27,7 +27,7 @@ def median_rate(work: Callable[[], int], repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--n", type=int, default=3000, help="images per repeat")
     parser.add_argument("--batch-size", type=int, default=64)

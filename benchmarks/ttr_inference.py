@@ -46,7 +46,7 @@ def flops_per_image(model: torch.nn.Module, tokens: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", default="vit_tiny_patch16_224")
     parser.add_argument("--img_size", type=int, default=224)
     parser.add_argument("--model_kwargs", type=json.loads, default={})

@@ -37,7 +37,7 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
 def parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)
     a = p.add_argument
     a("--name", required=True)
     a("--seed", type=int, default=0)
