@@ -59,11 +59,18 @@ def quiet_trainer(steps: int, **overrides):
     return Trainer(**settings)
 
 
+def subprocess_env() -> dict[str, str]:
+    """The environment of a regablate process a test starts: one thread, and the repository importable,
+    so that grids may name the tests' own callbacks (``tests.signals.Segfault``) from any folder."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
 def run_regablate(
     *args: str, cwd: Path = REPO, timeout: float = 400, check: bool = True
 ) -> subprocess.CompletedProcess:
     """``python -m regablate ARGS`` as a user runs it, one thread per process (DDP ranks share the cores)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     command = [sys.executable, "-m", "regablate", *args]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if check:

@@ -24,7 +24,7 @@ from regablate.report.settings import Report
 from regablate.report.tables import aggregate, results_markdown
 from regablate.sweep.grid import Launcher, load_grid, merge
 from regablate.sweep.resolve import resolve_config
-from tests.conftest import REPO, run_regablate
+from tests.conftest import REPO, run_regablate, subprocess_env
 
 MICRO = REPO / "tests" / "configs" / "grid_micro.yaml"
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
@@ -252,7 +252,7 @@ def start_micro_sweep(tmp_path: Path, *args: str, **popen: object) -> tuple[subp
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=subprocess_env(),
         **popen,  # type: ignore[call-overload]
     )
     run = tmp_path / "runs" / "micro" / "r0_s0"
