@@ -23,14 +23,19 @@ from regablate.models.layout import Backbone
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 
 
-def is_upstream(source: dict[str, Tensor]) -> bool:
-    """Whether ``source`` is a backbone in one of the upstream layouts (dinov2's ``mask_token`` or
-    ``register_tokens``, dinov3's ``storage_tokens`` or ``rope_embed``), its keys without a prefix.
+# Tensors only the upstream layouts have, by the timm family that reads them.
+_DINOV2_MARKERS = ("mask_token", "register_tokens")
+_DINOV3_MARKERS = ("storage_tokens", "rope_embed.periods")
+
+
+def is_upstream(source: dict[str, Tensor], model: Backbone) -> bool:
+    """Whether ``source`` is a backbone in the upstream layout of ``model``'s family (dinov3 for an
+    Eva, dinov2 for a VisionTransformer), its keys without a prefix.
 
     A regablate training checkpoint also holds a ``mask_token`` (iBOT), but beside prefixed
     backbone keys (``student.backbone.``), so it is not taken for one.
     """
-    markers = ("mask_token", "register_tokens", "storage_tokens", "rope_embed.periods")
+    markers = _DINOV3_MARKERS if isinstance(model, Eva) else _DINOV2_MARKERS
     return "patch_embed.proj.weight" in source and any(key in source for key in markers)
 
 
@@ -39,10 +44,10 @@ def to_timm_layout(source: dict[str, Tensor], model: Backbone) -> dict[str, Tens
 
     The patch embedding must already fit: timm's filters would resample another patch size silently.
     """
-    if not is_upstream(source):
+    if not is_upstream(source, model):
         return source
-    given, expected = source.get("patch_embed.proj.weight"), model.patch_embed.proj.weight
-    if given is not None and given.shape != expected.shape:
+    given, expected = source["patch_embed.proj.weight"], model.patch_embed.proj.weight
+    if given.shape != expected.shape:
         raise RegablateError(
             f"checkpoint tensor patch_embed.proj.weight has shape {tuple(given.shape)} but the model expects "
             f"{tuple(expected.shape)}; pick the --model of the checkpoint's sizes"
