@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     Dinov2Config,
     Dinov2Model,
@@ -118,6 +119,20 @@ def test_dinov3_folder_matches_transformers(tmp_path, config, timm_name):
     assert resolved.description["model_name"] == timm_name
     assert resolved.description["model_kwargs"]["embed_dim"] == 32
     assert resolved.description["global_feature"] == "cls"
+
+
+def test_dinov3_folder_with_blocks_under_model(tmp_path):
+    """Hugging Face folders keep DINOv3's blocks under ``layer.`` (hub) or ``model.layer.`` (the module's names)."""
+    reference = saved_dinov3(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    save_file(
+        {("model." if key.startswith("layer.") else "") + key: v for key, v in weights.items()},
+        tmp_path / "model.safetensors",
+    )
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        difference = load_backbone(tmp_path).forward_features(images) - reference(pixel_values=images).last_hidden_state
+    assert difference.abs().max() < 1e-4
 
 
 def test_dinov3_folder_converts_registers_and_size(tmp_path):
