@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from regablate.errors import RegablateError
 from regablate.models.convert import architecture_of, convert_state_dict, load_state_dict_file
 from regablate.models.layout import GLOBAL_FEATURES, Backbone, TokenLayout
+from regablate.models.upstream import to_timm_layout
 
 # The timm module of each family's registered models, and the class they build.
 _FAMILIES: dict[str, type[nn.Module]] = {
@@ -48,7 +49,7 @@ def build_backbone(
     model_name: str,
     num_registers: int,
     *,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | Path | dict[str, Tensor] | None = None,
     pretrained: bool = False,
     register_init_std: float = 0.02,
     **timm_kwargs: Any,
@@ -58,10 +59,12 @@ def build_backbone(
     Args:
         model_name: any timm ViT name (``vit_small_patch14_dinov2``, ``vit_base_patch16_siglip_224``, ...).
         num_registers: number of register tokens R >= 0.
-        checkpoint: local ``.safetensors``, ``.pt``, ``.pth`` or Lightning ``.ckpt`` file trained
-            with any register count; converted as described in the module docstring. Its tensors
-            decide ``class_token``, whether ``global_pool`` is ``map`` (an ``attn_pool``) and where
-            the final norm sits (``fc_norm``/``final_norm``); given values that contradict them fail.
+        checkpoint: local ``.safetensors``, ``.pt``, ``.pth`` or Lightning ``.ckpt`` file (or its
+            tensors) trained with any register count, in timm's names or the upstream dinov2/dinov3
+            repositories' (``regablate.models.upstream``); converted as described in the module
+            docstring. Its tensors decide ``class_token``, whether ``global_pool`` is ``map`` (an
+            ``attn_pool``) and where the final norm sits (``fc_norm``/``final_norm``); given values
+            that contradict them fail.
         pretrained: load timm's pretrained weights for ``model_name`` (through timm's own hub
             loading, so it needs network access or a populated cache) and convert them.
         register_init_std: standard deviation of the normal that new registers start from
@@ -83,6 +86,8 @@ def build_backbone(
     source: dict[str, Tensor] | None = None
     if pretrained:
         source = timm.create_model(model_name, pretrained=True, num_classes=0).state_dict()
+    elif isinstance(checkpoint, dict):
+        source = checkpoint
     elif checkpoint is not None:
         source = load_state_dict_file(checkpoint)
     kwargs: dict[str, Any] = {"num_classes": 0, **timm_kwargs}
@@ -103,7 +108,7 @@ def build_backbone(
         )
     _check_patch_grid(model, model_name)
     if source is not None:
-        converted = convert_state_dict(source, model, register_init_std=register_init_std)
+        converted = convert_state_dict(to_timm_layout(source, model), model, register_init_std=register_init_std)
         model.load_state_dict(converted, strict=True)
     return model
 

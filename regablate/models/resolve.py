@@ -6,9 +6,12 @@ them here, by one set of rules:
 * a run folder (positional or ``--checkpoint``) or a ``.ckpt`` that regablate wrote (any ``.ckpt``
   when no ``--model`` is given) is built as it was trained (its stored model name, register count
   and sizes), then converted by any ``--num_registers`` / ``--img_size`` / size arguments given;
-* anything else needs ``--model NAME`` (a timm ViT): with ``--checkpoint FILE`` those weights are
-  converted into it; without one, timm's pretrained weights are loaded when ``--pretrained`` is
-  true (the default), random weights otherwise;
+* a Hugging Face folder (``regablate.models.formats``) is built from its ``config.json``, then
+  converted by any ``--num_registers`` / ``--img_size``; ``--model`` and size arguments are refused;
+* anything else needs ``--model NAME`` (a timm ViT): with ``--checkpoint FILE`` those weights (timm's
+  names or the upstream dinov2/dinov3 repositories', ``regablate.models.upstream``) are converted
+  into it; without one, timm's pretrained weights are loaded when ``--pretrained`` is true (the
+  default), random weights otherwise;
 * the register count defaults to the model's own (4 for timm's ``*_reg4_*``, else 0, or the run's).
 """
 
@@ -25,7 +28,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from regablate.commands import BackboneSource
 from regablate.errors import RegablateError
 from regablate.models.backbone import build_backbone
-from regablate.models.formats import hf_folder, load_hf_backbone
+from regablate.models.formats import HubModel, hf_folder, read_hf_folder
 from regablate.models.layout import Backbone, global_feature_name, num_registers_of
 from regablate.runs import Which, checkpoint_hparams, find_checkpoint, first_line, is_training_checkpoint
 
@@ -74,11 +77,13 @@ def resolve_backbone(
         raise RegablateError(f"{'run folder' if run is not None else 'checkpoint'} not found: {path}")
     hf = hf_folder(path) if path is not None else None
     if hf is not None:
-        if source.model or source.num_registers is not None:
+        if source.model:
             raise RegablateError(f"{hf} is a Hugging Face folder: its config.json gives the model; leave out --model")
-        return _resolved(
-            load_hf_backbone(hf), hf.name, False, None, {"checkpoint": str(hf), "model_name": "huggingface"}
-        )
+        hub = read_hf_folder(hf)
+        model = _build_hub(hub, hf, num_registers=source.num_registers, **source.sizes())
+        description: dict[str, Any] = {"checkpoint": str(hf), "model_name": hub.model_name}
+        description["model_kwargs"] = hub.model_kwargs
+        return _resolved(model, hf.name, False, None, description)
     folder = run_folder(run, source.checkpoint)
     # Without --model a .ckpt must be regablate's own (reading it says what is wrong if not).
     if path is not None and (is_training_checkpoint(path) or (path.suffix == ".ckpt" and not source.model)):
@@ -126,16 +131,15 @@ def _resolved(
 
 
 def load_backbone(source: str | Path, which: Which = "best", **overrides: Any) -> Backbone:
-    """The backbone of a run folder, a regablate ``.ckpt`` or a Hugging Face DINOv2 folder.
+    """The backbone of a run folder, a regablate ``.ckpt`` or a Hugging Face folder (DINOv2, DINOv3).
 
-    ``overrides`` replace stored settings (``num_registers`` to convert, ``img_size``, ...).
+    ``overrides`` replace stored settings (``num_registers`` to convert, ``img_size``, ...); a Hugging
+    Face folder takes only those two, its config.json gives the rest.
     """
     path = Path(source)
     folder = hf_folder(path)
     if folder is not None:
-        if overrides:
-            raise RegablateError(f"{folder} is a Hugging Face folder: give no {', '.join(overrides)}")
-        return load_hf_backbone(folder)
+        return _build_hub(read_hf_folder(folder), folder, **overrides)
     checkpoint = find_checkpoint(path, which) if path.is_dir() else path
     if not checkpoint.is_file():
         raise RegablateError(f"checkpoint not found: {checkpoint}")
@@ -150,6 +154,17 @@ def load_backbone(source: str | Path, which: Which = "best", **overrides: Any) -
     if settings["img_size"] is None:
         del settings["img_size"]
     return build_backbone(settings.pop("model_name"), settings.pop("num_registers"), checkpoint=checkpoint, **settings)
+
+
+def _build_hub(
+    hub: HubModel, folder: Path, num_registers: int | None = None, img_size: int | None = None, **sizes: Any
+) -> Backbone:
+    """A Hugging Face folder's backbone: its config.json gives the sizes, a register count and image size convert it."""
+    if sizes:
+        raise RegablateError(
+            f"{folder} is a Hugging Face folder: its config.json gives {', '.join(sizes)}; leave them out"
+        )
+    return hub.build(num_registers, img_size)
 
 
 def native_registers(model_name: str) -> int:
