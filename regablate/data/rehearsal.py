@@ -42,7 +42,7 @@ NUM_CLASSES = 10  # object classes of the scenes: ImageNet labels, ADE ids 1..10
 NYU_FRAME = (480, 640)  # the Kinect frame the Eigen crop is defined on
 BACKBONE_NAME = "vit_large_patch14_dinov2"  # at the shape below (embed_dim 48, depth 4, 3 heads)
 DINOV3_NAME = "vit_small_patch16_dinov3"  # the same shape, with DINOv3's 4 registers
-SHRUNK = {"embed_dim": 48, "depth": 4, "num_heads": 3}
+SHRUNK: dict[str, Any] = {"embed_dim": 48, "depth": 4, "num_heads": 3}
 
 
 def _jpeg(image: np.ndarray, quality: int = 90) -> bytes:
