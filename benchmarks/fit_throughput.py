@@ -82,8 +82,14 @@ def plain_loop(config: dict, steps: int, warmup: int) -> float:
     return (steps - warmup) * data.hparams.batch_size / (time.perf_counter() - start)
 
 
-def timed_fit(config_path: Path, steps: int, warmup: int, extra_callbacks: list[Callback] | tuple = ()) -> float:
-    """Seconds of the timed steps (after ``warmup``) of the real `regablate fit`, validation off."""
+def timed_fit(
+    config_path: Path,
+    steps: int,
+    warmup: int,
+    extra_callbacks: list[Callback] | tuple = (),
+    overrides: tuple[str, ...] = (),
+) -> float:
+    """Seconds of the timed steps (after ``warmup``) of `regablate fit`, validation off, ``overrides`` added."""
     timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as runs:
         build_cli(
@@ -99,6 +105,7 @@ def timed_fit(config_path: Path, steps: int, warmup: int, extra_callbacks: list[
                 "false",
                 "--trainer.logger.init_args.save_dir",
                 runs,
+                *overrides,
             ],
             extra_callbacks=[timer, *extra_callbacks],
         )

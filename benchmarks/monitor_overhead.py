@@ -15,7 +15,9 @@ Printed per mode: median step times, the cost of one measurement, and the implie
 (with / without) at every step and at the default cadence. Targets: the default cadence (a scan
 every 100 steps) <= 1.01; every step <= 1.03 (the training-batch mode is the every-step mode).
 
-    python benchmarks/monitor_overhead.py [--steps 300] [--config configs/quickstart.yaml]
+    python benchmarks/monitor_overhead.py [--steps 300] [--config configs/quickstart.yaml] [--model NAME] [--threads 1]
+
+``--model`` swaps the config's timm model (its sizes stay the config's), e.g. a DINOv3 (Eva, RoPE).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
 from lightning import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,11 +70,13 @@ class PairedStepTimer(Callback):
         self.last = now
 
 
-def paired_step_times(config: Path, steps: int, warmup: int, **monitor_args: int | None) -> tuple[float, float]:
+def paired_step_times(
+    config: Path, steps: int, warmup: int, overrides: tuple[str, ...] = (), **monitor_args: int | None
+) -> tuple[float, float]:
     """Median seconds of a step with and without a measurement, from one fit measuring every second step."""
     monitor = NotingMonitor(**monitor_args)
     timer = PairedStepTimer(monitor, warmup)
-    timed_fit(config, steps, warmup, [monitor, timer])
+    timed_fit(config, steps, warmup, [monitor, timer], overrides)
     return statistics.median(timer.times[True]), statistics.median(timer.times[False])
 
 
@@ -80,7 +85,12 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/quickstart.yaml"))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--model", default=None, help="timm model replacing the config's")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = ("--model.model_name", args.model) if args.model else ()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     default_every = OutlierNormMonitor().every_n_steps
@@ -90,11 +100,12 @@ def main() -> None:
     }
     batch_size = load_config(args.config)["data"]["init_args"]["batch_size"]
     print(
-        f"{args.config}: {args.steps} steps of {batch_size} images (first {args.warmup} untimed), "
+        f"{args.config} ({args.model or 'its model'}): {args.steps} steps of {batch_size} images "
+        f"(first {args.warmup} untimed), "
         "every second step measured"
     )
     for name, monitor_args in modes.items():
-        with_, without = paired_step_times(args.config, args.steps, args.warmup, **monitor_args)
+        with_, without = paired_step_times(args.config, args.steps, args.warmup, overrides, **monitor_args)
         extra = with_ - without
         print(
             f"{name:<15}: step {without * 1e3:6.1f} ms, measured step {with_ * 1e3:6.1f} ms -> "

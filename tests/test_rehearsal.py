@@ -24,6 +24,10 @@ from regablate.sweep.resolve import resolve_config
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "fig8" / "paper.yaml"
 REHEARSAL = ROOT / "configs" / "fig8" / "rehearsal.yaml"
+DINOV3 = ROOT / "configs" / "fig8" / "dinov3.yaml"
+DINOV3_REHEARSAL = ROOT / "configs" / "fig8" / "dinov3_rehearsal.yaml"
+# Each rehearsal, the grid it rehearses, and the runs of its to compare.
+REHEARSALS = [(REHEARSAL, PAPER, ("r0_s0", "r4_s0")), (DINOV3_REHEARSAL, DINOV3, ("r8_s0",))]
 
 # Every run-config key the rehearsal may change, and why it may.
 SIZES = {
@@ -78,9 +82,10 @@ def differing(paper: dict[str, Any], rehearsal: dict[str, Any]) -> set[str]:
     return {next((g for g in SIZES if key == g or key.startswith(g + ".")), key) for key in keys}
 
 
-def test_rehearsal_run_configs_differ_from_the_paper_grid_only_in_sizes_paths_and_device():
-    paper, rehearsal = load_grid(PAPER), load_grid(REHEARSAL)
-    for name in ("r0_s0", "r4_s0"):
+@pytest.mark.parametrize(("rehearsed", "grid", "names"), REHEARSALS, ids=["paper", "dinov3"])
+def test_rehearsal_run_configs_differ_from_their_grid_only_in_sizes_paths_and_device(rehearsed, grid, names):
+    paper, rehearsal = load_grid(grid), load_grid(rehearsed)
+    for name in names:
         a, b = run_config(paper, name), run_config(rehearsal, name)
         assert differing(a, b) <= SIZES | PATHS | DEVICE, sorted(differing(a, b) - SIZES - PATHS - DEVICE)
         # What the rehearsal exists to exercise, on both sides:
@@ -100,8 +105,9 @@ def test_rehearsal_run_configs_differ_from_the_paper_grid_only_in_sizes_paths_an
     ]
 
 
-def test_rehearsal_stages_and_probe_flags_are_the_paper_grids():
-    paper, rehearsal = load_grid(PAPER), load_grid(REHEARSAL)
+@pytest.mark.parametrize(("rehearsed", "grid", "names"), REHEARSALS, ids=["paper", "dinov3"])
+def test_rehearsal_stages_and_probe_flags_are_their_grids(rehearsed, grid, names):
+    paper, rehearsal = load_grid(grid), load_grid(rehearsed)
     assert [(s.name, s.command) for s in rehearsal.stages] == [(s.name, s.command) for s in paper.stages]
     for ours, theirs in zip(rehearsal.stages, paper.stages):
         a, b = theirs.args, ours.args
@@ -109,8 +115,10 @@ def test_rehearsal_stages_and_probe_flags_are_the_paper_grids():
         changed = {flag for flag in b if a.get(flag) != b[flag]}
         assert changed <= STAGE_FLAGS, (ours.name, changed - STAGE_FLAGS)
         assert b.get("--probe.protocol") == "dinov2" or ours.command != "probe"
-    assert rehearsal.report.paper is True and paper.report.paper is True
-    assert rehearsal.launcher.devices_per_run == 2  # 2 DDP ranks, as paper.yaml's 8 GPUs are 8 ranks
+    assert rehearsal.report.paper is paper.report.paper  # DINOv3's grid overlays no paper numbers
+    assert [s.name for s in paper.stages] == [s.name for s in load_grid(PAPER).stages]  # the paper's stages
+    if rehearsed == REHEARSAL:
+        assert rehearsal.launcher.devices_per_run == 2  # 2 DDP ranks, as paper.yaml's 8 GPUs are 8 ranks
 
 
 @pytest.mark.slow
@@ -147,3 +155,34 @@ def test_rehearsal_runs_every_stage_of_the_paper_grid(tmp_path):
         assert "Starting with 2 processes" in log and "distributed_backend=gloo" in log  # fit is a 2-rank DDP world
     for report in ("results.csv", "results.md", "figure8.png"):
         assert (experiment / report).is_file(), report
+
+
+@pytest.mark.slow
+def test_dinov3_rehearsal_runs_every_stage_and_the_full_grid_passes_its_dry_run(tmp_path, monkeypatch, capsys):
+    """configs/fig8/dinov3_rehearsal.yaml end to end (one run: R = 8 from a DINOv3 with 4), then the plan of
+    dinov3.yaml with its probes' data folders present (only the Hub's ImageNet stays unchecked offline)."""
+    from regablate.cli import main
+    from regablate.data.rehearsal import prepare_rehearsal
+
+    monkeypatch.chdir(tmp_path)
+    sizes = {"imagenet_train": 16, "imagenet_val": 8, "ade_train": 4, "ade_val": 2, "nyu_train": 4, "nyu_test": 2}
+    prepare_rehearsal("data/rehearsal", **sizes)
+    command = [sys.executable, "-m", "regablate", "sweep", str(ROOT / "configs" / "fig8" / "dinov3_rehearsal.yaml")]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    experiment = tmp_path / "runs" / "fig8_dinov3_rehearsal"
+    summary = json.loads((experiment / "r8_s0" / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["num_registers"] == 8 and summary["global_step"] == 2
+    assert [summary[f"stages/{s}"] for s in ("fit", "probe_cls", "probe_seg", "probe_depth")] == ["complete"] * 4
+    assert (
+        0 <= summary["probe/cls_top1"] <= 1 and 0 <= summary["probe/seg_miou"] <= 1 and summary["probe/depth_rmse"] > 0
+    )
+    assert (experiment / "figure8.png").is_file()
+
+    for name in ("ade20k", "nyud"):  # where dinov3.yaml (as paper.yaml) reads them
+        (tmp_path / "data" / name).symlink_to(tmp_path / "data" / "rehearsal" / name)
+    main(["sweep", str(ROOT / "configs" / "fig8" / "dinov3.yaml"), "--dry_run", "true"])
+    printed = capsys.readouterr().out
+    assert "r16_s2: new, fit -> probe_cls -> probe_seg -> probe_depth" in printed
+    assert "ERROR" not in printed and "fit: not checked: ILSVRC/imagenet-1k" in printed
+    assert not (tmp_path / "runs" / "fig8_dinov3").exists()

@@ -10,7 +10,8 @@ takes one model and a few images, no training:
 
 Applying them appends one token to the sequence, zero and without position embedding, after the
 trained registers: ``[CLS, REG_1..REG_R, TTR, PATCHES]`` (``[REG_1..REG_R, TTR, PATCHES]`` without a
-class token). ``num_prefix_tokens`` grows by one, so
+class token). ``num_prefix_tokens`` grows by one (an Eva's attention layers' too, so RoPE never
+rotates the extra token), so
 everything that slices the prefix off (timm, ``extract_features``, the probes, the artifact scan)
 treats the extra token as one more register and no patch-level head ever sees it, while
 ``num_reg_tokens`` still counts the trained registers. In each hooked block, per image, each
@@ -40,7 +41,7 @@ from regablate.artifacts.stats import Threshold
 from regablate.errors import RegablateError
 from regablate.models.backbone import eval_mode, extract_features
 from regablate.models.fingerprint import weights_fingerprint
-from regablate.models.layout import Backbone, TokenLayout
+from regablate.models.layout import Backbone, TokenLayout, set_num_prefix_tokens
 from regablate.runs import write_json_atomic
 
 FORMAT = 1
@@ -232,7 +233,7 @@ def add_test_time_register(model: Backbone, neurons: RegisterNeurons | str | Pat
         *(_fc2(model, block).register_forward_pre_hook(register.mover(block)) for block in register.blocks),
     ]
     model.add_module(ATTRIBUTE, register)
-    model.num_prefix_tokens += 1
+    set_num_prefix_tokens(model, model.num_prefix_tokens + 1)
     return model
 
 
@@ -244,7 +245,7 @@ def remove_test_time_register(model: Backbone) -> Backbone:
     for handle in register.handles:
         handle.remove()
     delattr(model, ATTRIBUTE)
-    model.num_prefix_tokens -= 1
+    set_num_prefix_tokens(model, model.num_prefix_tokens - 1)
     return model
 
 

@@ -7,12 +7,12 @@ from typing import Any, cast
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
 from regablate.data.common import IMAGENET_MEAN, IMAGENET_STD
 from regablate.errors import RegablateError
+from regablate.models.layout import Backbone, is_backbone
 
 
 class FixedImagesCallback(Callback):
@@ -43,7 +43,7 @@ class FixedImagesCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage not in ("fit", "validate") or not trainer.is_global_zero:
             return
-        if not isinstance(getattr(pl_module, "backbone", None), VisionTransformer):
+        if not is_backbone(getattr(pl_module, "backbone", None)):
             raise RegablateError(f"{type(self).__name__} needs a task with a timm ViT in .backbone")
         if self.batch is None:
             self.batch = draw_validation_images(trainer, self.num_images)
@@ -75,12 +75,12 @@ class FixedImagesCallback(Callback):
         return self.batch["image"], self.batch.get("mask")
 
 
-def backbone_of(pl_module: LightningModule) -> VisionTransformer:
+def backbone_of(pl_module: LightningModule) -> Backbone:
     """The backbone of a regablate task (the callbacks measure it)."""
     backbone = getattr(pl_module, "backbone", None)
     if not isinstance(backbone, nn.Module):
         raise RegablateError(f"{type(pl_module).__name__} has no backbone: the callback needs a regablate task")
-    return cast(VisionTransformer, backbone)
+    return cast(Backbone, backbone)
 
 
 def draw_validation_images(trainer: Trainer, num_images: int) -> dict[str, Tensor]:

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning import LightningModule, Trainer
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -24,7 +23,7 @@ from regablate.artifacts.stats import (
 )
 from regablate.callbacks.fixed_images import FixedImagesCallback, backbone_of, tensorboards
 from regablate.errors import RegablateError
-from regablate.models.layout import TokenLayout
+from regablate.models.layout import Backbone, TokenLayout
 from regablate.runs import RunRecord
 
 TRAIN_BATCH_PREFIX = "artifacts/train_batch"
@@ -160,7 +159,7 @@ class BlockNormTap:
     The norms are taken from the detached block output: the training graph is untouched.
     """
 
-    def __init__(self, model: VisionTransformer, blocks: Sequence[int] | None) -> None:
+    def __init__(self, model: Backbone, blocks: Sequence[int] | None) -> None:
         self.norms: dict[int, Tensor] = {}
         wanted = measured_blocks(len(model.blocks), blocks)
         self.handles: list[RemovableHandle] = [model.blocks[b].register_forward_hook(self._keeper(b)) for b in wanted]

@@ -11,9 +11,11 @@ runs on the real files:
   annotation PNGs, 0 = "other"), prepared by ``prepare_ade20k`` into ``ade20k/``;
 - NYU Depth v2: the BTS / toolbox layout (480x640 ``scene/rgb_N.jpg``, 16-bit ``sync_depth_N.png``
   in mm, ``nyu_train.txt`` / ``nyu_test.txt``), prepared by ``prepare_nyud`` into ``nyud/``;
-- the starting point of continued pretraining: ``vit_r0.safetensors``, a ViT-L/14-family backbone
+- the starting points of continued pretraining: ``vit_r0.safetensors``, a ViT-L/14-family backbone
   shrunk to the rehearsal's size, without registers, in timm's state-dict layout (the layout timm's
-  DINOv2 weights have). Its weights are random: the rehearsal checks the path, not the numbers.
+  DINOv2 weights have), and ``dinov3_r4.safetensors``, a DINOv3 ViT-S/16-family backbone shrunk the
+  same way with its 4 registers (``configs/fig8/dinov3_rehearsal.yaml``). Their weights are random:
+  the rehearsals check the path, not the numbers.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from regablate.runs import write_folder_atomic
 NUM_CLASSES = 10  # object classes of the scenes: ImageNet labels, ADE ids 1..10
 NYU_FRAME = (480, 640)  # the Kinect frame the Eigen crop is defined on
 BACKBONE_NAME = "vit_large_patch14_dinov2"  # at the shape below (embed_dim 48, depth 4, 3 heads)
+DINOV3_NAME = "vit_small_patch16_dinov3"  # the same shape, with DINOv3's 4 registers
+SHRUNK: dict[str, Any] = {"embed_dim": 48, "depth": 4, "num_heads": 3}
 
 
 def _jpeg(image: np.ndarray, quality: int = 90) -> bytes:
@@ -122,7 +126,19 @@ def write_r0_backbone(path: Path, seed: int) -> None:
     resamples it, as DINOv2's 518 px weights are resampled for the paper's 224 px.
     """
     torch.manual_seed(seed)
-    model = build_backbone(BACKBONE_NAME, 0, img_size=112, embed_dim=48, depth=4, num_heads=3)
+    _save(build_backbone(BACKBONE_NAME, 0, img_size=112, **SHRUNK), path)
+
+
+def write_dinov3_backbone(path: Path, seed: int) -> None:
+    """A DINOv3-family backbone of the rehearsal's shape with its own 4 registers, in timm's layout.
+
+    It has no position embedding to resample (RoPE only), so it loads at any image size.
+    """
+    torch.manual_seed(seed)
+    _save(build_backbone(DINOV3_NAME, 4, **SHRUNK), path)
+
+
+def _save(model: torch.nn.Module, path: Path) -> None:
     save_file({name: t.detach().contiguous() for name, t in model.state_dict().items()}, str(path))
 
 
@@ -136,11 +152,11 @@ def prepare_rehearsal(
     nyu_test: int = 32,
     seed: int = 0,
 ) -> None:
-    """Write the inputs of configs/fig8/rehearsal.yaml (ImageNet, ADE20k, NYUd, an R = 0 ViT) in their real formats.
+    """Write the inputs of the rehearsals (ImageNet, ADE20k, NYUd, an R = 0 ViT, an R = 4 DINOv3) in their real formats.
 
     Args:
         output: folder to write (replaced as a whole, atomically): imagenet/, ade20k/, nyud/,
-            vit_r0.safetensors, and sources/ (the raw ADE20k archive and NYUd frames).
+            vit_r0.safetensors, dinov3_r4.safetensors, and sources/ (the raw ADE20k archive and NYUd frames).
         imagenet_train: ImageNet-format training images (64 px scenes, JPEG in parquet).
         imagenet_val: ImageNet-format validation images.
         ade_train: ADE20k-format training images (96x128).
@@ -169,6 +185,7 @@ def prepare_rehearsal(
             root=str(sources / "nyu"),
         )
         write_r0_backbone(staging / "vit_r0.safetensors", seed)
+        write_dinov3_backbone(staging / "dinov3_r4.safetensors", seed)
 
     write_folder_atomic(target, write)
-    print(f"prepare_rehearsal: wrote {target} (imagenet, ade20k, nyud, vit_r0.safetensors)")
+    print(f"prepare_rehearsal: wrote {target} (imagenet, ade20k, nyud, vit_r0.safetensors, dinov3_r4.safetensors)")

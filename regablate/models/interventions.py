@@ -18,13 +18,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from regablate.errors import RegablateError
-from regablate.models.layout import Backbone, TokenLayout, num_registers_of
+from regablate.models.layout import Backbone, TokenLayout, num_registers_of, set_registers
 
 InterventionKind = Literal["none", "zero", "mean", "noise", "shuffle"]
 KINDS: tuple[str, ...] = ("none", "zero", "mean", "noise", "shuffle")
@@ -97,17 +97,13 @@ def kept_registers(model: Backbone, count: int | None) -> Iterator[None]:
     if count is None or count == total:
         yield
         return
-    target = cast(Any, model)  # both families keep these counts as plain attributes
-    saved = (target.reg_token, target.num_reg_tokens, target.num_prefix_tokens)
-    reg_token = target.reg_token
-    assert reg_token is not None
-    target.reg_token = nn.Parameter(reg_token[:, :count], requires_grad=False) if count else None
-    target.num_reg_tokens = count
-    target.num_prefix_tokens = saved[2] - (total - count)
+    saved = model.reg_token
+    assert saved is not None
+    set_registers(model, nn.Parameter(saved[:, :count], requires_grad=False) if count else None)
     try:
         yield
     finally:
-        target.reg_token, target.num_reg_tokens, target.num_prefix_tokens = saved
+        set_registers(model, saved)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ slices the sequence asks a :class:`TokenLayout` instead of assuming ``1 + R`` pr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TypeAlias, TypeGuard
 
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
@@ -80,6 +80,38 @@ def num_registers_of(model: nn.Module) -> int:
     """
     reg_token = getattr(model, "reg_token", None)
     return 0 if reg_token is None else int(reg_token.shape[1])
+
+
+def is_backbone(module: object) -> TypeGuard[Backbone]:
+    """Whether ``module`` is a timm ViT of a family regablate builds (``VisionTransformer`` or ``Eva``)."""
+    return isinstance(module, (VisionTransformer, Eva))
+
+
+def set_num_prefix_tokens(model: Backbone, count: int) -> None:
+    """Make ``model`` treat its first ``count`` tokens as prefix tokens (class token, registers).
+
+    The model slices its outputs by ``num_prefix_tokens``; an Eva's attention layers also keep
+    their own count, the tokens they leave unrotated by RoPE, so a register added or removed for
+    a pass (a test-time register, fewer registers) is never rotated and every patch still is.
+    """
+    model.num_prefix_tokens = count
+    for block in model.blocks:
+        attention = getattr(block, "attn", None)
+        if isinstance(getattr(attention, "num_prefix_tokens", None), int):
+            attention.num_prefix_tokens = count  # type: ignore[union-attr]
+
+
+def set_registers(model: Backbone, reg_token: nn.Parameter | None) -> None:
+    """Give ``model`` the registers ``reg_token`` ``(1, R', D)`` (``None``: none) in place of its own.
+
+    Every count that depends on them follows (``VisionTransformer`` also keeps ``num_reg_tokens``).
+    """
+    before = num_registers_of(model)
+    model.reg_token = reg_token
+    after = num_registers_of(model)
+    if hasattr(model, "num_reg_tokens"):
+        model.num_reg_tokens = after
+    set_num_prefix_tokens(model, model.num_prefix_tokens - before + after)
 
 
 def global_feature_name(model: Backbone) -> str:

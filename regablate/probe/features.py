@@ -61,31 +61,33 @@ class Extractor(Protocol):
 class ViTExtractor(nn.Module):
     """Frozen features of a timm ViT: final CLS and patch tokens, and last-block keys.
 
-    The keys come from a forward hook on the last block's ``attn.qkv``, which sees that
-    block's normed input, during the same pass that yields the tokens. Register tokens are
-    sliced off both.
+    The keys come from a forward hook on the last block's ``attn.k_norm``, which both timm
+    families apply to the keys ``(B, heads, N, head_dim)`` however they project them (one fused
+    ``qkv`` or separate ``k_proj``, biases included), during the same pass that yields the tokens:
+    the keys as attention compares them, before RoPE (an Eva rotates them after ``k_norm``, and
+    rotated keys would compare positions, not content). Register tokens are sliced off both.
     """
 
     def __init__(self, model: Backbone) -> None:
         super().__init__()
-        qkv = getattr(getattr(model.blocks[-1], "attn", None), "qkv", None)
-        if not isinstance(qkv, nn.Linear):
+        k_norm = getattr(getattr(model.blocks[-1], "attn", None), "k_norm", None)
+        if not isinstance(k_norm, nn.Module):
             raise RegablateError(
-                f"{type(model).__name__}'s last block has no fused attn.qkv layer, which LOST reads the keys from"
+                f"{type(model).__name__}'s last block has no timm attention with k_norm, which LOST reads the keys from"
             )
         self.model = model.eval().requires_grad_(False)
         self._keys: Tensor | None = None
-        qkv.register_forward_hook(self._keep_keys)
+        k_norm.register_forward_hook(self._keep_keys)
 
     def _keep_keys(self, module: nn.Module, inputs: tuple[Tensor], output: Tensor) -> None:
-        width = output.shape[-1] // 3  # qkv is [q | k | v] along the last dimension
-        self._keys = output[:, self.model.num_prefix_tokens :, width : 2 * width]
+        keys = output.transpose(1, 2).flatten(2)  # (B, heads, N, head_dim) -> (B, N, heads * head_dim)
+        self._keys = keys[:, self.model.num_prefix_tokens :]
 
     @torch.inference_mode()
     def forward(self, images: Tensor) -> BatchFeatures:
         tokens = extract_features(self.model, images)
         keys, self._keys = self._keys, None
-        assert keys is not None, "the attn.qkv hook did not run"
+        assert keys is not None, "the attn.k_norm hook did not run"
         grid = tuple(self.model.patch_embed.dynamic_feat_size((images.shape[-2], images.shape[-1])))
         return BatchFeatures(cls=tokens.pooled, patches=_on_grid(tokens.patches, grid), keys=_on_grid(keys, grid))
 

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from lightning import LightningDataModule
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, default_collate
 from torch.utils.tensorboard import SummaryWriter
 
 from regablate.errors import RegablateError
 from regablate.models.fingerprint import weights_fingerprint
+from regablate.models.layout import is_backbone
 from regablate.probe.cache import FeatureCache
 from regablate.probe.device import ProbeDevice
 from regablate.probe.dinov2.runner import run_dinov2
@@ -221,7 +221,7 @@ def _run_dinov2(
     extractor: Extractor, datamodule: LightningDataModule, probe: LinearProbe, scored_on: str, where: ProbeDevice
 ) -> ProbeReport:
     model = getattr(extractor, "model", None)
-    if not isinstance(model, VisionTransformer):
+    if not is_backbone(model):
         raise RegablateError("--probe.protocol dinov2 trains its heads on a timm ViT's blocks: give it a ViT backbone")
     return run_dinov2(
         model,

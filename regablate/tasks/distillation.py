@@ -21,6 +21,7 @@ from torch import Tensor
 
 from regablate.errors import RegablateError
 from regablate.models.backbone import extract_features
+from regablate.models.layout import Backbone
 from regablate.tasks.base import BackboneTask
 from regablate.tasks.optim import require_finite
 
@@ -48,13 +49,18 @@ def undo_view(grid_features: Tensor, shift: tuple[int, int], flip: bool) -> Tens
     return torch.roll(out, shifts=(-shift[0], -shift[1]), dims=(1, 2))
 
 
-def trainable_patterns(trainable: str | list[str], depth: int) -> list[str]:
-    """Parameter-name patterns of the student that train; everything else stays frozen."""
+def trainable_patterns(trainable: str | list[str], student: Backbone) -> list[str]:
+    """Parameter-name patterns of the student that train; everything else stays frozen.
+
+    The position embedding is the learned ``pos_embed`` where the student has one; RoPE (DINOv3,
+    the RoPE ViTs) has no learned position parameter, so there the preset trains the rest only.
+    """
     if isinstance(trainable, list):
         return trainable
+    position = ["pos_embed"] if student.pos_embed is not None else []
     presets = {
         "registers": ["reg_token"],
-        "registers+pos+last": ["reg_token", "pos_embed", "patch_embed.*", f"blocks.{depth - 1}.*"],
+        "registers+pos+last": ["reg_token", *position, "patch_embed.*", f"blocks.{len(student.blocks) - 1}.*"],
         "all": ["*"],
     }
     if trainable not in presets:
@@ -94,7 +100,7 @@ class Distillation(BackboneTask):
         """
         Args:
             teacher_registers: registers the source model was trained with (0 for most models).
-            trainable: ``registers``, ``registers+pos+last`` (registers, position and patch
+            trainable: ``registers``, ``registers+pos+last`` (registers, position (a learned ``pos_embed``) and patch
                 embedding, last block), ``all``, or a list of parameter-name patterns.
             num_views: teacher views averaged into each target (1: no denoising).
             patch_cosine_weight: weight of (1 - cosine) between student and target patches.
@@ -119,7 +125,7 @@ class Distillation(BackboneTask):
         self.views = view_transforms(hp.num_views)
         self.teacher = self.make_backbone(hp.teacher_registers).eval().requires_grad_(False)
         self.backbone = self.make_backbone(register_init_std=hp.register_init_std)
-        self._freeze_all_but(trainable_patterns(hp.trainable, len(self.backbone.blocks)))
+        self._freeze_all_but(trainable_patterns(hp.trainable, self.backbone))
 
     def _freeze_all_but(self, patterns: list[str]) -> None:
         names = [name for name, _ in self.backbone.named_parameters()]

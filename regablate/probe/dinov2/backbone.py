@@ -24,8 +24,9 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from timm.layers import Format
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
+
+from regablate.models.layout import Backbone
 
 Autocast = Callable[[], AbstractContextManager]
 
@@ -44,7 +45,7 @@ def pad_to_patches(images: Tensor, patch: tuple[int, int]) -> Tensor:
 
 
 @contextmanager
-def any_input_size(model: VisionTransformer) -> Iterator[VisionTransformer]:
+def any_input_size(model: Backbone) -> Iterator[Backbone]:
     """``model`` in timm's ``dynamic_img_size`` mode for the block: any input size, position embedding resampled."""
     embed = model.patch_embed
     saved = (model.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt)
@@ -63,9 +64,7 @@ class FrozenBackbone:
     the device piece of the probe passes its bf16/fp16 autocast).
     """
 
-    def __init__(
-        self, model: VisionTransformer, device: torch.device | None = None, autocast: Autocast | None = None
-    ) -> None:
+    def __init__(self, model: Backbone, device: torch.device | None = None, autocast: Autocast | None = None) -> None:
         self.device = torch.device("cpu") if device is None else device
         self.model = model.eval().requires_grad_(False).to(self.device)
         self.autocast = autocast or nullcontext

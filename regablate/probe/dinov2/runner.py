@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 from lightning import LightningDataModule
-from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import Dataset
 
 from regablate.data.common import num_samples
 from regablate.errors import RegablateError
 from regablate.hparams import plain
+from regablate.models.layout import Backbone
 from regablate.probe.dinov2.backbone import Autocast, FrozenBackbone
 from regablate.probe.dinov2.classification import classify
 from regablate.probe.dinov2.data import normalisation, raw_dataset
@@ -52,7 +52,7 @@ def missing_targets(raw: dict[str, Dataset], probes: Sequence[str]) -> dict[str,
 
 
 def run_dinov2(
-    model: VisionTransformer,
+    model: Backbone,
     datamodule: LightningDataModule,
     settings: DINOv2Settings,
     *,
