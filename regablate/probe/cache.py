@@ -83,13 +83,9 @@ class RowWriter:
 
     def __init__(self, path: Path, spec: FieldSpec, num_samples: int) -> None:
         self.path, self.spec, self.num_samples = path, spec, num_samples
-        with open(path, "rb") as handle:  # where numpy put the data: right after its header
-            version = np.lib.format.read_magic(handle)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            )
-            read_header(handle)
-            self._data_start = handle.tell()
+        layout = np.lib.format.open_memmap(path, mode="r+")  # numpy reads its header: where the rows start
+        self._data_start = layout.offset
+        del layout
 
     def write(self, first_row: int, rows: Tensor) -> None:
         """Store ``rows`` (n, *shape) as samples ``first_row .. first_row + n - 1``."""
