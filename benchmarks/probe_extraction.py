@@ -80,8 +80,6 @@ def measure(
                 writers = cache.writers("test", images, fields)
                 extract_split(extractor, batches, writers, 0, where)
                 synchronize(where.device)
-                for writer in writers.values():
-                    writer.close()
 
         return run
 

@@ -85,8 +85,6 @@ def train_pass(extractor: ViTExtractor, plan: ProbePlan, where: ProbeDevice) -> 
         store.allocate("train", train.num_samples, train.specs)
         writers = store.writers("train", train.num_samples, train.specs)
         extract_split(extractor, DataLoader(train.dataset, batch_size=128), writers, 0, where)
-        for writer in writers.values():
-            writer.close()
 
 
 def main() -> None:

@@ -112,10 +112,15 @@ def test_results_and_protocol_are_written(trained_run):
     )
 
 
-def test_rerun_reads_the_cache_and_gives_the_same_result(trained_run, tmp_path, monkeypatch):
+def test_rerun_reads_the_cache_and_gives_the_same_result(trained_run, tmp_path, monkeypatch, capsys):
     before = summary(trained_run)
+    old = trained_run / "probe_cache" / "0123456789abcdef"  # a store of the safetensors layout (format 3)
+    (old / "train").mkdir(parents=True)
+    (old / "train" / "cls.safetensors").write_bytes(b"format 3")
     monkeypatch.setattr(probe_run, "extract_split", lambda *a, **k: pytest.fail("re-extracted despite the cache"))
     probe(str(trained_run))
+    assert f"probe: removed {old}, a feature store of an older format" in capsys.readouterr().out
+    assert not old.exists()
     after = summary(trained_run)
     keys = [k for k in before if k.startswith("probe/") and k != "probe/seconds"]
     assert {k: after[k] for k in keys} == {k: before[k] for k in keys}
@@ -131,7 +136,8 @@ def test_a_cache_written_by_another_backbone_is_refused(trained_run, random_prob
     shutil.copytree(trained_run, run)
     ours = next((run / "probe_cache").iterdir())
     foreign = next((random_probe / "probe_cache").iterdir())
-    shutil.copy(foreign / "train" / "cls.safetensors", ours / "train" / "cls.safetensors")
+    for name in ("cls.npy", "cls.json"):  # the field and its provenance
+        shutil.copy(foreign / "train" / name, ours / "train" / name)
     with pytest.raises(SystemExit) as exit_info:
         probe(str(run))
     assert exit_info.value.code == 2

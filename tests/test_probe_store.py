@@ -1,12 +1,11 @@
-"""The feature store and the probe's plan: chunked safetensors files, what each split keeps, what it costs."""
+"""The feature store and the probe's plan: chunked .npy files, what each split keeps, what it costs."""
 
 import json
-import struct
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from regablate.data import SyntheticScenes
 from regablate.errors import RegablateError
@@ -22,7 +21,7 @@ def store(tmp_path, fingerprint="w1", data=None, precision="32-true") -> Feature
     return FeatureCache(tmp_path / "cache", fingerprint, data or {"data": 1}, precision)
 
 
-def test_rows_written_in_any_order_by_several_writers_read_back_as_one_safetensors_tensor(tmp_path):
+def test_rows_written_in_any_order_by_several_writers_read_back_as_one_npy_array(tmp_path):
     cache = store(tmp_path)
     values = torch.randn(10, 3, 2).half()
     spec = FieldSpec((3, 2), torch.float16)
@@ -33,19 +32,19 @@ def test_rows_written_in_any_order_by_several_writers_read_back_as_one_safetenso
     second["patches"].write(7, values[7:])
     first["patches"].write(0, values[:4])
     second["patches"].write(4, values[4:7])
-    for writers in (first, second):
-        writers["patches"].close()
     cache.commit("train", {"patches"})
     assert not cache.partial_path("train", "patches").exists()
-    assert torch.equal(cache.load("train", {"patches"})["patches"], values)
-    # A standard safetensors file: safetensors' own readers agree, and the key is in its metadata.
+    loaded = cache.load("train", {"patches"})["patches"]
+    assert torch.equal(loaded, values)
+    # A standard .npy file: numpy's own reader agrees, memory-mapped; the key is in the JSON beside it.
     path = cache.path("train", "patches")
-    assert torch.equal(load_file(str(path))["patches"], values)
-    with safe_open(str(path), framework="pt") as handle:
-        meta = json.loads(handle.metadata()["regablate"])
+    assert np.array_equal(np.load(path), values.numpy())
+    assert str(path) in Path("/proc/self/maps").read_text(), "read through a memory map of the file"
+    meta = json.loads(cache.provenance_path("train", "patches").read_text())
     assert meta["weights"] == "w1" and meta["split"] == "train" and meta["field"] == "patches"
-    header_length = struct.unpack("<Q", path.read_bytes()[:8])[0]
-    assert (8 + header_length) % 8 == 0, "the data start 8-byte aligned"
+    assert path.stat().st_size - values.numel() * 2 == 128, "numpy's header; the data start 64-byte aligned"
+    loaded += 1  # a stray write stays in the process (copy-on-write), the file is unchanged
+    assert torch.equal(cache.load("train", {"patches"})["patches"], values)
 
 
 def test_only_committed_fields_count_as_cached_and_a_discarded_extraction_leaves_nothing(tmp_path):
@@ -63,16 +62,32 @@ def test_the_store_refuses_another_backbones_or_other_datas_files(tmp_path):
     cache.allocate("train", 1, spec)
     writers = cache.writers("train", 1, spec)
     writers["cls"].write(0, torch.ones(1, 2))
-    writers["cls"].close()
     cache.commit("train", {"cls"})
     assert cache.cached("train", {"cls", "mean_patch"}) == {"cls"}
     for other in (store(tmp_path, fingerprint="w2"), store(tmp_path, data={"data": 2})):
-        other.folder.parent.mkdir(parents=True, exist_ok=True)
         (other.folder / "train").mkdir(parents=True, exist_ok=True)
-        (other.folder / "train" / "cls.safetensors").write_bytes(cache.path("train", "cls").read_bytes())
+        for path in (cache.path("train", "cls"), cache.provenance_path("train", "cls")):
+            (other.folder / "train" / path.name).write_bytes(path.read_bytes())
         with pytest.raises(RegablateError, match="another backbone|other data"):
             other.cached("train", {"cls"})
+    cache.provenance_path("train", "cls").unlink()
+    with pytest.raises(RegablateError, match="cannot read probe cache .*cls.npy .*delete it to recompute"):
+        cache.cached("train", {"cls"})
     assert store(tmp_path, precision="bf16-mixed").folder != cache.folder, "bf16 features are another store"
+
+
+def test_stores_of_the_older_safetensors_layout_are_removed_and_others_kept(tmp_path):
+    cache = store(tmp_path)
+    spec = {"cls": FieldSpec((2,), torch.float32)}
+    cache.allocate("train", 1, spec)
+    cache.writers("train", 1, spec)["cls"].write(0, torch.ones(1, 2))
+    cache.commit("train", {"cls"})
+    old = cache.root / "0123456789abcdef"
+    (old / "train").mkdir(parents=True)
+    (old / "train" / "cls.safetensors").write_bytes(b"format 3")
+    assert cache.remove_old_stores() == [old]
+    assert not old.exists() and cache.cached("train", {"cls"}) == {"cls"}
+    assert cache.remove_old_stores() == []
 
 
 def test_row_writer_refuses_values_that_do_not_fit_and_rows_of_another_shape(tmp_path):
@@ -85,7 +100,6 @@ def test_row_writer_refuses_values_that_do_not_fit_and_rows_of_another_shape(tmp
         writer.write(1, torch.tensor([[[0, 300], [3, 4]]]))
     with pytest.raises(RegablateError, match="expected \\(2, 2\\)"):
         writer.write(1, torch.zeros(1, 3, 3, dtype=torch.long))
-    writer.close()
     assert mask_storage_dtype(151, 255) == torch.uint8
     assert mask_storage_dtype(None, 255) == torch.int32 and mask_storage_dtype(10, -1) == torch.int32
 
@@ -149,8 +163,6 @@ def test_extract_split_stores_each_batch_at_its_rows(tmp_path):
     writers = plan.cache.writers("test", test.num_samples, test.missing)
     batches = list(torch.utils.data.DataLoader(test.dataset, batch_size=16))
     assert extract_split(extractor(), batches, writers) == 30
-    for writer in writers.values():
-        writer.close()
     plan.cache.commit("test", set(test.missing))
     stored = plan.cache.load("test", set(test.specs))
     images = torch.stack([test.dataset[i]["image"] for i in range(30)])

@@ -291,20 +291,67 @@ def session_processes(session: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preload", ["true", "false"])
-def test_killed_sweep_resumes_to_the_same_results(swept, tmp_path, preload):
-    """SIGKILL the sweep's children and the sweep after the first epoch's checkpoint; run it again.
+@pytest.mark.parametrize(("preload", "killed"), [("true", "children"), ("false", "children"), ("true", "sweep")])
+def test_killed_sweep_resumes_to_the_same_results(swept, tmp_path, preload, killed):
+    """SIGKILL the sweep's children and the sweep, or the sweep alone, after the first epoch's checkpoint;
+    nothing of it is left running within two seconds; run it again.
 
     With the preloaded parent the sweep's children are the fork server (and multiprocessing's
-    resource tracker): the stage, forked from the server, dies with it.
+    resource tracker): the stage, forked from the server, dies with it, and the server with the sweep.
     """
-    sweeper, run, grid = start_micro_sweep(tmp_path, "--preload", preload)
-    children = Path(f"/proc/{sweeper.pid}/task/{sweeper.pid}/children").read_text().split()
-    for pid in children:
-        os.kill(int(pid), signal.SIGKILL)
+    sweeper, run, grid = start_micro_sweep(tmp_path, "--preload", preload, start_new_session=True)
+    if killed == "children":
+        for pid in Path(f"/proc/{sweeper.pid}/task/{sweeper.pid}/children").read_text().split():
+            os.kill(int(pid), signal.SIGKILL)
     sweeper.kill()
     sweeper.wait()
+    deadline = time.monotonic() + 2
+    while session_processes(sweeper.pid):
+        assert time.monotonic() < deadline, f"left running: {session_processes(sweeper.pid)}"
+        time.sleep(0.05)
     assert_resumes_to(summaries(swept[0])["r0_s0"], tmp_path, run, grid)
+
+
+# A sweep that starts a fork server the way ``Preloaded`` does (its pid in the environment), then waits.
+GUARDED_SERVER = """
+import os, subprocess, sys, time
+from regablate.sweep.forkserver_guard import SWEEP_PID_VARIABLE
+guarded = "import regablate.sweep.forkserver_guard, time; print(flush=True); time.sleep(60)"
+env = {**os.environ, SWEEP_PID_VARIABLE: str(os.getpid())}
+server = subprocess.Popen([sys.executable, "-c", guarded], env=env, stdout=subprocess.PIPE)
+server.stdout.readline()
+print(server.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_the_fork_server_dies_with_the_sweep_that_started_it():
+    """The guard the fork server imports first: SIGKILL when its sweep dies, or at once if the sweep is gone."""
+    sweep_process = subprocess.Popen(
+        [sys.executable, "-c", GUARDED_SERVER], stdout=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO
+    )
+    assert sweep_process.stdout is not None
+    server = int(sweep_process.stdout.readline())
+    assert alive(server)
+    sweep_process.kill()
+    sweep_process.wait()
+    deadline = time.monotonic() + 2
+    while alive(server):
+        assert time.monotonic() < deadline, "the fork server outlived its sweep"
+        time.sleep(0.05)
+    late = "from regablate.sweep.deathsig import die_with_parent; die_with_parent(-1); print('alive')"
+    orphan = subprocess.run(
+        [sys.executable, "-c", late], capture_output=True, text=True, env=subprocess_env(), cwd=REPO, check=False
+    )
+    assert orphan.returncode == -signal.SIGKILL and "alive" not in orphan.stdout
 
 
 @pytest.mark.slow

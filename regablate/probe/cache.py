@@ -1,21 +1,29 @@
-"""The feature store: one safetensors file per split and field, written in chunks, memory-mapped on read.
+"""The feature store: one ``.npy`` file per split and field, written in chunks, memory-mapped on read.
 
-``<root>/<key>/<split>/<field>.safetensors`` (``cls``, ``mean_patch``, ``patches``, ``keys`` and
-the targets ``label``, ``mask``, ``depth``, ``box``), where ``key`` hashes the weights fingerprint
-together with the data config and the precision of the extraction. Each file holds one tensor of
-all the split's samples, so a split's features never have to fit in memory:
+``<root>/<key>/<split>/<field>.npy`` (``cls``, ``mean_patch``, ``patches``, ``keys`` and the targets
+``label``, ``mask``, ``depth``, ``box``) beside ``<field>.json``, the file's provenance (the key's
+parts: weights fingerprint, data config, precision; split and field). ``key`` hashes the weights
+fingerprint together with the data config and the precision of the extraction. Each file holds one
+array of all the split's samples, so a split's features never have to fit in memory:
 
-* writing: :meth:`FeatureCache.allocate` lays out the file (safetensors header, then space for
-  every row) under a hidden partial name; each process writes the rows of its own samples into it
-  (:class:`RowWriter`, ``pwrite`` at the rows' offsets), batch by batch; :meth:`commit` renames it
-  into place once every rank is done. safetensors has no incremental writer, so the header is
-  written here, to its published format (8-byte little-endian header length, a JSON header padded
-  with spaces, then the data); reading is safetensors' own ``safe_open``, which memory-maps.
-* reading: :meth:`load` gives tensors backed by the files' pages (nothing is unpickled, and only the
-  rows a head touches are read from disk). A file's metadata stores its key; one whose weights or
-  data config differ from the expected ones is an error, never silently reused.
+* writing: :meth:`FeatureCache.allocate` has numpy lay out the file (``open_memmap``: the ``.npy``
+  header, then room for every row, sparse until written) under a hidden partial name; each process
+  writes the rows of its own samples into it (:class:`RowWriter`), batch by batch, through a numpy
+  memory map of just those rows, unmapped after the batch (so a process never holds more than one
+  batch's pages: mapping the whole file would count every row written in its resident memory);
+  :meth:`commit` writes the provenance and renames the file into place once every rank is done.
+* reading: :meth:`load` gives tensors over ``np.load(mmap_mode="c")`` (nothing is unpickled, only
+  the rows a head touches are read from disk, and a stray write stays in the process). A field whose
+  provenance differs from the expected one is an error, never silently reused.
 
-A run reuses whatever fields its splits already have and extracts only the missing ones.
+Why numpy's format and not safetensors': safetensors has no incremental writer (``save_file`` and
+``serialize_file`` take the whole tensor in memory), so a safetensors store needs a hand-written
+header; ``.npy`` is written, sized and read by numpy's own ``np.lib.format``. Its header cannot carry
+metadata, hence the JSON beside each file.
+
+A run reuses whatever fields its splits already have and extracts only the missing ones. Stores of
+the older safetensors layout (format 3) are not read: :meth:`remove_old_stores` deletes them (a store
+is a cache; the fields are extracted again).
 """
 
 from __future__ import annotations
@@ -25,29 +33,19 @@ import hashlib
 import json
 import math
 import os
-import struct
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from regablate.errors import RegablateError
+from regablate.runs import write_json_atomic
 
-FORMAT = 3
-META_KEY = "regablate"  # the safetensors metadata entry that holds the cache key
-SAFETENSORS_DTYPES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+FORMAT = 4  # 3: safetensors files with the provenance in their header
 
 
 @dataclass(frozen=True)
@@ -60,6 +58,11 @@ class FieldSpec:
     @property
     def row_bytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        """numpy's dtype of the field (torch's own mapping; bfloat16 has none and is never stored)."""
+        return torch.empty(0, dtype=self.dtype).numpy().dtype
 
     def nbytes(self, num_samples: int) -> int:
         return num_samples * self.row_bytes
@@ -80,9 +83,9 @@ class RowWriter:
 
     def __init__(self, path: Path, spec: FieldSpec, num_samples: int) -> None:
         self.path, self.spec, self.num_samples = path, spec, num_samples
-        self._fd = os.open(path, os.O_WRONLY)
-        with open(path, "rb") as handle:
-            self._data_start = 8 + struct.unpack("<Q", handle.read(8))[0]
+        layout = np.lib.format.open_memmap(path, mode="r+")  # numpy reads its header: where the rows start
+        self._data_start = layout.offset
+        del layout
 
     def write(self, first_row: int, rows: Tensor) -> None:
         """Store ``rows`` (n, *shape) as samples ``first_row .. first_row + n - 1``."""
@@ -100,14 +103,17 @@ class RowWriter:
                     f"{self.path.stem} values {low}..{high} do not fit {self.spec.dtype}; for masks, set the data "
                     "module's num_seg_classes and the probe's ignore_index to the values the data use"
                 )
-        data = rows.detach().to("cpu", self.spec.dtype).contiguous().view(torch.uint8).numpy()
-        view, offset = data.data.cast("B"), self._data_start + first_row * self.spec.row_bytes
-        while view:  # pwrite may write less than asked (very large writes)
-            written = os.pwrite(self._fd, view, offset)
-            view, offset = view[written:], offset + written
-
-    def close(self) -> None:
-        os.close(self._fd)
+        if not len(rows):
+            return
+        window = np.memmap(
+            self.path,
+            dtype=self.spec.numpy_dtype,
+            mode="r+",
+            offset=self._data_start + first_row * self.spec.row_bytes,
+            shape=(len(rows), *self.spec.shape),
+        )
+        window[...] = rows.detach().to("cpu", self.spec.dtype).numpy()
+        del window  # unmapped; the kernel writes the dirty pages back as it does for any file write
 
 
 class FeatureCache:
@@ -117,13 +123,17 @@ class FeatureCache:
         self.fingerprint = fingerprint
         self.data_config = json.loads(json.dumps(data_config, sort_keys=True, default=str))
         self.precision = precision
-        self.folder = Path(root) / cache_key(fingerprint, self.data_config, precision)
+        self.root = Path(root)
+        self.folder = self.root / cache_key(fingerprint, self.data_config, precision)
 
     def path(self, split: str, field: str) -> Path:
-        return self.folder / split / f"{field}.safetensors"
+        return self.folder / split / f"{field}.npy"
+
+    def provenance_path(self, split: str, field: str) -> Path:
+        return self.folder / split / f"{field}.json"
 
     def partial_path(self, split: str, field: str) -> Path:
-        return self.folder / split / f".{field}.partial.safetensors"
+        return self.folder / split / f".{field}.partial.npy"
 
     def _meta(self, split: str, field: str) -> dict[str, Any]:
         return {
@@ -136,7 +146,7 @@ class FeatureCache:
         }
 
     def cached(self, split: str, fields: set[str]) -> set[str]:
-        """Which of ``fields`` the cache holds for ``split`` (each file's key checked)."""
+        """Which of ``fields`` the cache holds for ``split`` (each file's provenance checked)."""
         found = set()
         for field in fields:
             if self.path(split, field).is_file():
@@ -147,9 +157,8 @@ class FeatureCache:
     def _open(self, split: str, field: str) -> Tensor:
         path = self.path(split, field)
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = json.loads((handle.metadata() or {})[META_KEY])
-                tensor = handle.get_tensor(field)
+            meta = json.loads(self.provenance_path(split, field).read_text())
+            array = np.load(path, mmap_mode="c")  # copy-on-write: writable for torch, never written back
         except Exception as err:
             raise RegablateError(
                 f"cannot read probe cache {path} ({type(err).__name__}); delete it to recompute"
@@ -160,9 +169,9 @@ class FeatureCache:
                 f"this one {self.fingerprint[:12]}); delete {self.folder} to recompute"
             )
         expected = self._meta(split, field)
-        if any(meta.get(k) != expected[k] for k in ("data", "precision", "split", "field")):
+        if any(meta.get(k) != expected[k] for k in ("format", "data", "precision", "split", "field")):
             raise RegablateError(f"probe cache {path} was written for other data; delete {self.folder} to recompute")
-        return tensor
+        return torch.from_numpy(array)
 
     def load(self, split: str, fields: set[str]) -> dict[str, Tensor]:
         """The stored tensors of ``fields`` (memory-mapped: pages are read when touched)."""
@@ -173,24 +182,20 @@ class FeatureCache:
         for field, spec in specs.items():
             path = self.partial_path(split, field)
             path.parent.mkdir(parents=True, exist_ok=True)
-            entry = {
-                "dtype": SAFETENSORS_DTYPES[spec.dtype],
-                "shape": [num_samples, *spec.shape],
-                "data_offsets": [0, spec.nbytes(num_samples)],
-            }
-            meta = json.dumps(self._meta(split, field), sort_keys=True)
-            header = json.dumps({"__metadata__": {META_KEY: meta}, field: entry}).encode()
-            header += b" " * (-len(header) % 8)  # the data start 8-byte aligned, as safetensors writes it
-            with open(path, "wb") as handle:
-                handle.write(struct.pack("<Q", len(header)) + header)
-                handle.truncate(8 + len(header) + spec.nbytes(num_samples))  # sparse until written
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # a killed run's file: open_memmap would keep its written pages
+            layout = np.lib.format.open_memmap(
+                path, mode="w+", dtype=spec.numpy_dtype, shape=(num_samples, *spec.shape)
+            )
+            del layout  # nothing written: the rows stay sparse until each process writes its own
 
     def writers(self, split: str, num_samples: int, specs: dict[str, FieldSpec]) -> dict[str, RowWriter]:
         return {field: RowWriter(self.partial_path(split, field), spec, num_samples) for field, spec in specs.items()}
 
     def commit(self, split: str, fields: set[str]) -> None:
-        """Rename the finished partial files into place (after every rank wrote its rows)."""
+        """Write each field's provenance, then rename its finished file into place (every rank wrote its rows)."""
         for field in sorted(fields):
+            write_json_atomic(self.provenance_path(split, field), self._meta(split, field))
             os.replace(self.partial_path(split, field), self.path(split, field))
 
     def discard(self, split: str, fields: set[str]) -> None:
@@ -198,3 +203,10 @@ class FeatureCache:
         for field in fields:
             with contextlib.suppress(FileNotFoundError):
                 self.partial_path(split, field).unlink()
+
+    def remove_old_stores(self) -> list[Path]:
+        """Delete the stores under this store's root that hold safetensors files (format 3); returns their folders."""
+        old = sorted({path.parents[1] for path in self.root.glob("*/*/*.safetensors")})
+        for folder in old:
+            shutil.rmtree(folder)
+        return old

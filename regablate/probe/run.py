@@ -95,11 +95,7 @@ def _extract_share(
     label = f"probe: extracting {split.split} ({', '.join(split.missing)}) on {where.describe()}{share}"
     progress = Progress(label, len(rows), enabled=where.is_main)
     writers = cache.writers(split.split, split.num_samples, split.missing)
-    try:
-        extract_split(extractor, _loaded(loader, split.split, rows), writers, rows.start, where, progress)
-    finally:
-        for writer in writers.values():
-            writer.close()
+    extract_split(extractor, _loaded(loader, split.split, rows), writers, rows.start, where, progress)
     return progress.finish()
 
 
@@ -173,6 +169,8 @@ def run_probe(
         if where.is_main:
             if not use_cache:
                 shutil.rmtree(cache.folder.parent, ignore_errors=True)  # a scratch store a killed run left
+            for old in cache.remove_old_stores():
+                print(f"probe: removed {old}, a feature store of an older format (extracted again)", flush=True)
             plan.check_disk_space()
         extract_missing(extractor, datamodule, plan, where)
         if not where.is_main:

@@ -12,6 +12,7 @@ same stages as new processes.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -24,8 +25,9 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from regablate.errors import RegablateError
+from regablate.sweep.deathsig import die_with_parent
 from regablate.sweep.grid import LIGHTNING_COMMANDS, PlannedRun, Stage
-from regablate.sweep.preload import Preloaded, die_with_parent
+from regablate.sweep.preload import Preloaded
 from regablate.sweep.state import COMPLETE, LOG_FILE, mark_finished, mark_running, resumable_checkpoint, stage_state
 
 POLL_SECONDS = 0.2
@@ -74,7 +76,8 @@ class Started(Protocol):
 
 def start_process(command: list[str], log: TextIO, env: dict[str, str]) -> Started:
     """``command`` as a new process writing into ``log``; it gets SIGKILL when this process dies."""
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
+    guard = functools.partial(die_with_parent, os.getpid())
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=guard)
 
 
 class StageProcess:

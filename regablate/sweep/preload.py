@@ -13,15 +13,17 @@ from it. The forked stage is the process ``python -m regablate ARGS`` would have
 * fresh random states: Python's and numpy's reseeded from the OS, torch's back to its start value;
 * its exit code as a process's: a ``SystemExit``'s code, 1 and the traceback for an exception,
   death by SIGINT after Ctrl-C, the signal of a crash (a segfault is ``-11`` to the sweep);
-* no orphans after ``kill -9`` of the sweep's process group, or of the fork server: the stage gets
-  SIGKILL when the server dies. (A lone sweep killed while a stage runs leaves the server and the stage
-  running: each child holds the server's "alive" pipe.)
+* no orphans after ``kill -9`` of the sweep, of its process group or of the fork server (Linux): the
+  server gets SIGKILL when the sweep dies (``regablate.sweep.forkserver_guard``, the first module it
+  imports), and the stage when the server dies.
+
+The sweep starts the server from its main thread (Linux sends the signal when the thread that started
+a process ends).
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import multiprocessing
 import os
 import random
@@ -31,6 +33,9 @@ import sys
 import traceback
 from multiprocessing.context import ForkServerContext
 from typing import TextIO
+
+from regablate.sweep import forkserver_guard
+from regablate.sweep.deathsig import die_with_parent
 
 # Modules the fork server imports once: everything a stage imports before its own work starts.
 PRELOAD = (
@@ -73,17 +78,25 @@ class Preloaded:
 
     def __init__(self, modules: tuple[str, ...] = PRELOAD) -> None:
         self.context: ForkServerContext = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(list(modules))
+        self.context.set_forkserver_preload([forkserver_guard.__name__, *modules])
 
     def warm_up(self) -> None:
-        """Start the fork server now, so that its imports overlap with the sweep's own planning."""
+        """Start the fork server (if it is not running), so that its imports overlap with the sweep's planning.
+
+        The server learns this process's pid from its environment, to die with it.
+        """
         from multiprocessing import forkserver
 
-        forkserver.ensure_running()
+        os.environ[forkserver_guard.SWEEP_PID_VARIABLE] = str(os.getpid())
+        try:
+            forkserver.ensure_running()
+        finally:
+            del os.environ[forkserver_guard.SWEEP_PID_VARIABLE]
 
     def start(self, command: list[str], log: TextIO, env: dict[str, str]) -> ForkedStage:
         """Run ``command`` (``python -m regablate ARGS``) as a forked stage writing to ``log``'s file."""
         log.flush()
+        self.warm_up()  # a server that died is started again, guarded as the first
         process = self.context.Process(
             target=run_stage, args=(command[3:], env, os.getcwd(), log.name), name=f"regablate {command[3]}"
         )
@@ -93,7 +106,7 @@ class Preloaded:
 
 def run_stage(args: list[str], env: dict[str, str], cwd: str, log_path: str) -> None:
     """The forked stage: become ``python -m regablate ARGS`` with ``env`` in ``cwd``, run it, exit as it would."""
-    die_with_parent()
+    die_with_parent(forkserver_guard.SERVER_PID)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -115,12 +128,6 @@ def run_stage(args: list[str], env: dict[str, str], cwd: str, log_path: str) -> 
         code = 1
     _exit_handlers()
     raise SystemExit(code)
-
-
-def die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when its parent dies, so no orphan keeps writing a run."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def _redirect_output(log_path: str) -> None:
