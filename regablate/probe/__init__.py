@@ -7,11 +7,13 @@ precision, processes) is ``regablate.probe.device.ProbeDevice``.
 from regablate.probe.device import ProbeDevice
 from regablate.probe.features import BatchFeatures, FeatureSet, ViTExtractor, extract_split
 from regablate.probe.plan import ProbePlan, plan_probe
-from regablate.probe.protocol import LinearProbe, ProbeReport
+from regablate.probe.protocol import ProbeReport
 from regablate.probe.run import run_probe
+from regablate.probe.settings import FastSettings, LinearProbe
 
 __all__ = [
     "BatchFeatures",
+    "FastSettings",
     "FeatureSet",
     "LinearProbe",
     "ProbeDevice",

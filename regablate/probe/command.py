@@ -1,7 +1,7 @@
 """``regablate probe``: frozen-feature probes of a run folder, a checkpoint or a timm model.
 
     regablate probe runs/quickstart/r4_s0                      # the run's best checkpoint, its own data
-    regablate probe RUN --data.test_size 500 --probe.cls_steps 1000
+    regablate probe RUN --data.test_size 500 --probe.fast.cls_steps 1000
     regablate probe --checkpoint weights.safetensors --model vit_small_patch14_dinov2 --num_registers 4
     regablate probe --model vit_tiny_patch16_224 --pretrained false --patch_size 4 --output runs/probe/random
     regablate probe runs/fig8/r0_s0 --test_time_registers auto   # -> runs/fig8/r0_s0_ttr/
@@ -32,13 +32,14 @@ Nothing is written to the output folder until the probe has its results.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import argparse
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ArgumentError, ArgumentParser, Namespace, dict_to_namespace
 from lightning import LightningDataModule
 
 from regablate.artifacts import stats
@@ -66,8 +67,8 @@ from regablate.probe.device import ProbeDevice
 from regablate.probe.features import ViTExtractor
 from regablate.probe.intervened import IntervenedExtractor, reference_size, reference_statistics
 from regablate.probe.plan import frozen_dataset, plan_probe
-from regablate.probe.protocol import TOKEN_PROBE, LinearProbe
 from regablate.probe.run import check_protocol_devices, feature_store, run_probe
+from regablate.probe.settings import TOKEN_PROBE, FastSettings, LinearProbe
 from regablate.runs import RunRecord
 
 DEFAULT_DATA = {"class_path": "regablate.data.SyntheticScenes"}
@@ -78,6 +79,8 @@ RENAMED = (
     Renamed("--cache", "--cache", "true"),
     Renamed("--dry-run", "--dry_run", "true"),
     Renamed("--dry_run", "--dry_run", "true"),
+    # regablate 0.2: the fast protocol's settings were --probe.<name>; they are a group of their own now
+    *(Renamed(f"--probe.{f.name}", f"--probe.fast.{f.name}") for f in fields(FastSettings)),
 )
 
 
@@ -110,9 +113,32 @@ def probe_options(
     """
 
 
+class RunData(argparse.Action):
+    """A run folder (or a checkpoint in one) given: its ``config.yaml``'s data become the probe's data.
+
+    They apply where the folder is given, as a config file given there would: ``--data`` and
+    ``--data.*`` after it override them (a flag that only the run's data class has included). A
+    ``--data`` flag before it would be replaced without a word, so that order is refused.
+    """
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        if values is None:
+            return
+        data = _run_data_config(run_folder(None, values) if option_string else run_folder(values, None))
+        if data is None:
+            return
+        if namespace.get("data") != parser.get_defaults().get("data"):
+            raise ArgumentError(
+                self,
+                f"give {option_string or 'the run folder'} before any --data flag: its data are what they change",
+            )
+        namespace["data"] = dict_to_namespace(data)
+
+
 def build_parser() -> ArgumentParser:
     parser = tool_parser("probe", "Frozen-feature probes (classification, segmentation, depth, LOST) of a backbone.")
-    add_backbone_arguments(parser)
+    add_backbone_arguments(parser, RunData)
     parser.add_function_arguments(probe_options)
     parser.add_class_arguments(ProbeDevice)
     parser.add_class_arguments(NeuronSearch, "register_neurons")
@@ -132,23 +158,6 @@ def _run_data_config(run_dir: Path | None) -> dict[str, Any] | None:
     except yaml.YAMLError as err:
         raise RegablateError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
     return data if isinstance(data, dict) and "class_path" in data else None
-
-
-def _without_data_flags(argv: list[str]) -> list[str]:
-    """``argv`` without ``--data`` and ``--data.*`` flags and their values.
-
-    A flag such as ``--data.init_args.test_split`` may only exist on the run's data class, so the
-    parse that finds the run must not see it (every flag takes one value, or ``--flag=value``).
-    """
-    kept, skip_value = [], False
-    for token in argv:
-        if skip_value:
-            skip_value = False
-        elif token == "--data" or token.startswith(("--data.", "--data=")):
-            skip_value = "=" not in token
-        else:
-            kept.append(token)
-    return kept
 
 
 def _output_dir(cfg: Namespace, resolved: ResolvedBackbone) -> Path:
@@ -214,15 +223,21 @@ def _check_sizes(model: Backbone, datamodule: LightningDataModule) -> None:
         )
 
 
+def parse(argv: list[str], parser: ArgumentParser | None = None) -> Namespace:
+    """The probe's command line, parsed once (a run folder's data as the data's defaults) and checked.
+
+    A setting of the protocol not chosen (``--probe.protocol dinov2 --probe.fast.cls_steps 20``) is
+    refused here, naming the setting that does apply.
+    """
+    cfg = (parser or build_parser()).parse_args(modernise(argv, "probe", RENAMED))
+    LinearProbe.parsed(cfg.probe.as_dict())
+    return cfg
+
+
 def main(argv: list[str]) -> None:
     """Entry point of ``regablate probe`` (errors surface as RegablateError / ArgumentError)."""
-    argv = modernise(argv, "probe", RENAMED)
     parser = build_parser()
-    located = parser.parse_args(_without_data_flags(argv))  # the run first: its data settings are the default
-    run_data = _run_data_config(run_folder(located.run, located.checkpoint))
-    if run_data is not None:  # the run's own data become the default; --data / --data.* still override
-        parser.set_defaults(data=run_data)
-    cfg = parser.parse_args(argv)
+    cfg = parse(argv, parser)
     init = parser.instantiate(cfg)
     datamodule, probe = init.data, init.probe
     # dinov2 trains with the backbone in the loop on one device: there, auto means one (the paper grid's GPU nodes)
