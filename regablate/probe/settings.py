@@ -46,7 +46,9 @@ FAST_TO_DINOV2: dict[str, tuple[str, ...]] = {
     "depth_bins": ("depth_bins",),
     "batch_size": ("cls_batch_size", "seg_batch_size", "depth_batch_size"),
 }
-DINOV2_TO_FAST: dict[str, tuple[str, ...]] = {dinov2: (fast,) for fast, names in FAST_TO_DINOV2.items() for dinov2 in names}
+DINOV2_TO_FAST: dict[str, tuple[str, ...]] = {
+    dinov2: (fast,) for fast, names in FAST_TO_DINOV2.items() for dinov2 in names
+}
 
 
 def role_splits(scored_on: str) -> dict[str, str]:
