@@ -18,7 +18,7 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import NonNegativeInt, PositiveInt
@@ -27,6 +27,9 @@ from regablate.hparams import plain
 from regablate.runs import Which
 
 DEPRECATED_UNTIL = "0.3"
+HELP = ("-h", "--help")
+# What --register_intervention replaces the registers by (regablate.models.interventions applies it).
+InterventionKind = Literal["none", "zero", "mean", "noise", "shuffle"]
 
 
 @dataclass(frozen=True)

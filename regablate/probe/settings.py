@@ -35,6 +35,8 @@ READS: dict[str, dict[str, tuple[str, ...]]] = {
     "lost": {"score": ("keys", "box")},
 }
 Protocol = Literal["fast", "dinov2"]
+Accelerator = Literal["auto", "cpu", "gpu"]
+Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
 # A setting of one protocol -> the settings of the other protocol that do its job.
 FAST_TO_DINOV2: dict[str, tuple[str, ...]] = {
     "lrs": ("cls_lrs",),
@@ -54,6 +56,23 @@ DINOV2_TO_FAST: dict[str, tuple[str, ...]] = {
 def role_splits(scored_on: str) -> dict[str, str]:
     """Which split plays each role: train, select (val) and score (``scored_on``: test, or val without one)."""
     return {"train": "train", "select": "val", "score": scored_on}
+
+
+@dataclass
+class DeviceSettings:
+    """Where a probe runs (``regablate.probe.device.ProbeDevice`` checks them against the machine).
+
+    Args:
+        accelerator: cpu, gpu, or auto (a GPU when torch sees one, else the CPU).
+        devices: devices that split the feature extraction, one process each (auto: every
+            visible GPU, or 1 on the CPU; 1 under --probe.protocol dinov2); the results do not depend on it.
+        precision: autocast of the backbone: auto (bf16-mixed on a GPU with bf16, else 32-true),
+            32-true, bf16-mixed or 16-mixed (GPU only).
+    """
+
+    accelerator: Accelerator = "auto"
+    devices: PositiveInt | Literal["auto"] = "auto"
+    precision: Precision = "auto"
 
 
 @dataclass
@@ -131,8 +150,10 @@ class LinearProbe:
 
     Args:
         protocol: fast (cached features, the CPU grid's default) or dinov2 (DINOv2's protocols, the paper's).
-        fast: settings of the fast protocol, with --probe.protocol fast only (defaults: FastSettings').
-        dinov2: settings of the dinov2 protocol, with --probe.protocol dinov2 only (defaults: DINOv2's).
+        fast: settings of the fast protocol, --probe.fast.* (--probe.fast.help lists them); with
+            --probe.protocol fast only.
+        dinov2: settings of the dinov2 protocol, --probe.dinov2.* (--probe.dinov2.help lists them; defaults:
+            DINOv2's); with --probe.protocol dinov2 only.
         ignore_index: mask value that marks unlabelled pixels (VOC/ADE20k use 255).
         lost_k: LOST's number of lowest-degree patches to expand the seed among.
         probes: which probes to run (cls, seg, depth, lost; and token, not by default: --token_probe.*).

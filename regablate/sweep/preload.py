@@ -42,6 +42,7 @@ PRELOAD = (
     "regablate.tasks",
     "regablate.data",
     "regablate.probe.command",
+    "regablate.probe.job",
     "regablate.artifacts.inspect",
 )
 
