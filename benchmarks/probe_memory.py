@@ -44,7 +44,7 @@ def probe_peak(model: str, depth: int, img_size: int, probes: str | None, train:
         "--model", model, "--depth", str(depth), "--pretrained", "false", "--num_registers", "4", "--output", str(out),
         "--data.img_size", str(img_size), "--data.train_size", str(train), "--data.val_size", "64",
         "--data.test_size", "64", "--data.batch_size", "64",
-        "--probe.cls_steps", "50", "--probe.seg_steps", "50", "--probe.depth_steps", "50",
+        "--probe.fast.cls_steps", "50", "--probe.fast.seg_steps", "50", "--probe.fast.depth_steps", "50",
     ]  # fmt: skip
     if probes is not None:
         args += ["--probe.probes", probes]

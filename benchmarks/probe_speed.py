@@ -60,8 +60,8 @@ from regablate.probe.dinov2.settings import DINOv2Settings, scaled
 from regablate.probe.dinov2.views import ClassificationTrainView
 from regablate.probe.features import extract_split
 from regablate.probe.plan import ProbePlan
-from regablate.probe.protocol import LinearProbe
 from regablate.probe.run import extract_missing, feature_store, run_probe
+from regablate.probe.settings import LinearProbe
 
 
 def timed(fn) -> float:
@@ -113,6 +113,7 @@ def main() -> None:
         img_size=args.img_size, train_size=args.train, val_size=args.val, test_size=args.test, batch_size=128
     )
     probe = LinearProbe()
+    fast = probe.fast_settings
     where = ProbeDevice(accelerator="cpu", devices=1, precision="32-true")
     with tempfile.TemporaryDirectory() as out:
         plan = plan_probe(extractor, data, probe, feature_store(extractor, out, {}, "32-true", True), where=where)
@@ -131,8 +132,8 @@ def main() -> None:
     e, p, t = statistics.median(extract), statistics.median(whole), statistics.median(train_passes)
     heads = p - e
     epochs = {
-        head: math.ceil(steps * probe.batch_size / args.train)
-        for head, steps in (("cls", probe.cls_steps), ("seg", probe.seg_steps), ("depth", probe.depth_steps))
+        head: math.ceil(steps * fast.batch_size / args.train)
+        for head, steps in (("cls", fast.cls_steps), ("seg", fast.seg_steps), ("depth", fast.depth_steps))
     }
     naive = heads + sum(epochs.values()) * t + (e - t)  # + val/test extraction once
     scores = {
@@ -227,7 +228,7 @@ def dinov2_benchmark(args: argparse.Namespace) -> None:
         )
     print(
         f"  dinov2: {args.iterations} iterations x {args.batch} + val/test {args.val}/{args.test}; "
-        f"fast: one extraction of {args.train}/{args.val}/{args.test} + {LinearProbe().cls_steps} head steps; "
+        f"fast: one extraction of {args.train}/{args.val}/{args.test} + {fast.cls_steps} head steps; "
         f"dinov2 / fast: {statistics.median(whole['dinov2']) / statistics.median(whole['fast']):.2f}x"
     )
     full = DINOv2Settings().cls_iterations * DINOv2Settings().cls_batch_size

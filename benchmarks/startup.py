@@ -70,7 +70,7 @@ def grid_file(folder: Path, runs: int, steps: int) -> Path:
     - command: fit
     - command: probe
       args: {{--data.init_args.train_size: 64, --data.init_args.val_size: 32, --data.init_args.test_size: 32,
-              --probe.cls_steps: 10, --probe.seg_steps: 10, --probe.depth_steps: 10, --cache: false}}
+              --probe.fast.cls_steps: 10, --probe.fast.seg_steps: 10, --probe.fast.depth_steps: 10, --cache: false}}
 """
     )
     return grid

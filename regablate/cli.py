@@ -27,7 +27,7 @@ from types import ModuleType
 from jsonargparse import ArgumentError, Namespace
 
 from regablate import DESCRIPTION
-from regablate.commands import modernise, parser_message
+from regablate.commands import HELP, modernise, parser_message
 from regablate.errors import RegablateError
 
 # LightningCLI's subcommands and the help line of each.
@@ -44,7 +44,6 @@ TOOLS: dict[str, tuple[str, str]] = {
     "sweep": ("regablate.sweep.command", "run a register-count grid (configs/fig8/), locally or on Slurm"),
     "report": ("regablate.report.command", "results.csv, results.md, figure8.png of runs/<experiment>"),
 }
-HELP = ("-h", "--help")
 
 
 def main(args: list[str] | None = None) -> None:

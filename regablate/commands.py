@@ -13,11 +13,12 @@ release: they are rewritten before parsing, with a one-line notice on stderr.
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import NonNegativeInt, PositiveInt
@@ -26,6 +27,9 @@ from regablate.hparams import plain
 from regablate.runs import Which
 
 DEPRECATED_UNTIL = "0.3"
+HELP = ("-h", "--help")
+# What --register_intervention replaces the registers by (regablate.models.interventions applies it).
+InterventionKind = Literal["none", "zero", "mean", "noise", "shuffle"]
 
 
 @dataclass(frozen=True)
@@ -134,10 +138,23 @@ class BackboneSource:
 BACKBONE_ARGUMENTS = ("run", *(f.name for f in fields(BackboneSource)))
 
 
-def add_backbone_arguments(parser: ArgumentParser) -> None:
-    """The model arguments of ``probe`` and ``inspect``: an optional run folder, then ``BackboneSource``'s flags."""
-    parser.add_argument("run", type=str | None, nargs="?", default=None, help="a run folder (or use --checkpoint)")
-    parser.add_class_arguments(BackboneSource)
+def add_backbone_arguments(parser: ArgumentParser, run_action: type[argparse.Action] | None = None) -> None:
+    """The model arguments of ``probe`` and ``inspect``: an optional run folder, then ``BackboneSource``'s flags.
+
+    ``run_action`` (the probe's) is called where the run folder or ``--checkpoint`` is given, with its value.
+    """
+    if run_action is None:
+        parser.add_argument("run", type=str | None, nargs="?", default=None, help="a run folder (or use --checkpoint)")
+        parser.add_class_arguments(BackboneSource)
+        return
+    parser.add_argument("run", nargs="?", default=None, action=run_action, help="a run folder (or use --checkpoint)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        action=run_action,
+        help="weights file (.safetensors/.pt/.pth), a regablate .ckpt, or a run folder",
+    )
+    parser.add_class_arguments(BackboneSource, skip={"checkpoint"})
 
 
 def backbone_source(cfg: Namespace) -> BackboneSource:

@@ -365,7 +365,8 @@ def test_probe_features_and_probe_json_of_a_vit_without_class_token(tmp_path, im
     save_file(model.state_dict(), path)
     sizes = [f"--{key}={value}" for key, value in TINY.items()]
     data = ["--data.train_size", "64", "--data.val_size", "32", "--data.test_size", "32", "--data.batch_size", "32"]
-    steps = ["--probe.cls_steps", "5", "--probe.seg_steps", "5", "--probe.depth_steps", "5", "--probe.batch_size", "32"]
+    steps = ["--probe.fast.cls_steps", "5", "--probe.fast.seg_steps", "5", "--probe.fast.depth_steps", "5"]
+    steps += ["--probe.fast.batch_size", "32"]
     out = tmp_path / "probe"
     main(["probe", "--model", TINY_MODEL, "--checkpoint", str(path), *sizes, *data, *steps, "--output", str(out)])
     written = json.loads((out / "probe.json").read_text())

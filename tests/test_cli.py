@@ -71,7 +71,8 @@ def test_test_subcommand_adds_to_the_summary(own_run):
     run, into_copy = own_run
     before = (run / "config.yaml").read_text()
     # "best" resolves through the run folder, in a process that did not train.
-    main(["test", "--config", str(run / "config.yaml"), *into_copy, "--ckpt_path", "best"])
+    cli = build_cli(["test", "--config", str(run / "config.yaml"), *into_copy, "--ckpt_path", "best"])
+    assert cli.trainer.num_test_batches == [1]  # tiny.yaml's limit_test_batches: 1 batch of its 2, not 100%
     summary = json.loads((run / "summary.json").read_text())
     assert "test/top1" in summary and "val/top1" in summary
     assert (run / "test_config.yaml").is_file()
@@ -81,7 +82,8 @@ def test_test_subcommand_adds_to_the_summary(own_run):
 def test_validate_and_predict_run(own_run):
     run, into_copy = own_run
     config = ["--config", str(run / "config.yaml"), *into_copy]
-    main(["validate", *config, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    validate = build_cli(["validate", *config, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert validate.trainer.num_val_batches == [1]  # tiny.yaml's limit_val_batches: 1 batch of its 2, not 100%
     assert (run / "validate_config.yaml").is_file()
     cli = build_cli(["predict", *config, "--ckpt_path", "last"])
     assert (run / "predict_config.yaml").is_file()

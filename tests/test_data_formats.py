@@ -140,8 +140,8 @@ class PixelFeatures(torch.nn.Module):
 def test_invalid_depth_pixels_are_counted_in_the_log_and_never_scored(tmp_path, caplog):
     import logging
 
-    from regablate.probe.protocol import LinearProbe
     from regablate.probe.run import run_probe
+    from regablate.probe.settings import FastSettings, LinearProbe
 
     depth, rows = depth_rows("depth")
     path = save(tmp_path, rows, splits=("train", "validation", "test"))
@@ -151,7 +151,7 @@ def test_invalid_depth_pixels_are_counted_in_the_log_and_never_scored(tmp_path, 
         report = run_probe(
             PixelFeatures(),
             dm,
-            LinearProbe(batch_size=2, depth_steps=3, probes=["depth"]),
+            LinearProbe(fast=FastSettings(batch_size=2, depth_steps=3), probes=["depth"]),
             output_dir=tmp_path / "out",
             patch_size=(1, 1),
             data_config={"depth": 1},

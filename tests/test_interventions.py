@@ -115,8 +115,8 @@ def test_bad_input_is_refused_in_one_line(images, intervention, registers, messa
 RANDOM_MODEL = ["--model", TINY_MODEL, "--pretrained", "false", "--num_registers", "2", "--img_size", "32"]
 RANDOM_MODEL += ["--patch_size", "4", "--embed_dim", "32", "--depth", "2", "--num_heads", "2"]
 PROBE_DATA = ["--data.img_size", "32", "--data.train_size", "64", "--data.val_size", "32", "--data.test_size", "32"]
-PROBE_FAST = ["--probe.batch_size", "32", "--probe.cls_steps", "20", "--probe.seg_steps", "20"]
-PROBE_FAST += ["--probe.depth_steps", "20"]
+PROBE_FAST = ["--probe.fast.batch_size", "32", "--probe.fast.cls_steps", "20", "--probe.fast.seg_steps", "20"]
+PROBE_FAST += ["--probe.fast.depth_steps", "20"]
 
 
 def test_probe_records_the_intervention_apart_from_the_plain_model(tmp_path):

@@ -13,19 +13,19 @@ from torch import nn
 
 from regablate.cli import main
 from regablate.data import HFDataModule, SyntheticScenes, SyntheticScenesDataset
-from regablate.probe import BatchFeatures, LinearProbe, run_probe
+from regablate.probe import BatchFeatures, FastSettings, LinearProbe, run_probe
 from regablate.probe import run as probe_run
 from tests.conftest import TRAINED_MODEL
 
 SMALL_DATA = ["--data.train_size", "384", "--data.val_size", "128", "--data.test_size", "192"]
 FAST = [
-    "--probe.batch_size",
+    "--probe.fast.batch_size",
     "64",
-    "--probe.cls_steps",
+    "--probe.fast.cls_steps",
     "300",
-    "--probe.seg_steps",
+    "--probe.fast.seg_steps",
     "300",
-    "--probe.depth_steps",
+    "--probe.fast.depth_steps",
     "300",
 ]
 
@@ -202,7 +202,7 @@ def test_features_that_carry_the_answers_score_near_perfectly(tmp_path):
     report = run_probe(
         OracleExtractor(4),
         data,
-        LinearProbe(batch_size=32, cls_steps=200, seg_steps=300, depth_steps=400),
+        LinearProbe(fast=FastSettings(batch_size=32, cls_steps=200, seg_steps=300, depth_steps=400)),
         output_dir=tmp_path,
         patch_size=(1, 1),
         data_config={"oracle": 1},
@@ -235,7 +235,7 @@ def test_data_without_a_probes_columns_skip_it_with_a_warning(tmp_path, offline_
         report = run_probe(
             extractor,
             data,
-            LinearProbe(batch_size=8, cls_steps=5, seg_steps=5, depth_steps=5),
+            LinearProbe(fast=FastSettings(batch_size=8, cls_steps=5, seg_steps=5, depth_steps=5)),
             output_dir=tmp_path / "out",
             patch_size=(1, 1),
             data_config={"hf": 1},

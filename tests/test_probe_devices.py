@@ -14,13 +14,14 @@ from PIL import Image
 from regablate.cli import main
 from regablate.data import SyntheticScenes
 from regablate.models import build_backbone
-from regablate.probe import LinearProbe, ViTExtractor, run_probe
+from regablate.probe import FastSettings, LinearProbe, ViTExtractor, run_probe
 from tests.conftest import REPO, TINY, TINY_MODEL, run_regablate
 
 MODEL = ["--model", TINY_MODEL, "--pretrained", "false", "--num_registers", "2"]
 SIZES = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}"]
 DATA = ["--data.img_size", "32", "--data.train_size", "96", "--data.val_size", "32", "--data.test_size", "48"]
-FAST = ["--probe.cls_steps", "20", "--probe.seg_steps", "20", "--probe.depth_steps", "20", "--probe.lrs", "[0.01, 0.1]"]
+FAST = ["--probe.fast.cls_steps", "20", "--probe.fast.seg_steps", "20", "--probe.fast.depth_steps", "20"]
+FAST += ["--probe.fast.lrs", "[0.01, 0.1]"]
 
 
 def probe_error(capsys, *args: str) -> str:
@@ -84,7 +85,7 @@ def test_without_a_test_split_every_score_is_val_and_val_is_extracted_once(tmp_p
     report = run_probe(
         extractor,
         data,
-        LinearProbe(cls_steps=20, seg_steps=20, depth_steps=20, lrs=[0.01, 0.1]),
+        LinearProbe(fast=FastSettings(cls_steps=20, seg_steps=20, depth_steps=20, lrs=[0.01, 0.1])),
         output_dir=tmp_path,
         patch_size=(4, 4),
         data_config={"no_test": 1},
@@ -183,7 +184,7 @@ def test_a_probe_stage_that_cannot_load_its_data_fails_that_run_and_the_others_g
         f"grid:\n  name: hf\n  base: {tmp_path / 'hf_tiny.yaml'}\n  axes:\n    data:\n"
         f"      good: {{data.init_args.path: {good}}}\n      broken: {{data.init_args.path: {broken}}}\n"
         "  stages:\n    - {command: fit}\n    - {command: probe, args: {--probe.probes: [cls], "
-        "--probe.cls_steps: 5, --cache: false}}\n  report: {enabled: false}\n"
+        "--probe.fast.cls_steps: 5, --cache: false}}\n  report: {enabled: false}\n"
     )
     result = run_regablate("sweep", str(grid), "--output", str(tmp_path / "runs"), check=False, timeout=600)
     assert result.returncode == 2 and "1 of 2 runs failed: broken" in result.stderr

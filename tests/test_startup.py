@@ -20,6 +20,7 @@ LIGHT_COMMANDS = [
     (["sweep", "--help"], 0),
     (["report", "--help"], 0),
     (["inspect", "--help"], 0),
+    (["probe", "--help"], 0),
     ([], 2),
     (["fitt"], 2),
     (["sweep", "missing.yaml"], 2),

@@ -170,20 +170,20 @@ def test_a_grid_of_0_2_gets_one_line_saying_what_to_write(tmp_path):
         tmp_path,
         "old",
         "  axes: {seed_everything: [0]}\n  stages:\n    - {command: fit}\n"
-        '    - {command: probe, args: [--probe.cls_steps, "10", --probe.probes, "[cls, seg]", --cache=false]}\n',
+        '    - {command: probe, args: [--probe.fast.cls_steps, "10", --probe.probes, "[cls, seg]", --cache=false]}\n',
     )
     with pytest.raises(RegablateError) as err:
         load_grid(path)
     assert str(err.value) == (
         f"{path}: grid.stages[1].args is a list of command-line words (regablate 0.2); since 0.3 it maps each flag "
-        "to its value: args: {--probe.cls_steps: 10, --probe.probes: [cls, seg], --cache: false}"
+        "to its value: args: {--probe.fast.cls_steps: 10, --probe.probes: [cls, seg], --cache: false}"
     )
     # What the line says to write loads, and gives the stage the same command line.
-    old = '[--probe.cls_steps, "10", --probe.probes, "[cls, seg]", --cache=false]'
-    new = "{--probe.cls_steps: 10, --probe.probes: [cls, seg], --cache: false}"
+    old = '[--probe.fast.cls_steps, "10", --probe.probes, "[cls, seg]", --cache=false]'
+    new = "{--probe.fast.cls_steps: 10, --probe.probes: [cls, seg], --cache: false}"
     path.write_text(path.read_text().replace(old, new))
     assert load_grid(path).stages[1].argv == (
-        "--probe.cls_steps",
+        "--probe.fast.cls_steps",
         "10",
         "--probe.probes",
         '["cls", "seg"]',
@@ -464,6 +464,11 @@ def test_a_run_whose_config_does_not_parse_is_refused_before_anything_starts(tmp
             "{command: probe, args: {--probe.protocol: slow}}",
             'stage probe: its arguments do not parse: Parser key "probe.protocol"',
         ),
+        (
+            "{command: probe, args: {--probe.protocol: dinov2, --probe.fast.cls_steps: 5}}",
+            "stage probe: its arguments do not parse: --probe.fast.cls_steps is a setting of --probe.protocol fast "
+            "and does nothing under --probe.protocol dinov2; use --probe.dinov2.cls_iterations",
+        ),
         ("{name: maps, command: inspect, args: {--num_images: many}}", "stage maps: its arguments do not parse:"),
     ],
 )
@@ -562,7 +567,7 @@ def test_a_grid_that_extends_another_runs_its_stages_with_its_own_sizes(tmp_path
     - {name: fit, command: fit}
     - name: probe
       command: probe
-      args: {--probe.cls_steps: 12500, --probe.probes: [cls], --data.init_args.path: x}
+      args: {--probe.fast.cls_steps: 12500, --probe.probes: [cls], --data.init_args.path: x}
   launcher: {max_parallel: 4, slurm: {timeout_min: 2880, mem_gb: 480}}
   report: {paper: true}
 """,
@@ -576,7 +581,7 @@ def test_a_grid_that_extends_another_runs_its_stages_with_its_own_sizes(tmp_path
   overrides: {{trainer.max_steps: 4}}
   axes: {{seed_everything: [0]}}
   stage_args:
-    probe: {{--probe.cls_steps: 5, --data.init_args.path: "{{grid_dir}}/data", --probe.batch_size: 8}}
+    probe: {{--probe.fast.cls_steps: 5, --data.init_args.path: "{{grid_dir}}/data", --probe.fast.batch_size: 8}}
   launcher: {{max_parallel: 1, slurm: {{timeout_min: 5}}}}
 """
     )
@@ -584,21 +589,21 @@ def test_a_grid_that_extends_another_runs_its_stages_with_its_own_sizes(tmp_path
     assert grid.name == "rehearsal" and grid.base == base.base
     assert [(s.name, s.command) for s in grid.stages] == [(s.name, s.command) for s in base.stages]
     assert grid.stages[1].args == {
-        "--probe.cls_steps": 5,
+        "--probe.fast.cls_steps": 5,
         "--probe.probes": ["cls"],
         "--data.init_args.path": f"{child.parent.resolve()}/data",
-        "--probe.batch_size": 8,
+        "--probe.fast.batch_size": 8,
     }
     assert grid.stages[1].argv == (
         *(
-            "--probe.cls_steps",
+            "--probe.fast.cls_steps",
             "5",
             "--probe.probes",
             '["cls"]',
             "--data.init_args.path",
             f"{child.parent.resolve()}/data",
         ),
-        *("--probe.batch_size", "8"),
+        *("--probe.fast.batch_size", "8"),
     )
     assert grid.overrides == {"trainer.max_steps": 4, "trainer.val_check_interval": 50}
     assert grid.axes == {"model.init_args.num_registers": [0, 1, 2], "seed_everything": [0]}
@@ -623,7 +628,7 @@ def test_the_extends_rule_merges_mappings_key_by_key_and_replaces_everything_els
       plain: {model.init_args.lr: 0.001}
       fast: {model.init_args.lr: 0.01}
     model.init_args.num_registers: [0, 2]
-  stages: [{command: fit}, {command: probe, args: {--probe.probes: [cls, seg], --probe.cls_steps: 10}}]
+  stages: [{command: fit}, {command: probe, args: {--probe.probes: [cls, seg], --probe.fast.cls_steps: 10}}]
   series: {more: {axes: {model.init_args.num_registers: [4]}, stages: [fit]}}
 """,
     )
@@ -650,7 +655,7 @@ def test_the_extends_rule_merges_mappings_key_by_key_and_replaces_everything_els
     }
     # Lists (and null) replace.
     assert grid.axes["model.init_args.num_registers"] == [1]
-    assert grid.stages[1].args == {"--probe.probes": ["cls"], "--probe.cls_steps": 10}
+    assert grid.stages[1].args == {"--probe.probes": ["cls"], "--probe.fast.cls_steps": 10}
     assert grid.series["more"].axes == {"model.init_args.num_registers": [8]} and grid.series["more"].stages == ["fit"]
     assert [run.name for run in grid.runs] == [
         "plain_r1",

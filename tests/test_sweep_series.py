@@ -40,8 +40,8 @@ def grid_file(tmp_path: Path, body: str, name: str = "series") -> Path:
         "  overrides: {trainer.max_steps: 4, trainer.val_check_interval: 2}\n"
         "  axes:\n    model.init_args.num_registers: [0, 2]\n    seed_everything: [0]\n"
         "  stages:\n    - {name: fit, command: fit}\n"
-        "    - {name: probe, command: probe, args: {--probe.cls_steps: 5, --probe.probes: [cls], --cache: false}}\n"
-        + body
+        "    - {name: probe, command: probe, args: {--probe.fast.cls_steps: 5, --probe.probes: [cls],"
+        " --cache: false}}\n" + body
     )
     return path
 

@@ -199,9 +199,9 @@ PROBE_FAST = [
     "32",
     "--probe.probes",
     "[cls]",
-    "--probe.lrs",
+    "--probe.fast.lrs",
     "[0.1]",
-    "--probe.cls_steps",
+    "--probe.fast.cls_steps",
     "20",
 ]
 

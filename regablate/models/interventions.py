@@ -18,16 +18,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, get_args
 
 import torch
 from torch import Tensor, nn
 
+from regablate.commands import InterventionKind
 from regablate.errors import RegablateError
 from regablate.models.layout import Backbone, TokenLayout, num_registers_of, set_registers
 
-InterventionKind = Literal["none", "zero", "mean", "noise", "shuffle"]
-KINDS: tuple[str, ...] = ("none", "zero", "mean", "noise", "shuffle")
+KINDS: tuple[str, ...] = get_args(InterventionKind)
 
 
 @dataclass(frozen=True)

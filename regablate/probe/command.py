@@ -1,7 +1,7 @@
 """``regablate probe``: frozen-feature probes of a run folder, a checkpoint or a timm model.
 
     regablate probe runs/quickstart/r4_s0                      # the run's best checkpoint, its own data
-    regablate probe RUN --data.test_size 500 --probe.cls_steps 1000
+    regablate probe RUN --data.test_size 500 --probe.fast.cls_steps 1000
     regablate probe --checkpoint weights.safetensors --model vit_small_patch14_dinov2 --num_registers 4
     regablate probe --model vit_tiny_patch16_224 --pretrained false --patch_size 4 --output runs/probe/random
     regablate probe runs/fig8/r0_s0 --test_time_registers auto   # -> runs/fig8/r0_s0_ttr/
@@ -32,52 +32,33 @@ Nothing is written to the output folder until the probe has its results.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import argparse
+import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from jsonargparse import ArgumentParser, Namespace
-from lightning import LightningDataModule
+from jsonargparse import ArgumentError, ArgumentParser, Namespace, dict_to_namespace
 
-from regablate.artifacts import stats
-from regablate.artifacts.register_neurons import (
-    NEURONS_FILE,
-    NeuronSearch,
-    RegisterNeurons,
-    add_test_time_register,
-    find_register_neurons,
-    summary_labels,
-)
-from regablate.artifacts.scan import scan
-from regablate.artifacts.settings import TokenProbes
-from regablate.artifacts.stats import Threshold
-from regablate.artifacts.token_probes import probe_dataset_tokens
-from regablate.artifacts.token_tables import summary_keys as token_summary_keys
-from regablate.artifacts.token_tables import text_table
-from regablate.commands import Renamed, add_backbone_arguments, backbone_source, modernise, tool_parser
-from regablate.data.common import num_samples
+from regablate.artifacts.settings import NeuronSearch, TokenProbes
+from regablate.commands import HELP, InterventionKind, Renamed, add_backbone_arguments, modernise, tool_parser
 from regablate.errors import RegablateError
-from regablate.models.interventions import Intervention, InterventionKind
-from regablate.models.layout import Backbone, num_registers_of
-from regablate.models.resolve import ResolvedBackbone, resolve_backbone, run_folder
-from regablate.probe.device import ProbeDevice
-from regablate.probe.features import ViTExtractor
-from regablate.probe.intervened import IntervenedExtractor, reference_size, reference_statistics
-from regablate.probe.plan import frozen_dataset, plan_probe
-from regablate.probe.protocol import TOKEN_PROBE, LinearProbe
-from regablate.probe.run import check_protocol_devices, feature_store, run_probe
-from regablate.runs import RunRecord
+from regablate.probe.settings import DeviceSettings, FastSettings, LinearProbe
 
 DEFAULT_DATA = {"class_path": "regablate.data.SyntheticScenes"}
-# --test_time_registers value that finds the register neurons on the probed backbone itself.
-AUTO = "auto"
+DATA_HELP = (
+    "the data: a LightningDataModule class (regablate.data.SyntheticScenes, regablate.data.HFDataModule, ...) "
+    "or a config with class_path and init_args; --data.* sets single settings, --data.help CLASS lists them "
+    "(default: the run folder's data, else SyntheticScenes)"
+)
 RENAMED = (
     Renamed("--no_cache", "--cache", "false"),
     Renamed("--cache", "--cache", "true"),
     Renamed("--dry-run", "--dry_run", "true"),
     Renamed("--dry_run", "--dry_run", "true"),
+    # regablate 0.2: the fast protocol's settings were --probe.<name>; they are a group of their own now
+    *(Renamed(f"--probe.{f.name}", f"--probe.fast.{f.name}") for f in fields(FastSettings)),
 )
 
 
@@ -110,14 +91,50 @@ def probe_options(
     """
 
 
+class RunData(argparse.Action):
+    """A run folder (or a checkpoint in one) given: its ``config.yaml``'s data become the probe's data.
+
+    They apply where the folder is given, as a config file given there would: ``--data`` and
+    ``--data.*`` after it override them (a flag that only the run's data class has included). A
+    ``--data`` flag before it would be replaced without a word, so that order is refused.
+    """
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        from regablate.models.resolve import run_folder  # torch: only once a run folder or checkpoint is given
+
+        setattr(namespace, self.dest, values)
+        if values is None:
+            return
+        data = _run_data_config(run_folder(None, values) if option_string else run_folder(values, None))
+        if data is None:
+            return
+        if namespace.get("data") != parser.get_defaults().get("data"):
+            raise ArgumentError(
+                self,
+                f"give {option_string or 'the run folder'} before any --data flag: its data are what they change",
+            )
+        namespace["data"] = dict_to_namespace(data)
+
+
 def build_parser() -> ArgumentParser:
+    """The probe's parser."""
+    return _parser(for_help=False)
+
+
+def _parser(for_help: bool) -> ArgumentParser:
+    """``for_help``: ``--data`` described in words, not typed by LightningDataModule (whose import loads torch)."""
     parser = tool_parser("probe", "Frozen-feature probes (classification, segmentation, depth, LOST) of a backbone.")
-    add_backbone_arguments(parser)
+    add_backbone_arguments(parser, RunData)
     parser.add_function_arguments(probe_options)
-    parser.add_class_arguments(ProbeDevice)
+    parser.add_class_arguments(DeviceSettings)
     parser.add_class_arguments(NeuronSearch, "register_neurons")
-    parser.add_subclass_arguments(LightningDataModule, "data", required=False)
-    parser.set_defaults(data=DEFAULT_DATA)
+    if for_help:
+        parser.add_argument("--data", type=dict | str | None, default=None, help=DATA_HELP)
+    else:
+        from lightning import LightningDataModule  # torch: the data classes are imported to check their settings
+
+        parser.add_subclass_arguments(LightningDataModule, "data", required=False)
+        parser.set_defaults(data=DEFAULT_DATA)
     parser.add_class_arguments(LinearProbe, "probe")
     parser.add_class_arguments(TokenProbes, "token_probe")
     return parser
@@ -134,209 +151,24 @@ def _run_data_config(run_dir: Path | None) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and "class_path" in data else None
 
 
-def _without_data_flags(argv: list[str]) -> list[str]:
-    """``argv`` without ``--data`` and ``--data.*`` flags and their values.
+def parse(argv: list[str], parser: ArgumentParser | None = None) -> Namespace:
+    """The probe's command line, parsed once (a run folder's data as the data's defaults) and checked.
 
-    A flag such as ``--data.init_args.test_split`` may only exist on the run's data class, so the
-    parse that finds the run must not see it (every flag takes one value, or ``--flag=value``).
+    A setting of the protocol not chosen (``--probe.protocol dinov2 --probe.fast.cls_steps 20``) is
+    refused here, naming the setting that does apply.
     """
-    kept, skip_value = [], False
-    for token in argv:
-        if skip_value:
-            skip_value = False
-        elif token == "--data" or token.startswith(("--data.", "--data=")):
-            skip_value = "=" not in token
-        else:
-            kept.append(token)
-    return kept
-
-
-def _output_dir(cfg: Namespace, resolved: ResolvedBackbone) -> Path:
-    """--output, else the run folder, else ``runs/probe/<model>_r<R>``; ``_ttr`` appended with a test-time register."""
-    if cfg.output is not None:
-        return Path(cfg.output)
-    suffix = "_ttr" if cfg.test_time_registers is not None else ""
-    if cfg.test_registers is not None:
-        suffix += f"_k{cfg.test_registers}"
-    if cfg.register_intervention != "none":
-        suffix += f"_{cfg.register_intervention}" + (
-            f"_b{cfg.intervention_from_block}" if cfg.intervention_from_block else ""
-        )
-    run_dir = resolved.run_dir
-    if run_dir is not None:
-        return run_dir.with_name(run_dir.name + suffix) if suffix else run_dir
-    return Path("runs") / "probe" / f"{resolved.name}_r{num_registers_of(resolved.model)}{suffix}"
-
-
-def _add_test_time_register(
-    cfg: Namespace,
-    model: Backbone,
-    datamodule: LightningDataModule,
-    source: dict[str, Any],
-    where: ProbeDevice,
-) -> tuple[RegisterNeurons, dict[str, Any]]:
-    """Add the test-time register ``cfg`` asks for; return its neurons and the summary keys that label the results.
-
-    Rank 0 finds the register neurons (``auto``) on the first training images, on its device in
-    float32, and measures the model with them; every rank gets the same neurons.
-    """
-    neurons, labels = None, {}
-    if where.is_main:
-        search = NeuronSearch(**cfg.register_neurons.as_dict())
-        dataset = frozen_dataset(datamodule, "train")
-        count = min(search.num_images, num_samples(dataset))
-        images = torch.stack([dataset[i]["image"] for i in range(count)]).to(where.device)
-        if cfg.test_time_registers == AUTO:
-            name = str(source.get("checkpoint") or source.get("model_name"))
-            neurons = find_register_neurons(model, images, search, model_name=name)
-        else:
-            neurons = RegisterNeurons.load(cfg.test_time_registers)
-    neurons = where.broadcast(neurons)
-    add_test_time_register(model, neurons)
-    if where.is_main:
-        threshold = Threshold(neurons.search.threshold, neurons.search.threshold_value)
-        moved = scan(model, images, threshold=threshold)
-        print(
-            f"test-time register: {len(neurons.units)} register neurons; "
-            f"{moved.stats['artifacts/outlier_frac']:.2%} outliers left"
-        )
-        labels = {**summary_labels(neurons), **stats.summary_keys(moved.stats)}
-    return neurons, labels
-
-
-def _check_sizes(model: Backbone, datamodule: LightningDataModule) -> None:
-    data_size = getattr(datamodule, "img_size", None)
-    model_size = tuple(model.patch_embed.img_size)
-    if data_size is not None and not model.dynamic_img_size and (data_size, data_size) != model_size:
-        raise RegablateError(
-            f"the data's img_size {data_size} differs from the backbone's {model_size[0]}; "
-            f"set --data.img_size {model_size[0]} or --img_size {data_size}"
-        )
+    cfg = (parser or build_parser()).parse_args(modernise(argv, "probe", RENAMED))
+    LinearProbe.parsed(cfg.probe.as_dict())
+    return cfg
 
 
 def main(argv: list[str]) -> None:
     """Entry point of ``regablate probe`` (errors surface as RegablateError / ArgumentError)."""
-    argv = modernise(argv, "probe", RENAMED)
+    if any(arg in HELP for arg in argv):
+        _parser(for_help=True).print_help()
+        sys.exit(0)
     parser = build_parser()
-    located = parser.parse_args(_without_data_flags(argv))  # the run first: its data settings are the default
-    run_data = _run_data_config(run_folder(located.run, located.checkpoint))
-    if run_data is not None:  # the run's own data become the default; --data / --data.* still override
-        parser.set_defaults(data=run_data)
-    cfg = parser.parse_args(argv)
-    init = parser.instantiate(cfg)
-    datamodule, probe = init.data, init.probe
-    # dinov2 trains with the backbone in the loop on one device: there, auto means one (the paper grid's GPU nodes)
-    devices = 1 if probe.protocol == "dinov2" and cfg.devices == "auto" else cfg.devices
-    where = ProbeDevice(accelerator=cfg.accelerator, devices=devices, precision=cfg.precision)
-    check_protocol_devices(probe, where)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)  # random weights and new registers: the same on every rank and in every run
-        resolved = resolve_backbone(backbone_source(cfg), cfg.run, getattr(datamodule, "img_size", None))
-    model, source = resolved.model, resolved.description
-    _check_sizes(model, datamodule)
-    tokens = init.token_probe if TOKEN_PROBE in probe.probes else None
-    if tokens is not None:
-        tokens.block_of(model)  # a block outside the model fails before anything is extracted
-    output_dir = _output_dir(cfg, resolved)
-    intervention = Intervention(cfg.register_intervention, cfg.intervention_from_block, cfg.test_registers)
-    intervention.check(model)
-    if intervention.needs_statistics and reference_size(datamodule) == 0:
-        raise RegablateError(
-            f"register_intervention {intervention.kind} needs reference images; the training split is empty"
-        )
-    # mean/noise statistics are taken on the probe's devices after launch; until then (the plan needs
-    # only the features' shapes) the registers are zeroed, and the statistics then re-key the store
-    planned = replace(intervention, kind="zero") if intervention.needs_statistics else intervention
-    extractor = ViTExtractor(model) if intervention.is_plain else IntervenedExtractor(model, planned)
-    data_config = cfg.data.as_dict()
-    store = feature_store(extractor, output_dir, data_config, where.resolved_precision, cfg.cache)
-    plan = plan_probe(extractor, datamodule, probe, store, reuse=cfg.cache)
-    if cfg.dry_run:
-        print(f"probe plan of {resolved.name} (r{num_registers_of(model)}) into {output_dir}; nothing is extracted")
-        print(plan.describe(where, cache_known=cfg.test_time_registers is None))
-        if tokens is not None:
-            print(
-                f"token probes: {tokens.train_images} train and {tokens.test_images} {plan.scored_on} images, "
-                f"block {tokens.block_of(model)}, read by the backbone, not stored"
-            )
-        return
-    plan.check_disk_space()
-    where.launch()  # from here on, every rank runs
-    with where.stops_the_others_on_error():
-        model.to(where.device)
-        summary = _identity(output_dir, resolved)
-        neurons = None
-        if cfg.test_time_registers is not None:
-            neurons, labels = _add_test_time_register(cfg, model, datamodule, source, where)
-            summary.update(labels)
-        if not intervention.is_plain:
-            summary.update(intervention.key())
-            source = {**source, **intervention.key()}
-            if intervention.needs_statistics:
-                statistics = reference_statistics(model, intervention, datamodule, cfg.intervention_images, where)
-                extractor = IntervenedExtractor(model, intervention, statistics)
-        report = None
-        if any(name != TOKEN_PROBE for name in probe.probes):
-            report = run_probe(
-                extractor,
-                datamodule,
-                probe,
-                output_dir=output_dir,
-                patch_size=tuple(model.patch_embed.patch_size),
-                data_config=data_config,
-                use_cache=cfg.cache,
-                source=source,
-                where=where,
-                plan=plan,
-                summary=summary,
-                dataset=cfg.dataset,
-            )
-        if tokens is not None and where.is_main:
-            _token_probes(model, datamodule, tokens, plan.scored_on, where, output_dir, summary)
-    if not where.is_main:  # another rank than 0: its share is extracted
-        return
-    if neurons is not None:  # a finished row of its own in a grid's report
-        neurons.save(output_dir / NEURONS_FILE)
-        RunRecord(output_dir).update({"status": "complete"})
-    if report is None:
-        return
-    for name, value in report.metrics.items():
-        print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
-    for probe_name, reason in report.skipped.items():
-        print(f"skipped {probe_name}: {reason}")
-    print(f"results: {output_dir / 'summary.json'}, {output_dir / 'probe.json'}")
+    cfg = parse(argv, parser)
+    from regablate.probe.job import run_command  # torch, Lightning and the models: once the line has parsed
 
-
-def _token_probes(
-    model: Backbone,
-    datamodule: LightningDataModule,
-    settings: TokenProbes,
-    scored_on: str,
-    where: ProbeDevice,
-    output_dir: Path,
-    summary: dict[str, Any],
-) -> None:
-    """The token probe, on rank 0: ``token_probes.json``, ``outlier_map.png`` and its numbers in ``summary.json``."""
-    result = probe_dataset_tokens(
-        model,
-        frozen_dataset(datamodule, "train"),
-        frozen_dataset(datamodule, scored_on),
-        settings=settings,
-        scored_on=scored_on,
-        device=where.device,
-        autocast=where.autocast,
-    )
-    result.save(output_dir)
-    RunRecord(output_dir).update({**summary, **token_summary_keys(result.table, "probe/token_")})
-    print("\n".join(text_table(result.table)))
-    print(f"token probes: {output_dir / 'token_probes.json'}")
-
-
-def _identity(output_dir: Path, resolved: ResolvedBackbone) -> dict[str, Any]:
-    """The summary keys that say which model the results are of (those the folder does not hold yet)."""
-    source = resolved.description
-    known = RunRecord(output_dir).read()
-    identity = {"model_name": source.get("model_name"), "num_registers": source["num_registers"]}
-    if resolved.run_dir is not None and output_dir != resolved.run_dir:  # results kept elsewhere still name its seed
-        identity["seed"] = RunRecord(resolved.run_dir).read().get("seed")
-    return {k: v for k, v in identity.items() if k not in known and v is not None}
+    run_command(parser, cfg)

@@ -22,16 +22,13 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from jsonargparse.typing import PositiveInt
 from lightning.fabric import Fabric
 
 from regablate.errors import RegablateError
-
-Accelerator = Literal["auto", "cpu", "gpu"]
-Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
+from regablate.probe.settings import DeviceSettings
 
 
 def available_cpus() -> int:
@@ -40,20 +37,8 @@ def available_cpus() -> int:
 
 
 @dataclass
-class ProbeDevice:
-    """The device, precision and processes of a probe.
-
-    Args:
-        accelerator: cpu, gpu, or auto (a GPU when torch sees one, else the CPU).
-        devices: devices that split the feature extraction, one process each (auto: every
-            visible GPU, or 1 on the CPU; 1 under --probe.protocol dinov2); the results do not depend on it.
-        precision: autocast of the backbone: auto (bf16-mixed on a GPU with bf16, else 32-true),
-            32-true, bf16-mixed or 16-mixed (GPU only).
-    """
-
-    accelerator: Accelerator = "auto"
-    devices: PositiveInt | Literal["auto"] = "auto"
-    precision: Precision = "auto"
+class ProbeDevice(DeviceSettings):
+    """The device, precision and processes of a probe (:class:`DeviceSettings`, checked here against the machine)."""
 
     def __post_init__(self) -> None:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

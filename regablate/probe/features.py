@@ -1,6 +1,6 @@
 """Frozen features of one data split, extracted in a single backbone pass on the probe's device.
 
-What a split keeps is chosen per probe (``LinearProbe.fields``), out of these fields:
+What a split keeps is chosen per probe (``regablate.probe.settings.LinearProbe.fields``), out of these fields:
 
 * ``cls`` (D,) and ``mean_patch`` (D,), float32: the classification probe's inputs, pooled on the
   device, so they cost 8 bytes per channel and image whatever the number of patches;
@@ -112,6 +112,13 @@ class FeatureSet:
     mask: Tensor | None = None
     depth: Tensor | None = None
     box: Tensor | None = None
+
+    def need(self, name: str) -> Tensor:
+        """Field ``name``, which the probe plan keeps for every probe that reads it; an error naming it otherwise."""
+        value = getattr(self, name)
+        if value is None:
+            raise RegablateError(f"the features hold no '{name}': the probe plan did not keep it for this split")
+        return value
 
     def to_dict(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

@@ -2,8 +2,8 @@
 
 The plan reads the first sample of each split (so data that cannot load fail here, in one line,
 before any process starts), runs the backbone on one image (the fields' shapes), asks the probe
-which fields each split needs (``LinearProbe.fields``: CLS and the mean patch for classification,
-patch tokens only for the dense probes, keys only where LOST runs, only the targets the probes
+which fields each split needs (``LinearProbe.fields``, ``regablate.probe.settings``: CLS and the mean
+patch for classification, patch tokens only for the dense probes, keys only where LOST runs, only the targets the probes
 read) and the feature store which of them it already holds. ``regablate probe --dry_run true``
 prints it; the run checks the free disk space against it.
 """
@@ -25,7 +25,7 @@ from regablate.errors import RegablateError
 from regablate.probe.cache import FeatureCache, FieldSpec
 from regablate.probe.device import ProbeDevice
 from regablate.probe.features import FEATURE_DTYPES, TARGET_KEYS, Extractor, feature_specs
-from regablate.probe.protocol import LinearProbe
+from regablate.probe.settings import LinearProbe
 from regablate.runs import first_line
 
 SPLITS = ("train", "val", "test")

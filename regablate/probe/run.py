@@ -33,7 +33,8 @@ from regablate.probe.device import ProbeDevice
 from regablate.probe.dinov2.runner import run_dinov2
 from regablate.probe.features import TARGET_KEYS, Extractor, FeatureSet, extract_split
 from regablate.probe.plan import ProbePlan, SplitPlan, plan_probe
-from regablate.probe.protocol import LinearProbe, ProbeReport
+from regablate.probe.protocol import ProbeReport, run_heads
+from regablate.probe.settings import LinearProbe
 from regablate.progress import Progress
 from regablate.runs import RunRecord, first_line, write_json_atomic
 
@@ -176,7 +177,8 @@ def run_probe(
         if not where.is_main:
             return None
         splits = {name: FeatureSet(**cache.load(name, set(split.specs))) for name, split in plan.splits.items()}
-        report = probe.run(
+        report = run_heads(
+            probe,
             splits,
             patch_size=patch_size,
             num_classes=getattr(datamodule, "num_classes", None),
@@ -224,7 +226,7 @@ def _run_dinov2(
     return run_dinov2(
         model,
         datamodule,
-        probe.dinov2,
+        probe.dinov2_settings,
         probes=probe.probes,
         seed=probe.seed,
         ignore_index=probe.ignore_index,

@@ -15,7 +15,7 @@ jsonargparse: a wrong key or type is one line naming its path, e.g. ``grid.launc
           dino: {model.class_path: regablate.tasks.DINO}
       stages:                           # run in order, each as its own process
         - {name: fit, command: fit}
-        - {name: probe, command: probe, args: {--probe.cls_steps: 300, --probe.probes: [cls, seg]}}
+        - {name: probe, command: probe, args: {--probe.fast.cls_steps: 300, --probe.probes: [cls, seg]}}
       launcher: {max_parallel: 1, devices_per_run: null, nodes_per_run: 1, max_requeues: 3, slurm: {...}}
       report: {images: null, num_images: 2, paper: false}
 

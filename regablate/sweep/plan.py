@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
-from regablate.commands import parser_message
+from regablate.commands import Renamed, modernise, parser_message
 from regablate.errors import RegablateError
 from regablate.sweep.grid import EXPERIMENT, Grid, PlannedRun, Stage
 from regablate.sweep.launch import RunJob
@@ -116,9 +116,25 @@ def _parsed(name: str, command: str, argv: tuple[str, ...], run_data: str) -> Na
     if command == "probe":
         parser.set_defaults(data=json.loads(run_data) or {"class_path": "regablate.data.SyntheticScenes"})
     try:
-        return parser.parse_args(list(argv))
+        parsed = parser.parse_args(modernise(list(argv), command, _renamed(command)))
+        if command == "probe":
+            from regablate.probe.settings import LinearProbe
+
+            LinearProbe.parsed(parsed.probe.as_dict())  # a setting of the other protocol is refused
+        return parsed
     except ArgumentError as err:
         raise RegablateError(f"stage {name}: its arguments do not parse: {parser_message(str(err))}") from None
+    except RegablateError as err:
+        raise RegablateError(f"stage {name}: its arguments do not parse: {err}") from None
+
+
+def _renamed(command: str) -> tuple[Renamed, ...]:
+    """The old spellings of a tool's flags, rewritten (with a notice) as the tool itself does."""
+    if command == "probe":
+        from regablate.probe.command import RENAMED
+    else:
+        from regablate.artifacts.inspect import RENAMED
+    return RENAMED
 
 
 @cache

@@ -63,13 +63,15 @@ def model_problem(stage: Stage, run_data: dict[str, Any] | None, depth: int | No
     """
     if stage.command != "probe" or depth is None:
         return None
+    from regablate.probe.settings import LinearProbe  # the probe's package: here, not for --help
+
     arguments = stage_arguments(stage, run_data)
-    probe, block = arguments.probe, arguments.token_probe.block
+    probe, block = LinearProbe.parsed(arguments.probe.as_dict()), arguments.token_probe.block
     if "token" in probe.probes and not -depth <= block < depth:
         return f"--token_probe.block {block} is outside the run's model's {depth} blocks; give {-depth}..{depth - 1}"
     if probe.protocol != "dinov2" or "cls" not in probe.probes:
         return None
-    wanted = max(probe.dinov2.cls_n_last_blocks)
+    wanted = max(probe.dinov2_settings.cls_n_last_blocks)
     if wanted <= depth:
         return None
     return (

@@ -47,6 +47,7 @@ PRELOAD = (
     "regablate.tasks",
     "regablate.data",
     "regablate.probe.command",
+    "regablate.probe.job",
     "regablate.artifacts.inspect",
 )
 
