@@ -56,18 +56,26 @@ from regablate.artifacts.stats import Threshold
 from regablate.artifacts.token_probes import probe_dataset_tokens
 from regablate.artifacts.token_tables import summary_keys as token_summary_keys
 from regablate.artifacts.token_tables import text_table
-from regablate.commands import Renamed, add_backbone_arguments, backbone_source, modernise, tool_parser
+from regablate.commands import (
+    Renamed,
+    add_backbone_arguments,
+    add_intervention_arguments,
+    backbone_source,
+    modernise,
+    register_intervention,
+    tool_parser,
+)
 from regablate.data.common import num_samples
 from regablate.errors import RegablateError
-from regablate.models.interventions import Intervention, InterventionKind
+from regablate.models.interventions import Intervention
 from regablate.models.layout import Backbone, num_registers_of
 from regablate.models.resolve import ResolvedBackbone, resolve_backbone, run_folder
 from regablate.probe.device import ProbeDevice
 from regablate.probe.features import ViTExtractor
 from regablate.probe.intervened import IntervenedExtractor, reference_size, reference_statistics
-from regablate.probe.plan import frozen_dataset, plan_probe
+from regablate.probe.plan import ProbePlan, frozen_dataset, plan_probe
 from regablate.probe.protocol import TOKEN_PROBE, LinearProbe
-from regablate.probe.run import check_protocol_devices, feature_store, run_probe
+from regablate.probe.run import check_protocol_devices, extraction_batch_size, feature_store, run_probe
 from regablate.runs import RunRecord
 
 DEFAULT_DATA = {"class_path": "regablate.data.SyntheticScenes"}
@@ -87,10 +95,6 @@ def probe_options(
     test_time_registers: str | None = None,
     dry_run: bool = False,
     dataset: str | None = None,
-    register_intervention: InterventionKind = "none",
-    intervention_from_block: int = 0,
-    test_registers: int | None = None,
-    intervention_images: int = 512,
 ) -> None:
     """The probe command's own flags (the model, data, devices and protocol have theirs).
 
@@ -101,12 +105,6 @@ def probe_options(
         dry_run: print, per split, the samples, the fields kept and the bytes they take; extract nothing.
         dataset: name of the probed data in summary.json (default: the data's path); the report overlays the paper's
             values on imagenet-1k, ade20k and nyud.
-        register_intervention: replace each register at every block's input from intervention_from_block on by
-            zeros, its mean or Gaussian noise (mean and per-channel std over the training split), or the same
-            register of another image in the batch (shuffle).
-        intervention_from_block: the first block whose input the intervention replaces (0: before block 0).
-        test_registers: run the model with only its first K registers (the others removed from the sequence).
-        intervention_images: training images the mean/noise statistics are taken over.
     """
 
 
@@ -114,6 +112,7 @@ def build_parser() -> ArgumentParser:
     parser = tool_parser("probe", "Frozen-feature probes (classification, segmentation, depth, LOST) of a backbone.")
     add_backbone_arguments(parser)
     parser.add_function_arguments(probe_options)
+    add_intervention_arguments(parser)
     parser.add_class_arguments(ProbeDevice)
     parser.add_class_arguments(NeuronSearch, "register_neurons")
     parser.add_subclass_arguments(LightningDataModule, "data", required=False)
@@ -214,6 +213,18 @@ def _check_sizes(model: Backbone, datamodule: LightningDataModule) -> None:
         )
 
 
+def _check_shuffle_batches(intervention: Intervention, datamodule: LightningDataModule, plan: ProbePlan) -> None:
+    """``shuffle`` needs a second image in every extraction batch, the last of each split included."""
+    batch_size = extraction_batch_size(datamodule)
+    for name, split in plan.splits.items():
+        last = split.num_samples % batch_size or batch_size
+        intervention.check_batch(
+            last,
+            f"the {name} split's {split.num_samples} images in batches of {batch_size} leave one alone in a batch; "
+            "change --data.batch_size",
+        )
+
+
 def main(argv: list[str]) -> None:
     """Entry point of ``regablate probe`` (errors surface as RegablateError / ArgumentError)."""
     argv = modernise(argv, "probe", RENAMED)
@@ -238,7 +249,7 @@ def main(argv: list[str]) -> None:
     if tokens is not None:
         tokens.block_of(model)  # a block outside the model fails before anything is extracted
     output_dir = _output_dir(cfg, resolved)
-    intervention = Intervention(cfg.register_intervention, cfg.intervention_from_block, cfg.test_registers)
+    intervention = Intervention.of(register_intervention(cfg))
     intervention.check(model)
     if intervention.needs_statistics and reference_size(datamodule) == 0:
         raise RegablateError(
@@ -251,6 +262,7 @@ def main(argv: list[str]) -> None:
     data_config = cfg.data.as_dict()
     store = feature_store(extractor, output_dir, data_config, where.resolved_precision, cfg.cache)
     plan = plan_probe(extractor, datamodule, probe, store, reuse=cfg.cache)
+    _check_shuffle_batches(intervention, datamodule, plan)
     if cfg.dry_run:
         print(f"probe plan of {resolved.name} (r{num_registers_of(model)}) into {output_dir}; nothing is extracted")
         print(plan.describe(where, cache_known=cfg.test_time_registers is None))
