@@ -391,7 +391,7 @@ def test_all_test_registers_is_the_plain_inspection_exactly(tmp_path):
         (["--register_intervention", "noise", "--intervention_from_block", "4"], "between 0 and 3"),
         (["--register_intervention", "mean", "--images", "{photos}"], "has none after its first 2"),
         (["--register_intervention", "shuffle", "--num_images", "1"], "inspect measures 1 image"),
-        (["--register_intervention", "zero", "--test_time_registers", "x.json"], "not both"),
+        (["--test_registers", "1", "--find_register_neurons", "true"], "cannot go with a test-time register"),
     ],
 )
 def test_bad_interventions_are_refused_in_one_line_before_any_image_is_measured(

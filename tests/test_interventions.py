@@ -137,6 +137,7 @@ def test_probe_records_the_intervention_apart_from_the_plain_model(tmp_path):
     [
         (["--test_registers", "3"], "between 0 and the model's 2 registers"),
         (["--intervention_from_block", "2", "--register_intervention", "zero"], "intervention_from_block"),
+        (["--test_registers", "1", "--test_time_registers", "auto"], "cannot go with a test-time register"),
         (["--register_intervention", "shuffle", "--data.batch_size", "1"], "in batches of 1 leave one alone"),
         (["--register_intervention", "shuffle", "--data.train_size", "65"], "train split's 65 images in batches of 64"),
     ],

@@ -110,12 +110,6 @@ def inspect(
         )
     settings.threshold_value(threshold, threshold_value)
     flags = intervention or RegisterIntervention()
-    tampered = flags.register_intervention != "none" or flags.test_registers is not None
-    if tampered and (find_register_neurons or test_time_registers):
-        raise RegablateError(
-            "give --register_intervention/--test_registers or a test-time register, not both: "
-            "inspect the trained registers' intervention without one"
-        )
     # The model, the measures and the pictures: imported here, so that the parser (this signature) needs no torch.
     from regablate.artifacts.before_after import (
         intervention_keys,
@@ -157,6 +151,8 @@ def inspect(
     resolved = resolve_backbone(source or BackboneSource(), run)
     model = resolved.model
     tampering.check(model)  # K, the block, a model without registers: refused before any image is read
+    if find_register_neurons or test_time_registers:
+        tampering.check_test_time_register(model)
     token_settings = replace(token_probe or TokenProbes(), threshold=rule.mode, threshold_value=rule.value)
     if token_probes:
         token_settings.block_of(model)  # a block outside the model fails before any image is read
@@ -193,6 +189,7 @@ def inspect(
         with intervened(model, tampering, statistics):
             after = scan(model, batch, threshold=rule, blocks=blocks, segmentation=segmentation)
         stats.update(intervention_keys(tampering, after, reference))
+    columns = attention_columns(model, tampering.test_registers, intervened=after is not None)  # as scanned
     if (attached := attached_neurons(model)) is not None:
         stats.update(summary_labels(attached))
     tokens = None
@@ -212,7 +209,6 @@ def inspect(
         moved = scan(model, batch, threshold=rule, blocks=blocks, segmentation=segmentation)
         stats["test_time_registers/outlier_frac"] = moved.stats["artifacts/outlier_frac"]
     pictures = unnormalize(batch, mean, std)
-    columns = attention_columns(model, tampering.test_registers, intervened=after is not None)
     write_folder_atomic(
         out,
         lambda folder: write_outputs(folder, result, pictures, stats, neurons, segmentation, tokens, after, columns),

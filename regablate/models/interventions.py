@@ -76,6 +76,16 @@ class Intervention:
                 f"intervention_from_block must be between 0 and {depth - 1} (the model's blocks), got {self.from_block}"
             )
 
+    def check_test_time_register(self, model: Backbone) -> None:
+        """Refuse ``test_registers`` below R beside a test-time register: that register is inserted after all R
+        trained ones (``regablate.artifacts.register_neurons``), so removing some would misplace it."""
+        registers = num_registers_of(model)
+        if self.test_registers is not None and self.test_registers < registers:
+            raise RegablateError(
+                f"test_registers {self.test_registers} (below the model's {registers} registers) cannot go with a "
+                "test-time register, which sits after all of them; drop one of the two"
+            )
+
     def check_batch(self, images: int, why: str) -> None:
         """Refuse ``shuffle`` on a batch of one image, which has no other image to take registers from.
 

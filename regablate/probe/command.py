@@ -251,6 +251,8 @@ def main(argv: list[str]) -> None:
     output_dir = _output_dir(cfg, resolved)
     intervention = Intervention.of(register_intervention(cfg))
     intervention.check(model)
+    if cfg.test_time_registers is not None:
+        intervention.check_test_time_register(model)
     if intervention.needs_statistics and reference_size(datamodule) == 0:
         raise RegablateError(
             f"register_intervention {intervention.kind} needs reference images; the training split is empty"
