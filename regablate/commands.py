@@ -170,6 +170,16 @@ class RegisterIntervention:
     test_registers: int | None = None
     intervention_images: PositiveInt = 512
 
+    @property
+    def folder_suffix(self) -> str:
+        """What a default output folder's name gets, so intervened results never land on the plain model's:
+        ``_k<K>`` and/or ``_<kind>`` (``_b<block>`` after it from a later block)."""
+        suffix = f"_k{self.test_registers}" if self.test_registers is not None else ""
+        if self.register_intervention != "none":
+            suffix += f"_{self.register_intervention}"
+            suffix += f"_b{self.intervention_from_block}" if self.intervention_from_block else ""
+        return suffix
+
 
 INTERVENTION_ARGUMENTS = tuple(f.name for f in fields(RegisterIntervention))
 

@@ -159,3 +159,12 @@ def test_the_report_puts_intervened_results_in_their_own_series():
     fewer = {**plain, "run": "r2_s0_k1", "test_registers": 1}
     table = aggregate([plain, zeroed, fewer])
     assert len(table) == 3 and "registers zero" in table and "K=1 test registers" in table
+
+
+def test_intervened_results_get_default_folders_of_their_own():
+    from regablate.commands import RegisterIntervention
+
+    assert RegisterIntervention().folder_suffix == ""
+    assert RegisterIntervention("zero").folder_suffix == "_zero"
+    shuffled = RegisterIntervention("shuffle", intervention_from_block=1, test_registers=2)
+    assert shuffled.folder_suffix == "_k2_shuffle_b1"

@@ -94,7 +94,7 @@ def inspect(
         threshold: outlier rule: relative | absolute | percentile.
         threshold_value: the rule's number (default 4 / 150 / 98).
         blocks: blocks to measure, e.g. [0,5,-1] (default all).
-        output: output folder (default runs/inspect/<model>).
+        output: output folder (default runs/inspect/<model>, + _k<K>/_<intervention> with an intervention).
         find_register_neurons: find register neurons, write register_neurons.json.
         register_neurons: how register neurons are found.
         test_time_registers: inspect with a test-time register (a register_neurons.json).
@@ -158,7 +158,7 @@ def inspect(
         token_settings.block_of(model)  # a block outside the model fails before any image is read
     if test_time_registers is not None:
         add_test_time_register(model, test_time_registers)
-    out = Path(output) if output else Path("runs") / "inspect" / resolved.name
+    out = Path(output) if output else Path("runs") / "inspect" / (resolved.name + flags.folder_suffix)
     check_output_folder(out)
     mean, std = resolved.normalisation
     size = tuple(model.patch_embed.img_size)
@@ -211,7 +211,7 @@ def inspect(
     pictures = unnormalize(batch, mean, std)
     write_folder_atomic(
         out,
-        lambda folder: write_outputs(folder, result, pictures, stats, neurons, segmentation, tokens, after, columns),
+        lambda folder: write_outputs(folder, result, pictures, stats, columns, neurons, segmentation, tokens, after),
     )
     print("\n".join(summary_lines(result.stats, judged, rule, len(model.blocks))))
     if after is not None:

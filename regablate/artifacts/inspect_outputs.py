@@ -22,11 +22,11 @@ def write_outputs(
     result: ArtifactScan,
     images: Tensor,
     stats: dict[str, Any],
+    columns: list[str],
     neurons: RegisterNeurons | None = None,
     segmentation: Tensor | None = None,
     tokens: TokenProbeResult | None = None,
     after: ArtifactScan | None = None,
-    columns: list[str] | None = None,
 ) -> None:
     """Every file of an inspect output into ``folder``; ``after``: the scan with the intervention ``stats`` names.
 
@@ -39,7 +39,6 @@ def write_outputs(
     if tokens is not None:
         tokens.save(folder)
     maps = [result.attention_maps] if after is None else [result.attention_maps, after.attention_maps]
-    columns = columns or []
     figure = attention_figure(images, maps, columns, title=intervention_label(stats) or "")
     titles = " | ".join(title.replace("\n", " ") for title in ["image", *columns])
     figure.savefig(folder / "attention.png", metadata={"Columns": titles})

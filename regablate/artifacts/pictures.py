@@ -70,7 +70,7 @@ def attention_labels(layout: TokenLayout, query: str, group: str = "") -> list[s
 
 
 def attention_figure(images: Tensor, maps: Sequence[Tensor], labels: Sequence[str], title: str = "") -> Figure:
-    """:func:`attention_grid` with every column titled (``labels``: one per map column, the image column comes first).
+    """:func:`attention_grid` with every column titled: ``image``, then ``labels``, one per map column.
 
     The tiles keep their pixels (nearest neighbour, at least 64 screen pixels each), so the maps read as the grid does.
     """

@@ -154,13 +154,7 @@ def _output_dir(cfg: Namespace, resolved: ResolvedBackbone) -> Path:
     """--output, else the run folder, else ``runs/probe/<model>_r<R>``; ``_ttr`` appended with a test-time register."""
     if cfg.output is not None:
         return Path(cfg.output)
-    suffix = "_ttr" if cfg.test_time_registers is not None else ""
-    if cfg.test_registers is not None:
-        suffix += f"_k{cfg.test_registers}"
-    if cfg.register_intervention != "none":
-        suffix += f"_{cfg.register_intervention}" + (
-            f"_b{cfg.intervention_from_block}" if cfg.intervention_from_block else ""
-        )
+    suffix = ("_ttr" if cfg.test_time_registers is not None else "") + register_intervention(cfg).folder_suffix
     run_dir = resolved.run_dir
     if run_dir is not None:
         return run_dir.with_name(run_dir.name + suffix) if suffix else run_dir
