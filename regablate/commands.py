@@ -18,7 +18,7 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import NonNegativeInt, PositiveInt
@@ -30,6 +30,7 @@ DEPRECATED_UNTIL = "0.3"
 HELP = ("-h", "--help")
 # What --register_intervention replaces the registers by (regablate.models.interventions applies it).
 InterventionKind = Literal["none", "zero", "mean", "noise", "shuffle"]
+INTERVENTION_KINDS: tuple[str, ...] = get_args(InterventionKind)
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,51 @@ def add_backbone_arguments(parser: ArgumentParser, run_action: type[argparse.Act
 def backbone_source(cfg: Namespace) -> BackboneSource:
     """The :class:`BackboneSource` a parsed command line names."""
     return BackboneSource(**{f.name: plain(cfg[f.name]) for f in fields(BackboneSource)})
+
+
+@dataclass(frozen=True)
+class RegisterIntervention:
+    """The register-intervention flags of ``regablate probe`` and ``regablate inspect``.
+
+    Applied by ``regablate.models.interventions``; each command says where its reference images come from.
+
+    Args:
+        register_intervention: replace each register at every block's input from intervention_from_block on by
+            zeros, its mean or Gaussian noise (mean and per-channel std over the reference images), or the same
+            register of another image in the batch (shuffle).
+        intervention_from_block: the first block whose input the intervention replaces (0: before block 0).
+        test_registers: run the model with only its first K registers (the others removed from the sequence).
+        intervention_images: reference images the mean/noise statistics are taken over (probe: the first of the
+            training split; inspect: synthetic training scenes, or the folder's images after the inspected ones).
+    """
+
+    register_intervention: InterventionKind = "none"
+    intervention_from_block: int = 0
+    test_registers: int | None = None
+    intervention_images: PositiveInt = 512
+
+    @property
+    def folder_suffix(self) -> str:
+        """What a default output folder's name gets, so intervened results never land on the plain model's:
+        ``_k<K>`` and/or ``_<kind>`` (``_b<block>`` after it from a later block)."""
+        suffix = f"_k{self.test_registers}" if self.test_registers is not None else ""
+        if self.register_intervention != "none":
+            suffix += f"_{self.register_intervention}"
+            suffix += f"_b{self.intervention_from_block}" if self.intervention_from_block else ""
+        return suffix
+
+
+INTERVENTION_ARGUMENTS = tuple(f.name for f in fields(RegisterIntervention))
+
+
+def add_intervention_arguments(parser: ArgumentParser) -> None:
+    """``RegisterIntervention``'s flags, top level (``--register_intervention``, ``--test_registers``, ...)."""
+    parser.add_class_arguments(RegisterIntervention)
+
+
+def register_intervention(cfg: Namespace) -> RegisterIntervention:
+    """The :class:`RegisterIntervention` a parsed command line names."""
+    return RegisterIntervention(**{name: plain(cfg[name]) for name in INTERVENTION_ARGUMENTS})
 
 
 def function_arguments(cfg: Namespace, skip: Sequence[str] = ()) -> dict[str, Any]:

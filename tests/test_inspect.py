@@ -47,6 +47,11 @@ def inspect(tmp_path: Path, checkpoint: Path, *extra: str) -> None:
     )
 
 
+def attention_columns(out: Path) -> list[str]:
+    """attention.png's column titles, as its PNG text keeps them."""
+    return Image.open(out / "attention.png").text["Columns"].split(" | ")
+
+
 def test_inspect_finds_planted_artifacts_and_writes_every_output(tmp_path, capsys):
     inspect(tmp_path, weights(tmp_path, planted=True))
     printed = capsys.readouterr().out
@@ -58,7 +63,7 @@ def test_inspect_finds_planted_artifacts_and_writes_every_output(tmp_path, capsy
     assert sorted(p.name for p in (out / "norms").iterdir()) == [f"block_{b:02d}.png" for b in range(4)]
     for picture in ("attention.png", "outlier_positions.png", "norms/block_03.png"):
         assert Image.open(out / picture).size[0] > 32
-    assert Image.open(out / "attention.png").size == (4 * 34 + 2, 8 * 34 + 2)
+    assert attention_columns(out) == ["image", "CLS", "reg 1", "reg 2"]
     assert "outlier fraction : 6.25%" in printed and "outliers start at: block 1 of 0-3" in printed
     assert "max/median norm" in printed and "verdict          : register-style artifacts" in printed
     assert stats["verdict"]["label"] == "register-style" and stats["verdict"]["background_test"] == "run"
@@ -294,7 +299,7 @@ def test_the_issue_command_on_an_avg_pool_vit_without_class_token(tmp_path, caps
     assert stats["class_token"] is False and stats["num_registers"] == 0 and stats["num_images"] == 8
     assert {f"artifacts/outlier_frac/block_{b:02d}" for b in range(6)} <= set(stats)
     assert stats["verdict"]["label"] in ("no outliers", "register-style", "not register-style")
-    assert Image.open(tmp_path / "out" / "attention.png").size == (2 * 34 + 2, 8 * 34 + 2)  # image, global query
+    assert attention_columns(tmp_path / "out") == ["image", "patches"]  # the global query: the patches' attention
     assert "outlier fraction :" in capsys.readouterr().out
 
 
@@ -325,4 +330,86 @@ def test_inspect_a_siglip_model_with_registers_finds_planted_artifacts(tmp_path,
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["class_token"] is False and stats["verdict"]["label"] == "register-style"
     assert stats["artifacts/outlier_onset_block"] == 1 and "artifacts/patch_register_attention" in stats
+    assert attention_columns(tmp_path / "out") == ["image", "attn pool", "reg 1", "reg 2"]
     assert "verdict          : register-style artifacts" in capsys.readouterr().out
+
+
+# --- register interventions: what moved -------------------------------------------------------------
+
+
+def test_an_intervention_shows_what_moved_before_and_after(tmp_path, capsys):
+    inspect(tmp_path, weights(tmp_path, planted=True), "--register_intervention", "zero")
+    printed = capsys.readouterr().out
+    out = tmp_path / "out"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["register_intervention"] == "zero" and stats["intervention_from_block"] == 0
+    assert stats["test_registers"] is None and "intervention_reference" not in stats
+    for key in ("outlier_frac", "norm_max_over_median", "patch_norm_median", "register_norm_mean"):
+        assert f"artifacts/{key}" in stats and f"intervened/artifacts/{key}" in stats
+    assert stats["intervened/artifacts/register_norm_mean"] != stats["artifacts/register_norm_mean"]
+    before, after = (["CLS before", "reg 1 before", "reg 2 before"], ["CLS after", "reg 1 after", "reg 2 after"])
+    assert attention_columns(out) == ["image", *before, *after]
+    assert "intervention     : registers zero; last block before -> after" in printed
+    assert f"outlier frac.  : {stats['artifacts/outlier_frac']:.2%} -> " in printed
+
+
+def test_mean_takes_its_statistics_from_other_images_and_says_which(tmp_path, capsys):
+    photos, _ = scenes_with_masks(tmp_path, count=6)
+    checkpoint = weights(tmp_path, planted=True)
+    flags = ["--register_intervention", "mean", "--test_registers", "1", "--intervention_images", "8"]
+    inspect(tmp_path, checkpoint, *flags, "--num_images", "4", "--images", str(photos))
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["num_images"] == 4 and stats["test_registers"] == 1
+    reference = {"images": str(photos), "files": "sorted paths 5..6", "num_images": 2}
+    assert stats["intervention_reference"] == reference
+    assert attention_columns(tmp_path / "out")[-2:] == ["CLS after", "reg 1 after"]
+    inspect(tmp_path, checkpoint, *flags)
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["intervention_reference"] == {"images": "synthetic", "split": "train", "seed": 0, "num_images": 8}
+    assert "K=1 test registers, registers mean" in capsys.readouterr().out
+
+
+def test_all_test_registers_is_the_plain_inspection_exactly(tmp_path):
+    checkpoint = weights(tmp_path, planted=True)
+    inspect(tmp_path, checkpoint)
+    plain = json.loads((tmp_path / "out" / "stats.json").read_text())
+    inspect(tmp_path, checkpoint, "--test_registers", "2")
+    kept = json.loads((tmp_path / "out" / "stats.json").read_text())
+    measured = [key for key in plain if key.startswith("artifacts/")]
+    assert len(measured) > 20
+    assert {key: kept[key] for key in measured} == {key: plain[key] for key in measured}
+    assert {key: kept[f"intervened/{key}"] for key in measured} == {key: plain[key] for key in measured}
+    assert kept["verdict"] == plain["verdict"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--test_registers", "3"], "between 0 and the model's 2 registers, got 3"),
+        (["--test_registers", "-1"], "between 0 and the model's 2 registers, got -1"),
+        (["--num_registers", "0", "--register_intervention", "zero"], "needs a model with registers"),
+        (["--register_intervention", "noise", "--intervention_from_block", "4"], "between 0 and 3"),
+        (["--register_intervention", "mean", "--images", "{photos}"], "has none after its first 2"),
+        (["--register_intervention", "shuffle", "--num_images", "1"], "inspect measures 1 image"),
+        (["--test_registers", "1", "--find_register_neurons", "true"], "cannot go with a test-time register"),
+    ],
+)
+def test_bad_interventions_are_refused_in_one_line_before_any_image_is_measured(
+    tmp_path, capsys, monkeypatch, flags, message
+):
+    checkpoint = weights(tmp_path, planted=False)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (32, 32)).save(photos / name)
+
+    def no_scan(*_args, **_kwargs):
+        raise AssertionError("an image was measured")
+
+    monkeypatch.setattr("regablate.artifacts.scan.scan", no_scan)
+    with pytest.raises(SystemExit) as exit_info:
+        inspect(tmp_path, checkpoint, *(flag.format(photos=photos) for flag in flags))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
+    assert not (tmp_path / "out").exists()

@@ -137,6 +137,9 @@ def test_probe_records_the_intervention_apart_from_the_plain_model(tmp_path):
     [
         (["--test_registers", "3"], "between 0 and the model's 2 registers"),
         (["--intervention_from_block", "2", "--register_intervention", "zero"], "intervention_from_block"),
+        (["--test_registers", "1", "--test_time_registers", "auto"], "cannot go with a test-time register"),
+        (["--register_intervention", "shuffle", "--data.batch_size", "1"], "in batches of 1 leave one alone"),
+        (["--register_intervention", "shuffle", "--data.train_size", "65"], "train split's 65 images in batches of 64"),
     ],
 )
 def test_probe_refuses_bad_interventions_before_extracting(tmp_path, capsys, flags, message):
@@ -156,3 +159,12 @@ def test_the_report_puts_intervened_results_in_their_own_series():
     fewer = {**plain, "run": "r2_s0_k1", "test_registers": 1}
     table = aggregate([plain, zeroed, fewer])
     assert len(table) == 3 and "registers zero" in table and "K=1 test registers" in table
+
+
+def test_intervened_results_get_default_folders_of_their_own():
+    from regablate.commands import RegisterIntervention
+
+    assert RegisterIntervention().folder_suffix == ""
+    assert RegisterIntervention("zero").folder_suffix == "_zero"
+    shuffled = RegisterIntervention("shuffle", intervention_from_block=1, test_registers=2)
+    assert shuffled.folder_suffix == "_k2_shuffle_b1"

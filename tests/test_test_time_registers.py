@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import regablate.artifacts.register_neurons as ttr
@@ -150,6 +151,8 @@ def test_inspect_finds_writes_prints_and_applies_them(tmp_path, capsys):
             "true",
             "--register_neurons.top_k",
             "3",
+            "--register_intervention",
+            "zero",
         ]
     )
     printed = capsys.readouterr().out
@@ -158,6 +161,9 @@ def test_inspect_finds_writes_prints_and_applies_them(tmp_path, capsys):
     assert "outlier fraction 0.00% in the last block with one test-time register" in printed
     stats = json.loads((tmp_path / "found" / "stats.json").read_text())
     assert stats["artifacts/outlier_frac"] > 0.05 and stats["test_time_registers/outlier_frac"] == 0.0
+    regs = ["CLS {0}", "reg 1 {0}", "reg 2 {0}"]  # scanned before the search adds the test-time register
+    columns = ["image", *(c.format("before") for c in regs), *(c.format("after") for c in regs)]
+    assert Image.open(tmp_path / "found" / "attention.png").text["Columns"] == " | ".join(columns)
 
     main(
         [
@@ -166,8 +172,12 @@ def test_inspect_finds_writes_prints_and_applies_them(tmp_path, capsys):
             str(tmp_path / "applied"),
             "--test_time_registers",
             str(tmp_path / "found" / ttr.NEURONS_FILE),
+            "--register_intervention",
+            "zero",
         ]
     )
+    titles = Image.open(tmp_path / "applied" / "attention.png").text["Columns"]
+    assert titles.endswith("reg 2 after | test-time reg after")
     stats = json.loads((tmp_path / "applied" / "stats.json").read_text())
     assert stats["artifacts/outlier_frac"] == 0.0 and stats["test_time_registers"] == 1 and stats["num_registers"] == 2
     assert "verdict          : no artifacts" in capsys.readouterr().out

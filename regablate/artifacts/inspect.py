@@ -21,6 +21,12 @@ also finds the MLP units that write the outliers, on the same images, writes the
 ``register_neurons.json`` and prints them with the outlier fraction that one test-time register
 holding them leaves; ``--test_time_registers FILE`` inspects the model with such a register added.
 
+Register interventions (``regablate.artifacts.before_after``): ``--register_intervention``,
+``--intervention_from_block`` and ``--test_registers`` (the flags of ``regablate probe``) scan the
+model a second time with its registers replaced or fewer of them; stats.json gets the intervention,
+the measures after it (``intervened/...``) and, for ``mean``/``noise``, where the statistics come from
+(``intervention_reference``); the printed lines and ``attention.png`` show before and after side by side.
+
 ``--token_probes true`` adds the token probes (``regablate.artifacts.token_probes``, ``--token_probe.*``):
 ``token_probes.json``, their table under the verdict, and ``outlier_map.png`` at the probed block.
 """
@@ -38,12 +44,16 @@ from regablate.artifacts import settings
 from regablate.artifacts.settings import NeuronSearch, TokenProbes
 from regablate.commands import (
     BACKBONE_ARGUMENTS,
+    INTERVENTION_ARGUMENTS,
     BackboneSource,
+    RegisterIntervention,
     Renamed,
     add_backbone_arguments,
+    add_intervention_arguments,
     backbone_source,
     function_arguments,
     modernise,
+    register_intervention,
     tool_parser,
 )
 from regablate.errors import RegablateError
@@ -70,6 +80,7 @@ def inspect(
     token_probes: bool = False,
     token_probe: TokenProbes | None = None,
     test_time_registers: str | None = None,
+    intervention: RegisterIntervention | None = None,
 ) -> dict[str, Any]:
     """Does a ViT have artifacts? Writes norm histograms, attention maps and stats.json, prints a verdict.
 
@@ -83,12 +94,13 @@ def inspect(
         threshold: outlier rule: relative | absolute | percentile.
         threshold_value: the rule's number (default 4 / 150 / 98).
         blocks: blocks to measure, e.g. [0,5,-1] (default all).
-        output: output folder (default runs/inspect/<model>).
+        output: output folder (default runs/inspect/<model>, + _k<K>/_<intervention> with an intervention).
         find_register_neurons: find register neurons, write register_neurons.json.
         register_neurons: how register neurons are found.
         test_time_registers: inspect with a test-time register (a register_neurons.json).
         token_probes: probe what each kind of token holds (position, pixels, class), write token_probes.json.
         token_probe: the token probes' settings.
+        intervention: what is done to the registers for the second scan (``--register_intervention``, ...).
     """
     if masks is not None and images is None:
         raise RegablateError("--masks needs --images: synthetic scenes bring their own masks")
@@ -97,8 +109,15 @@ def inspect(
             "give --find_register_neurons or --test_time_registers, not both: find them on the model without one"
         )
     settings.threshold_value(threshold, threshold_value)
+    flags = intervention or RegisterIntervention()
     # The model, the measures and the pictures: imported here, so that the parser (this signature) needs no torch.
-    from regablate.artifacts.inspect_outputs import neuron_lines, write_outputs
+    from regablate.artifacts.before_after import (
+        intervention_keys,
+        moved_lines,
+        reference_images,
+        reference_statistics,
+    )
+    from regablate.artifacts.inspect_outputs import attention_columns, neuron_lines, write_outputs
     from regablate.artifacts.pictures import unnormalize
     from regablate.artifacts.register_neurons import (
         NEURONS_FILE,
@@ -114,6 +133,7 @@ def inspect(
     from regablate.artifacts.token_tables import summary_keys as token_summary_keys
     from regablate.artifacts.verdict import decide, summary_lines
     from regablate.data.images import fit_masks, image_files, load_images, read_masks, synthetic_images
+    from regablate.models.interventions import Intervention, intervened
     from regablate.models.layout import num_registers_of
     from regablate.models.resolve import resolve_backbone
     from regablate.runs import write_folder_atomic
@@ -122,14 +142,23 @@ def inspect(
     # Images and masks are checked before the model is loaded (which can take minutes).
     files = image_files(Path(images), num_images) if images else []
     object_masks = read_masks(Path(masks), Path(images), files) if masks is not None and images else None
+    tampering = Intervention.of(flags)
+    count = len(files) if images else num_images
+    tampering.check_batch(count, f"inspect measures {count} image; give --num_images 2 or more (or more --images)")
+    reference = None
+    if tampering.needs_statistics:
+        reference = reference_images(images, count, flags.intervention_images, seed)
     resolved = resolve_backbone(source or BackboneSource(), run)
     model = resolved.model
+    tampering.check(model)  # K, the block, a model without registers: refused before any image is read
+    if find_register_neurons or test_time_registers:
+        tampering.check_test_time_register(model)
     token_settings = replace(token_probe or TokenProbes(), threshold=rule.mode, threshold_value=rule.value)
     if token_probes:
         token_settings.block_of(model)  # a block outside the model fails before any image is read
     if test_time_registers is not None:
         add_test_time_register(model, test_time_registers)
-    out = Path(output) if output else Path("runs") / "inspect" / resolved.name
+    out = Path(output) if output else Path("runs") / "inspect" / (resolved.name + flags.folder_suffix)
     check_output_folder(out)
     mean, std = resolved.normalisation
     size = tuple(model.patch_embed.img_size)
@@ -152,6 +181,15 @@ def inspect(
     }
     judged = decide(result.stats)
     stats["verdict"] = judged.to_json()
+    after = None
+    if not tampering.is_plain:
+        statistics = None
+        if reference is not None:
+            statistics = reference_statistics(model, tampering, reference, (mean, std))
+        with intervened(model, tampering, statistics):
+            after = scan(model, batch, threshold=rule, blocks=blocks, segmentation=segmentation)
+        stats.update(intervention_keys(tampering, after, reference))
+    columns = attention_columns(model, tampering.test_registers, intervened=after is not None)  # as scanned
     if (attached := attached_neurons(model)) is not None:
         stats.update(summary_labels(attached))
     tokens = None
@@ -172,9 +210,12 @@ def inspect(
         stats["test_time_registers/outlier_frac"] = moved.stats["artifacts/outlier_frac"]
     pictures = unnormalize(batch, mean, std)
     write_folder_atomic(
-        out, lambda folder: write_outputs(folder, result, pictures, stats, neurons, segmentation, tokens)
+        out,
+        lambda folder: write_outputs(folder, result, pictures, stats, columns, neurons, segmentation, tokens, after),
     )
     print("\n".join(summary_lines(result.stats, judged, rule, len(model.blocks))))
+    if after is not None:
+        print("\n".join(moved_lines(stats)))
     if tokens is not None:
         print("\n".join(text_table(tokens.table)))
     if neurons is not None:
@@ -199,7 +240,8 @@ def build_parser() -> ArgumentParser:
         "inspect", "Does a ViT have artifacts? Writes norm histograms, attention maps and stats.json, prints a verdict."
     )
     add_backbone_arguments(parser)
-    parser.add_function_arguments(inspect, skip={"run", "source", "register_neurons", "token_probe"})
+    parser.add_function_arguments(inspect, skip={"run", "source", "register_neurons", "token_probe", "intervention"})
+    add_intervention_arguments(parser)
     parser.add_class_arguments(NeuronSearch, "register_neurons", skip=SHARED_WITH_SEARCH)
     parser.add_class_arguments(TokenProbes, "token_probe", skip=SHARED_WITH_TOKEN_PROBES)
     return parser
@@ -213,10 +255,12 @@ def parse(argv: list[str]) -> Namespace:
 def main(argv: list[str]) -> None:
     """Run ``regablate inspect`` with ``argv`` (the arguments after ``inspect``)."""
     cfg = parse(argv)
-    options = function_arguments(cfg, skip=(*BACKBONE_ARGUMENTS, "register_neurons", "token_probe"))
+    skip = (*BACKBONE_ARGUMENTS, *INTERVENTION_ARGUMENTS, "register_neurons", "token_probe")
+    options = function_arguments(cfg, skip=skip)
     search = NeuronSearch(**function_arguments(cfg.register_neurons))
     tokens = TokenProbes(**function_arguments(cfg.token_probe))
-    inspect(cfg.run, backbone_source(cfg), register_neurons=search, token_probe=tokens, **options)
+    flags = register_intervention(cfg)
+    inspect(cfg.run, backbone_source(cfg), register_neurons=search, token_probe=tokens, intervention=flags, **options)
 
 
 def check_output_folder(out: Path) -> None:

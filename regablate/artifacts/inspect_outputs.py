@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 from torchvision.utils import save_image
 
-from regablate.artifacts.pictures import attention_grid, norm_histogram, outlier_grid, position_grid
+from regablate.artifacts.pictures import attention_figure, attention_labels, norm_histogram, outlier_grid, position_grid
 from regablate.artifacts.register_neurons import NEURONS_FILE, RegisterNeurons
 from regablate.artifacts.scan import ArtifactScan
 from regablate.artifacts.token_probes import TokenProbeResult
-from regablate.runs import write_json_atomic
+from regablate.models.layout import Backbone, TokenLayout
+from regablate.runs import intervention_label, write_json_atomic
 
 
 def write_outputs(
@@ -20,22 +22,43 @@ def write_outputs(
     result: ArtifactScan,
     images: Tensor,
     stats: dict[str, Any],
+    columns: list[str],
     neurons: RegisterNeurons | None = None,
     segmentation: Tensor | None = None,
     tokens: TokenProbeResult | None = None,
+    after: ArtifactScan | None = None,
 ) -> None:
+    """Every file of an inspect output into ``folder``; ``after``: the scan with the intervention ``stats`` names.
+
+    ``attention.png`` titles its columns (``columns``, from :func:`attention_columns`) and keeps the titles
+    in its PNG text as ``Columns`` (``image | CLS before | reg 1 before | ... | CLS after | ...``).
+    """
     write_json_atomic(folder / "stats.json", stats)
     if neurons is not None:
         neurons.save(folder / NEURONS_FILE)
     if tokens is not None:
         tokens.save(folder)
-    save_image(attention_grid(images, result.attention_maps), folder / "attention.png")
+    maps = [result.attention_maps] if after is None else [result.attention_maps, after.attention_maps]
+    figure = attention_figure(images, maps, columns, title=intervention_label(stats) or "")
+    titles = " | ".join(title.replace("\n", " ") for title in ["image", *columns])
+    figure.savefig(folder / "attention.png", metadata={"Columns": titles})
     save_image(position_grid(result.outlier_positions), folder / "outlier_positions.png")
     save_image(outlier_grid(images, result.outliers, result.grid, segmentation), folder / "outliers.png")
     (folder / "norms").mkdir()
     for block, norms in result.patch_norms.items():
         figure = norm_histogram(norms, result.cutoffs[block], block, stats["threshold"])
         figure.savefig(folder / "norms" / f"block_{block:02d}.png")
+
+
+def attention_columns(model: Backbone, test_registers: int | None = None, intervened: bool = False) -> list[str]:
+    """The titles of attention.png's map columns: the global query and each register, before and after an
+    intervention that keeps ``test_registers`` of them."""
+    layout = TokenLayout.of(model)
+    query = "CLS" if layout.has_cls else "attn pool" if model.attn_pool is not None else "patches"
+    if not intervened:
+        return attention_labels(layout, query)
+    kept = layout if test_registers is None else replace(layout, num_registers=test_registers)
+    return attention_labels(layout, query, "before") + attention_labels(kept, query, "after")
 
 
 def neuron_lines(neurons: RegisterNeurons, outlier_frac: float, shown: int = 10) -> list[str]:

@@ -19,6 +19,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from regablate.models.layout import TokenLayout
+
 _COLORMAP = colormaps["inferno"]
 
 
@@ -44,16 +46,54 @@ def colorize(maps: Tensor, size: tuple[int, int], *, per_map_scale: bool = True)
     return F.interpolate(rgb, size=size, mode="nearest")
 
 
-def attention_grid(images: Tensor, maps: Tensor) -> Tensor:
-    """One row per image: the image, its CLS attention map, then one map per register.
+def attention_grid(images: Tensor, *maps: Tensor) -> Tensor:
+    """One row per image: the image, its global query's attention map, then one map per register.
 
-    ``images``: ``(B, 3, H, W)`` in [0, 1]; ``maps``: ``(B, 1 + R, h, w)`` from ``stats.query_attention_maps``.
+    ``images``: ``(B, 3, H, W)`` in [0, 1]; ``maps``: ``(B, 1 + R, h, w)`` from ``stats.query_attention_maps``;
+    several ``maps`` (before and after an intervention) follow each other in the row.
     """
-    b, columns = maps.shape[:2]
+    b = images.shape[0]
     height, width = images.shape[-2:]
-    tiles = colorize(maps.flatten(0, 1), (height, width)).view(b, columns, 3, *images.shape[-2:])
-    rows = torch.cat([images.cpu().float().unsqueeze(1), tiles], dim=1)
-    return make_grid(rows.flatten(0, 1), nrow=columns + 1, padding=2, pad_value=1.0)
+    tiles = [colorize(group.flatten(0, 1), (height, width)).view(b, group.shape[1], 3, height, width) for group in maps]
+    rows = torch.cat([images.cpu().float().unsqueeze(1), *tiles], dim=1)
+    return make_grid(rows.flatten(0, 1), nrow=rows.shape[1], padding=2, pad_value=1.0)
+
+
+def attention_labels(layout: TokenLayout, query: str, group: str = "") -> list[str]:
+    """The column titles of one ``query_attention_maps`` group: the global ``query``, each register, the test-time one.
+
+    ``group`` (``before``, ``after``) is added on a second line.
+    """
+    names = [query, *(f"reg {i + 1}" for i in range(layout.num_registers))]
+    names += ["test-time reg"] * layout.test_time_registers
+    return [f"{name}\n{group}" if group else name for name in names]
+
+
+def attention_figure(images: Tensor, maps: Sequence[Tensor], labels: Sequence[str], title: str = "") -> Figure:
+    """:func:`attention_grid` with every column titled: ``image``, then ``labels``, one per map column.
+
+    The tiles keep their pixels (nearest neighbour, at least 64 screen pixels each), so the maps read as the grid does.
+    """
+    grid = attention_grid(images, *maps)
+    columns = 1 + sum(group.shape[1] for group in maps)
+    if len(labels) != columns - 1:
+        raise ValueError(f"{columns - 1} map columns but {len(labels)} labels")
+    tile_width = images.shape[-1]
+    scale = max(1.0, 64 / tile_width)
+    height, width = grid.shape[-2] * scale, grid.shape[-1] * scale
+    header = 48 if not title else 66  # pixels above the grid for two-line column titles (and the title)
+    figure = Figure(figsize=(width / 100, (height + header) / 100), dpi=100)
+    axes = figure.add_axes((0.0, 0.0, 1.0, height / (height + header)))
+    axes.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    axes.set_xticks([2 + (tile_width + 2) * i + tile_width / 2 for i in range(columns)], ["image", *labels])
+    axes.set_yticks([])
+    axes.xaxis.tick_top()
+    axes.tick_params(length=0, labelsize=7)
+    for spine in axes.spines.values():
+        spine.set_visible(False)
+    if title:
+        figure.suptitle(title, fontsize=8, y=1.0, va="top")
+    return figure
 
 
 def position_grid(positions: dict[int, Tensor], tile: int = 64) -> Tensor:

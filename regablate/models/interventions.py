@@ -18,16 +18,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from regablate.commands import InterventionKind
+from regablate.commands import INTERVENTION_KINDS, InterventionKind, RegisterIntervention
 from regablate.errors import RegablateError
 from regablate.models.layout import Backbone, TokenLayout, num_registers_of, set_registers
-
-KINDS: tuple[str, ...] = get_args(InterventionKind)
 
 
 @dataclass(frozen=True)
@@ -37,6 +35,11 @@ class Intervention:
     kind: InterventionKind = "none"
     from_block: int = 0
     test_registers: int | None = None
+
+    @classmethod
+    def of(cls, flags: RegisterIntervention) -> Intervention:
+        """The intervention a command line's ``--register_intervention``/``--test_registers`` flags ask for."""
+        return cls(flags.register_intervention, flags.intervention_from_block, flags.test_registers)
 
     @property
     def is_plain(self) -> bool:
@@ -56,8 +59,10 @@ class Intervention:
 
     def check(self, model: Backbone) -> None:
         """Refuse, in one line, what ``model`` cannot do (before any feature is extracted)."""
-        if self.kind not in KINDS:
-            raise RegablateError(f"register_intervention must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind not in INTERVENTION_KINDS:
+            raise RegablateError(
+                f"register_intervention must be one of {', '.join(INTERVENTION_KINDS)}, got {self.kind!r}"
+            )
         registers = TokenLayout.of(model).num_registers
         if self.test_registers is not None and not 0 <= self.test_registers <= registers:
             raise RegablateError(
@@ -69,6 +74,26 @@ class Intervention:
         if not 0 <= self.from_block < depth:
             raise RegablateError(
                 f"intervention_from_block must be between 0 and {depth - 1} (the model's blocks), got {self.from_block}"
+            )
+
+    def check_test_time_register(self, model: Backbone) -> None:
+        """Refuse ``test_registers`` below R beside a test-time register: that register is inserted after all R
+        trained ones (``regablate.artifacts.register_neurons``), so removing some would misplace it."""
+        registers = num_registers_of(model)
+        if self.test_registers is not None and self.test_registers < registers:
+            raise RegablateError(
+                f"test_registers {self.test_registers} (below the model's {registers} registers) cannot go with a "
+                "test-time register, which sits after all of them; drop one of the two"
+            )
+
+    def check_batch(self, images: int, why: str) -> None:
+        """Refuse ``shuffle`` on a batch of one image, which has no other image to take registers from.
+
+        ``why`` says, in the command's terms, where that batch comes from and how to avoid it.
+        """
+        if self.kind == "shuffle" and images < 2:
+            raise RegablateError(
+                f"register_intervention shuffle takes registers from another image in the batch; {why}"
             )
 
 

@@ -42,7 +42,14 @@ import yaml
 from jsonargparse import ArgumentError, ArgumentParser, Namespace, dict_to_namespace
 
 from regablate.artifacts.settings import NeuronSearch, TokenProbes
-from regablate.commands import HELP, InterventionKind, Renamed, add_backbone_arguments, modernise, tool_parser
+from regablate.commands import (
+    HELP,
+    Renamed,
+    add_backbone_arguments,
+    add_intervention_arguments,
+    modernise,
+    tool_parser,
+)
 from regablate.errors import RegablateError
 from regablate.probe.settings import DeviceSettings, FastSettings, LinearProbe
 
@@ -68,10 +75,6 @@ def probe_options(
     test_time_registers: str | None = None,
     dry_run: bool = False,
     dataset: str | None = None,
-    register_intervention: InterventionKind = "none",
-    intervention_from_block: int = 0,
-    test_registers: int | None = None,
-    intervention_images: int = 512,
 ) -> None:
     """The probe command's own flags (the model, data, devices and protocol have theirs).
 
@@ -82,12 +85,6 @@ def probe_options(
         dry_run: print, per split, the samples, the fields kept and the bytes they take; extract nothing.
         dataset: name of the probed data in summary.json (default: the data's path); the report overlays the paper's
             values on imagenet-1k, ade20k and nyud.
-        register_intervention: replace each register at every block's input from intervention_from_block on by
-            zeros, its mean or Gaussian noise (mean and per-channel std over the training split), or the same
-            register of another image in the batch (shuffle).
-        intervention_from_block: the first block whose input the intervention replaces (0: before block 0).
-        test_registers: run the model with only its first K registers (the others removed from the sequence).
-        intervention_images: training images the mean/noise statistics are taken over.
     """
 
 
@@ -126,6 +123,7 @@ def _parser(for_help: bool) -> ArgumentParser:
     parser = tool_parser("probe", "Frozen-feature probes (classification, segmentation, depth, LOST) of a backbone.")
     add_backbone_arguments(parser, RunData)
     parser.add_function_arguments(probe_options)
+    add_intervention_arguments(parser)
     parser.add_class_arguments(DeviceSettings)
     parser.add_class_arguments(NeuronSearch, "register_neurons")
     if for_help:

@@ -15,7 +15,8 @@ import torch
 from lightning import LightningDataModule
 from torch import Tensor
 
-from regablate.models.interventions import KINDS, Intervention, RegisterStatistics, intervened, register_statistics
+from regablate.commands import INTERVENTION_KINDS
+from regablate.models.interventions import Intervention, RegisterStatistics, intervened, register_statistics
 from regablate.models.layout import Backbone
 from regablate.probe.device import ProbeDevice
 from regablate.probe.features import BatchFeatures, ViTExtractor
@@ -38,7 +39,7 @@ class IntervenedExtractor(ViTExtractor):
         self.intervention = intervention
         self.statistics = statistics
         kept = -1 if intervention.test_registers is None else intervention.test_registers
-        code = [KINDS.index(intervention.kind), intervention.from_block, kept]
+        code = [INTERVENTION_KINDS.index(intervention.kind), intervention.from_block, kept]
         self.register_buffer("intervention_key", torch.tensor(code))
         if statistics is not None:
             self.register_buffer("register_mean", statistics.mean)

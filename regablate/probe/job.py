@@ -30,7 +30,7 @@ from regablate.artifacts.stats import Threshold
 from regablate.artifacts.token_probes import probe_dataset_tokens
 from regablate.artifacts.token_tables import summary_keys as token_summary_keys
 from regablate.artifacts.token_tables import text_table
-from regablate.commands import backbone_source
+from regablate.commands import backbone_source, register_intervention
 from regablate.data.common import num_samples
 from regablate.errors import RegablateError
 from regablate.models.interventions import Intervention
@@ -39,8 +39,8 @@ from regablate.models.resolve import ResolvedBackbone, resolve_backbone
 from regablate.probe.device import ProbeDevice
 from regablate.probe.features import ViTExtractor
 from regablate.probe.intervened import IntervenedExtractor, reference_size, reference_statistics
-from regablate.probe.plan import frozen_dataset, plan_probe
-from regablate.probe.run import check_protocol_devices, feature_store, run_probe
+from regablate.probe.plan import ProbePlan, frozen_dataset, plan_probe
+from regablate.probe.run import check_protocol_devices, extraction_batch_size, feature_store, run_probe
 from regablate.probe.settings import TOKEN_PROBE
 from regablate.runs import RunRecord
 
@@ -65,8 +65,10 @@ def run_command(parser: ArgumentParser, cfg: Namespace) -> None:
     if tokens is not None:
         tokens.block_of(model)  # a block outside the model fails before anything is extracted
     output_dir = _output_dir(cfg, resolved)
-    intervention = Intervention(cfg.register_intervention, cfg.intervention_from_block, cfg.test_registers)
+    intervention = Intervention.of(register_intervention(cfg))
     intervention.check(model)
+    if cfg.test_time_registers is not None:
+        intervention.check_test_time_register(model)
     if intervention.needs_statistics and reference_size(datamodule) == 0:
         raise RegablateError(
             f"register_intervention {intervention.kind} needs reference images; the training split is empty"
@@ -78,6 +80,7 @@ def run_command(parser: ArgumentParser, cfg: Namespace) -> None:
     data_config = cfg.data.as_dict()
     store = feature_store(extractor, output_dir, data_config, where.resolved_precision, cfg.cache)
     plan = plan_probe(extractor, datamodule, probe, store, reuse=cfg.cache)
+    _check_shuffle_batches(intervention, datamodule, plan)
     if cfg.dry_run:
         print(f"probe plan of {resolved.name} (r{num_registers_of(model)}) into {output_dir}; nothing is extracted")
         print(plan.describe(where, cache_known=cfg.test_time_registers is None))
@@ -138,13 +141,7 @@ def _output_dir(cfg: Namespace, resolved: ResolvedBackbone) -> Path:
     """--output, else the run folder, else ``runs/probe/<model>_r<R>``; ``_ttr`` appended with a test-time register."""
     if cfg.output is not None:
         return Path(cfg.output)
-    suffix = "_ttr" if cfg.test_time_registers is not None else ""
-    if cfg.test_registers is not None:
-        suffix += f"_k{cfg.test_registers}"
-    if cfg.register_intervention != "none":
-        suffix += f"_{cfg.register_intervention}" + (
-            f"_b{cfg.intervention_from_block}" if cfg.intervention_from_block else ""
-        )
+    suffix = ("_ttr" if cfg.test_time_registers is not None else "") + register_intervention(cfg).folder_suffix
     run_dir = resolved.run_dir
     if run_dir is not None:
         return run_dir.with_name(run_dir.name + suffix) if suffix else run_dir
@@ -194,6 +191,18 @@ def _check_sizes(model: Backbone, datamodule: LightningDataModule) -> None:
         raise RegablateError(
             f"the data's img_size {data_size} differs from the backbone's {model_size[0]}; "
             f"set --data.img_size {model_size[0]} or --img_size {data_size}"
+        )
+
+
+def _check_shuffle_batches(intervention: Intervention, datamodule: LightningDataModule, plan: ProbePlan) -> None:
+    """``shuffle`` needs a second image in every extraction batch, the last of each split included."""
+    batch_size = extraction_batch_size(datamodule)
+    for name, split in plan.splits.items():
+        last = split.num_samples % batch_size or batch_size
+        intervention.check_batch(
+            last,
+            f"the {name} split's {split.num_samples} images in batches of {batch_size} leave one alone in a batch; "
+            "change --data.batch_size",
         )
 
 

@@ -57,12 +57,16 @@ def feature_store(
     return FeatureCache(root, weights_fingerprint(extractor), data_config, precision)
 
 
+def extraction_batch_size(datamodule: LightningDataModule) -> int:
+    """Images per extraction batch: the data's ``batch_size`` (64 when they have none)."""
+    return int(getattr(datamodule, "hparams", {}).get("batch_size", 64))
+
+
 def extract_missing(
     extractor: Extractor, datamodule: LightningDataModule, plan: ProbePlan, where: ProbeDevice
 ) -> dict[str, float]:
     """Extract every field the store lacks, each rank its share of the batches; returns seconds per split."""
-    hparams = getattr(datamodule, "hparams", {})
-    batch_size, workers = hparams.get("batch_size", 64), hparams.get("num_workers", 0)
+    batch_size, workers = extraction_batch_size(datamodule), getattr(datamodule, "hparams", {}).get("num_workers", 0)
     seconds = {}
     for name, split in plan.splits.items():
         missing = split.missing
