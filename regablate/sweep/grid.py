@@ -32,6 +32,14 @@ recursively; any other value (a list, a number, a string, null) replaces the oth
 by the same rule into the ``args`` of the named stages. A rehearsal of a cluster grid is written
 this way, so the two cannot drift apart.
 
+A probe stage with an ``over`` (:class:`StageOver`) runs once per K of each run's registers
+(``test_registers: 0..R`` or a list) and per register intervention, each a stage of its own
+(``probe_k_k2``, ``probe_tampered_zero``) whose results go beside the run (``<run>_k2/``,
+``<run>_zero/``); ``0..R`` is resolved per run, so a K above a run's R never runs, and an explicit
+one is refused here. A stage may start from an earlier stage's args (``like: probe``), and an
+extending grid may add stages after the other's (``add_stages``), as configs/fig8/interventions.yaml
+does on the CPU grid's runs.
+
 regablate 0.2 wrote a stage's ``args`` as a list of command-line words; such a file gets one line
 saying what to write instead.
 """
