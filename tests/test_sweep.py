@@ -656,12 +656,12 @@ def test_a_stage_that_succeeds_on_retry_keeps_no_trace_of_the_failure(tmp_path):
 
 @pytest.mark.slow
 def test_interventions_grid_rehearsed_on_the_swept_runs(swept, tmp_path):
-    """configs/fig8/interventions.yaml's stages on the micro grid's trained runs (copied): K = 0..R and four
-    interventions, each probe in its own folder, then the report's interventions figure. Classification only."""
+    """configs/fig8/interventions.yaml's stages on the micro grid's trained runs (copied; the stages of
+    tests/configs/grid_micro_interventions.yaml): K = 0..R and four interventions, each probe in its own
+    folder, then the report's interventions figure. Classification only."""
     shutil.copytree(swept[0], tmp_path / "runs" / "micro")
-    added = yaml.safe_load((REPO / "configs" / "fig8" / "interventions.yaml").read_text())["grid"]["add_stages"]
     grid = tmp_path / "interventions.yaml"
-    rehearsal = {"extends": str(MICRO), "name": "micro", "add_stages": added}
+    rehearsal = {"extends": str(MICRO.parent / "grid_micro_interventions.yaml"), "name": "micro"}
     grid.write_text(yaml.safe_dump({"grid": {**rehearsal, "stage_args": {"probe": {"--probe.probes": ["cls"]}}}}))
     result = sweep(tmp_path, grid)
     assert "0 already complete, 2 to run" in result.stdout and "all 2 runs complete" in result.stdout

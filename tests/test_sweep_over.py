@@ -1,7 +1,7 @@
 """A probe stage's ``over``: one probe per K of each run's registers and per register intervention.
 
-The slow rehearsal of configs/fig8/interventions.yaml on trained runs is in tests/test_sweep.py (it
-reuses that file's swept micro grid).
+The slow rehearsal of configs/fig8/interventions.yaml's stages on trained runs
+(tests/configs/grid_micro_interventions.yaml) is in tests/test_sweep.py: it reuses that file's swept micro grid.
 """
 
 from __future__ import annotations
@@ -46,6 +46,11 @@ def test_0_to_r_gives_each_run_one_probe_per_k_and_one_per_intervention(tmp_path
     assert k1.args == {**probe.args, "--test_registers": 1}  # like: probe, then the value of the over
     assert noise.argv[-2:] == ("--register_intervention", "noise") and "--test_registers" not in noise.args
     assert [stage.name for stage in grid.stages] == ["fit", "probe", "probe_k", "probe_tampered"]
+
+
+def test_the_micro_rehearsal_adds_the_same_stages_as_the_interventions_grid():
+    micro = yaml.safe_load((MICRO.parent / "grid_micro_interventions.yaml").read_text())["grid"]["add_stages"]
+    assert micro == interventions_stages()
 
 
 def test_interventions_grid_reuses_the_cpu_grids_runs_and_probe_flags():
