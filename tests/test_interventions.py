@@ -125,6 +125,7 @@ def test_probe_records_the_intervention_apart_from_the_plain_model(tmp_path):
     main([*args, "--register_intervention", "mean", "--test_registers", "1", "--intervention_images", "16"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["register_intervention"] == "mean" and summary["test_registers"] == 1
+    assert summary["status"] == "complete"  # a row of the report of its own, beside the plain model's
     probe_json = json.loads((out / "probe.json").read_text())
     assert probe_json["source"]["register_intervention"] == "mean"
     intervened_store = probe_json["weights"]

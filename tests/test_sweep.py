@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -703,3 +704,28 @@ def test_a_stage_that_succeeds_on_retry_keeps_no_trace_of_the_failure(tmp_path):
         "stages/probe/seconds": 2.0,
         "stages/probe/ended": read_summary(tmp_path)["stages/probe/ended"],
     }
+
+
+@pytest.mark.slow
+def test_interventions_grid_rehearsed_on_the_swept_runs(swept, tmp_path):
+    """configs/fig8/interventions.yaml's stages on the micro grid's trained runs (copied; the stages of
+    tests/configs/grid_micro_interventions.yaml): K = 0..R and four interventions, each probe in its own
+    folder, then the report's interventions figure. Classification only."""
+    shutil.copytree(swept[0], tmp_path / "runs" / "micro")
+    grid = tmp_path / "interventions.yaml"
+    rehearsal = {"extends": str(MICRO.parent / "grid_micro_interventions.yaml"), "name": "micro"}
+    grid.write_text(yaml.safe_dump({"grid": {**rehearsal, "stage_args": {"probe": {"--probe.probes": ["cls"]}}}}))
+    result = sweep(tmp_path, grid)
+    assert "0 already complete, 2 to run" in result.stdout and "all 2 runs complete" in result.stdout
+    experiment = tmp_path / "runs" / "micro"
+    found = summaries(experiment)
+    kinds = ("zero", "mean", "noise", "shuffle")
+    assert sorted(found) == sorted(
+        ["r0_s0", "r0_s0_k0", "r2_s0", *(f"r2_s0_k{k}" for k in range(3))] + [f"r2_s0_{kind}" for kind in kinds]
+    )
+    assert found["r2_s0"]["stages/probe_k_k2"] == found["r2_s0"]["stages/probe_tampered_shuffle"] == "complete"
+    assert found["r2_s0"]["probe/seg_miou"] == summaries(swept[0])["r2_s0"]["probe/seg_miou"]  # not probed again
+    for kind in kinds:
+        assert found[f"r2_s0_{kind}"]["register_intervention"] == kind and "probe/cls_top1" in found[f"r2_s0_{kind}"]
+    assert found["r2_s0_k1"]["test_registers"] == 1 and found["r2_s0_k1"]["num_registers"] == 2
+    assert (experiment / "interventions.png").stat().st_size > 10_000

@@ -125,8 +125,9 @@ def run_command(parser: ArgumentParser, cfg: Namespace) -> None:
             _token_probes(model, datamodule, tokens, plan.scored_on, where, output_dir, summary)
     if not where.is_main:  # another rank than 0: its share is extracted
         return
-    if neurons is not None:  # a finished row of its own in a grid's report
+    if neurons is not None:
         neurons.save(output_dir / NEURONS_FILE)
+    if neurons is not None or not intervention.is_plain:  # a finished row of its own in a grid's report
         RunRecord(output_dir).update({"status": "complete"})
     if report is None:
         return

@@ -15,6 +15,9 @@ Writes into the experiment folder (each file atomically):
   error bars over seeds; with ``--paper true``, the paper's values that were measured on the same
   dataset with the same protocol (Figure 8's ImageNet curve, Table 2a's single-dataset points; see
   ``regablate.report.paper``), each labelled with its source;
+* ``interventions.png``, only where runs were probed with fewer registers or with their registers
+  replaced (``regablate probe --test_registers / --register_intervention``): per probe metric, the
+  metric against K per trained R and a bar per intervention (``regablate.report.interventions``);
 * ``hparams/<run>/``: each run's hyper-parameters with its final metrics for TensorBoard's HPARAMS tab.
 """
 
@@ -30,7 +33,7 @@ from regablate.commands import Renamed, function_arguments, modernise, tool_pars
 from regablate.report.paper import paper_overlays
 from regablate.report.settings import Report
 from regablate.report.tables import aggregate, collect_rows, results_csv, results_markdown, write_hparams
-from regablate.runs import atomic_path, write_text_atomic
+from regablate.runs import atomic_path, intervention_label, write_text_atomic
 
 RENAMED = (Renamed("--paper", "--paper", "true"),)
 
@@ -69,6 +72,7 @@ def write_report(experiment: Path, settings: Report) -> list[Path]:
     """Write every report file of ``experiment`` as ``settings`` say (``enabled`` is the caller's to check)."""
     rows = collect_rows(experiment)
     from regablate.report.figure import attention_rows, draw_figure8  # torch and matplotlib, once there are runs
+    from regablate.report.interventions import FIGURE_FILE, draw_interventions, intervention_results
 
     written = [
         experiment / "results.csv",
@@ -81,8 +85,14 @@ def write_report(experiment: Path, settings: Report) -> list[Path]:
     write_text_atomic(written[1], results_markdown(experiment.name, rows) + token_tables)
     maps = attention_rows(experiment, rows, settings.images, settings.num_images)
     overlays = paper_overlays(rows) if settings.paper else None
+    trained = aggregate([row for row in rows if not intervention_label(row)])  # the intervened: interventions.png
     with atomic_path(written[2]) as tmp:
-        draw_figure8(tmp, experiment.name, aggregate(rows), maps, overlays)
+        draw_figure8(tmp, experiment.name, trained, maps, overlays)
+    intervened = intervention_results(rows)
+    if intervened is not None:
+        written.append(experiment / FIGURE_FILE)
+        with atomic_path(written[-1]) as tmp:
+            draw_interventions(tmp, experiment.name, intervened)
     for metric, overlay in (overlays or {}).items():
         sources = ", ".join(values.label for values in overlay.values)
         print(f"paper values on {metric}: {sources or 'none (' + overlay.reason + ')'}")

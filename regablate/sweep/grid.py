@@ -32,6 +32,14 @@ recursively; any other value (a list, a number, a string, null) replaces the oth
 by the same rule into the ``args`` of the named stages. A rehearsal of a cluster grid is written
 this way, so the two cannot drift apart.
 
+A probe stage with an ``over`` (:class:`StageOver`) runs once per K of each run's registers
+(``test_registers: 0..R`` or a list) and per register intervention, each a stage of its own
+(``probe_k_k2``, ``probe_tampered_zero``) whose results go beside the run (``<run>_k2/``,
+``<run>_zero/``); ``0..R`` is resolved per run, so a K above a run's R never runs, and an explicit
+one is refused here. A stage may start from an earlier stage's args (``like: probe``), and an
+extending grid may add stages after the other's (``add_stages``), as configs/fig8/interventions.yaml
+does on the CPU grid's runs.
+
 regablate 0.2 wrote a stage's ``args`` as a list of command-line words; such a file gets one line
 saying what to write instead.
 """
@@ -56,7 +64,7 @@ from regablate.commands import parser_message
 from regablate.errors import RegablateError
 from regablate.hparams import plain
 from regablate.report.settings import Report
-from regablate.runs import run_name
+from regablate.runs import REGISTER_KEY, run_name
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Commands a stage may run: LightningCLI's on the run's config, and the tools that take a run folder.
@@ -71,8 +79,29 @@ GRID_DIR = "{grid_dir}"  # in a stage argument: the folder of the grid file that
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 RUN_REFERENCE = re.compile(r"\{experiment\}/([^/\s]+)")
 SERIES_AXIS = "series"  # the axis a further series' runs carry: its name
+ALL_KEPT = "0..R"  # a stage's over.test_registers: every K from 0 to the run's R
+OVER_FLAGS = {"test_registers": "--test_registers", "register_intervention": "--register_intervention"}
 DEFAULT_SIGNAL_DELAY_S = 90  # submitit's own default warning before a Slurm time limit
 DEFAULT_MAX_REQUEUES = 3  # submitit's own default for requeues after a timeout
+
+
+@dataclass
+class StageOver:
+    """A probe stage run once per value over each trained run: what its registers keep at test time.
+
+    Args:
+        test_registers: K, the registers kept (``--test_registers``): a list, or ``0..R`` for every K
+            from 0 to each run's own R. An explicit K above a run's R is refused when the grid loads.
+        register_intervention: what replaces the kept registers (``--register_intervention``): zero,
+            mean, noise or shuffle. Runs without registers (R = 0, or K = 0) get none.
+    """
+
+    test_registers: list[NonNegativeInt] | Literal["0..R"] | None = None
+    register_intervention: list[str] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.test_registers is None and self.register_intervention is None
 
 
 @dataclass
@@ -83,11 +112,17 @@ class Stage:
         command: fit, validate, test or predict (LightningCLI on the run's config), probe or inspect (on its folder).
         name: the stage's name in the run's summary (default: the command).
         args: the command's flags, each mapped to its value (a list for a list flag).
+        like: an earlier stage whose args this one starts from, its own merged over them (the ``extends`` rule).
+        over: a probe stage only: one probe per value (and per pair of values) of each run, each a stage of its
+            own named ``<name>_k<K>``, ``<name>_<intervention>`` or ``<name>_k<K>_<intervention>``, whose
+            results go beside the run folder as ``regablate probe`` puts them (``<run>_k<K>/``, ``<run>_<kind>/``).
     """
 
     command: StageCommand
     name: str = ""
     args: dict = field(default_factory=dict)
+    like: str | None = None
+    over: StageOver = field(default_factory=StageOver)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.command
@@ -158,6 +193,7 @@ class GridSpec:
         series: further series of runs, by name.
         extends: a grid file (relative to this one) whose stages this grid runs, its keys merged under this one's.
         stage_args: in an extending grid: flags merged into the args of the named stages ({stage: {flag: value}}).
+        add_stages: in an extending grid: stages run after those of the grid it extends.
         description: free text.
     """
 
@@ -171,6 +207,7 @@ class GridSpec:
     series: dict[str, Series] = field(default_factory=dict)
     extends: str | None = None
     stage_args: dict[str, dict] = field(default_factory=dict)
+    add_stages: list[Stage] = field(default_factory=list)
     description: str = ""
 
 
@@ -231,7 +268,7 @@ def merge(under: Any, over: Any) -> Any:
 def load_grid(path: str | Path) -> Grid:
     """Read and check a grid file (and the grids it extends) and expand its axes; errors name the file and the key."""
     path = Path(path)
-    spec = _parse(path, _read_grid(path, seen=()))
+    spec = _parse(path, _with_likes(path, _read_grid(path, seen=())))
     for key in ("name", "base", "axes", "stages"):
         if not getattr(spec, key):
             raise RegablateError(f"{path}: grid.{key} is missing")
@@ -260,6 +297,9 @@ def load_grid(path: str | Path) -> Grid:
     for name, series in grid.series.items():
         runs += _series_runs(grid, name, series)
     grid.runs = link(runs)
+    if any(not stage.over.empty for stage in grid.stages):
+        for run in grid.runs:
+            run.stages = _run_stages(path, grid.stages_of(run), run, _registers_of(path, grid, run))
     return grid
 
 
@@ -280,10 +320,9 @@ def _read_grid(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     _parse(path, spec)  # this file alone: its errors name it
     spec = _absolute(path, spec)
     if "extends" not in spec:
-        if "stage_args" in spec:
-            raise RegablateError(
-                f"{path}: grid.stage_args changes the stages of the grid it extends; give grid.extends"
-            )
+        for key in ("stage_args", "add_stages"):
+            if key in spec:
+                raise RegablateError(f"{path}: grid.{key} changes the stages of the grid it extends; give grid.extends")
         return spec
     if "stages" in spec:
         raise RegablateError(
@@ -292,9 +331,9 @@ def _read_grid(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if "name" not in spec:
         raise RegablateError(f"{path}: grid.name is missing (an extending grid writes its own experiment folder)")
     parent = _read_grid((path.parent / str(spec["extends"])).resolve(), seen=(*seen, path.resolve()))
-    own = {key: value for key, value in spec.items() if key not in ("extends", "stage_args")}
+    own = {key: value for key, value in spec.items() if key not in ("extends", "stage_args", "add_stages")}
     stages = _with_stage_args(path, parent.get("stages") or [], spec.get("stage_args") or {})
-    return {**merge(parent, own), "stages": stages}
+    return {**merge(parent, own), "stages": [*stages, *(spec.get("add_stages") or [])]}
 
 
 @cache
@@ -379,8 +418,9 @@ def _absolute(path: Path, spec: dict[str, Any]) -> dict[str, Any]:
         spec["base"] = configs(spec["base"])
     if (spec.get("report") or {}).get("images"):
         spec["report"] = {**spec["report"], "images": str((folder / spec["report"]["images"]).resolve())}
-    if spec.get("stages"):
-        spec["stages"] = [{**stage, "args": filled(stage.get("args"))} for stage in spec["stages"]]
+    for key in ("stages", "add_stages"):
+        if spec.get(key):
+            spec[key] = [{**stage, "args": filled(stage.get("args"))} for stage in spec[key]]
     if spec.get("stage_args"):
         spec["stage_args"] = {name: filled(args) for name, args in spec["stage_args"].items()}
     if spec.get("series"):
@@ -400,6 +440,23 @@ def _with_stage_args(path: Path, stages: list[dict[str, Any]], changes: dict[str
     return [
         {**stage, "args": merge(stage.get("args") or {}, changes.get(name) or {})} for name, stage in zip(names, stages)
     ]
+
+
+def _with_likes(path: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with each stage that names another (``like``) starting from that stage's args, its own over them."""
+    stages: list[dict[str, Any]] = []
+    for stage in spec.get("stages") or []:
+        like = stage.get("like") if isinstance(stage, dict) else None
+        if like is not None:
+            earlier = {s.get("name") or s.get("command"): s for s in stages}
+            if like not in earlier:
+                raise RegablateError(
+                    f"{path}: stage {stage.get('name') or stage.get('command')}: like names no earlier stage "
+                    f"{like}; earlier: {', '.join(map(str, earlier)) or 'none'}"
+                )
+            stage = {**stage, "args": merge(earlier[like].get("args") or {}, stage.get("args") or {})}
+        stages.append(stage)
+    return {**spec, "stages": stages} if "stages" in spec else spec
 
 
 def _check_axes(path: Path, where: str, axes: dict[str, Axis]) -> None:
@@ -422,6 +479,69 @@ def _check_stages(path: Path, stages: list[Stage]) -> None:
         words = [flag for flag in stage.args if not flag.startswith("-")]
         if words:
             raise RegablateError(f"{path}: stage {stage.name}: args map flags (--name) to values; {words[0]!r} is none")
+        if stage.over.empty:
+            continue
+        if stage.command != "probe":
+            raise RegablateError(f"{path}: stage {stage.name}: over is for probe stages; this one runs {stage.command}")
+        taken = [flag for flag in (*OVER_FLAGS.values(), "--output") if flag in stage.args]
+        if taken:
+            raise RegablateError(
+                f"{path}: stage {stage.name}: args give {taken[0]}, which its over sets per probe; drop it from args"
+            )
+        if stage.over.register_intervention is not None and not stage.over.register_intervention:
+            raise RegablateError(f"{path}: stage {stage.name}: over.register_intervention needs a non-empty list")
+
+
+def _registers_of(path: Path, grid: Grid, run: PlannedRun) -> int:
+    """A run's register count R: its axes' and overrides' value, else its base configs' (the last that sets it)."""
+    if REGISTER_KEY in run.overrides:
+        registers = run.overrides[REGISTER_KEY]
+    else:
+        registers = None
+        for config in grid.base_of(run):
+            model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+            registers = (model.get("init_args") or {}).get("num_registers", registers)
+    if not isinstance(registers, int) or isinstance(registers, bool) or registers < 0:
+        raise RegablateError(
+            f"{path}: run {run.name}: a stage's over needs the run's register count, and {REGISTER_KEY} is "
+            f"{registers!r} (set it in grid.overrides, an axis or a base config)"
+        )
+    return registers
+
+
+def _run_stages(path: Path, stages: list[Stage], run: PlannedRun, registers: int) -> list[Stage]:
+    """``stages`` with each stage that has an ``over`` replaced by its probes for a run of R = ``registers``."""
+    found: list[Stage] = []
+    for stage in stages:
+        if stage.over.empty:
+            found.append(stage)
+            continue
+        ks: list[int | None] = [None]
+        if stage.over.test_registers == ALL_KEPT:
+            ks = [*range(registers + 1)]
+        elif isinstance(stage.over.test_registers, list):
+            above = [k for k in stage.over.test_registers if k > registers]
+            ks = [*stage.over.test_registers]
+            if above:
+                raise RegablateError(
+                    f"{path}: stage {stage.name}: over.test_registers {above[0]} is above run {run.name}'s "
+                    f"{registers} registers (write {ALL_KEPT} for every K up to each run's R)"
+                )
+        kinds: list[str | None] = (
+            [None] if stage.over.register_intervention is None else [*stage.over.register_intervention]
+        )
+        for k, kind in itertools.product(ks, kinds):
+            if kind is not None and (registers == 0 or k == 0):
+                continue  # no register to replace
+            values = {"test_registers": k, "register_intervention": kind}
+            args = {**stage.args, **{OVER_FLAGS[key]: value for key, value in values.items() if value is not None}}
+            suffix = ("" if k is None else f"_k{k}") + ("" if kind is None else f"_{kind}")
+            found.append(Stage(stage.command, f"{stage.name}{suffix}", args))
+    names = [stage.name for stage in found]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise RegablateError(f"{path}: run {run.name}: stage names must differ: {', '.join(repeated)} (from an over)")
+    return found
 
 
 def _series_runs(grid: Grid, name: str, series: Series) -> list[PlannedRun]:

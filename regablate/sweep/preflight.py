@@ -106,7 +106,8 @@ def preflight(grid: Grid, resolved: dict[str, str], pending: dict[str, list[Stag
     from regablate.data.preflight import DataCheck
 
     checked: dict[str, DataCheck] = {}  # each distinct data config, and each (stage, run data), once
-    found: dict[str, Counter] = {stage.name: Counter() for stage in grid.stages}
+    # Each stage of the grid, and each probe a stage's ``over`` gives (named when a run has it), in order.
+    found: dict[str, Counter] = {stage.name: Counter() for stage in grid.stages if stage.over.empty}
     for run, config in resolved.items():
         tree = yaml.safe_load(config) or {}
         run_data, model = tree.get("data"), tree.get("model") or {}
@@ -116,12 +117,9 @@ def preflight(grid: Grid, resolved: dict[str, str], pending: dict[str, list[Stag
             if key not in checked:
                 problem = model_problem(stage, run_data, depth)
                 checked[key] = DataCheck("error", problem) if problem else _check_stage(stage, run_data, checked)
-            found[stage.name][checked[key]] += 1
+            found.setdefault(stage.name, Counter())[checked[key]] += 1
     order = {"error": 0, "unchecked": 1, "ok": 2}
-    return [
-        StageReport(stage.name, tuple(sorted(found[stage.name], key=lambda c: order[c.status])))
-        for stage in grid.stages
-    ]
+    return [StageReport(name, tuple(sorted(counts, key=lambda c: order[c.status]))) for name, counts in found.items()]
 
 
 def _check_stage(stage: Stage, run_data: dict[str, Any] | None, checked: dict[str, DataCheck]) -> DataCheck:
