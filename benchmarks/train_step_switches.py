@@ -1,17 +1,21 @@
 """What the tasks' ``compile`` and ``grad_checkpointing`` switches cost and save in a training step.
 
-Every variant runs in a fresh process of its own (``--child``): the compile starts from an empty
-inductor cache (a cold compile, as on a new machine) and the peak resident memory (``ru_maxrss``)
-is that variant's alone. A step is what ``regablate fit`` runs: forward, loss, backward, AdamW.
+A step is what ``regablate fit`` runs: forward, loss, backward, AdamW. The machine this runs on is
+shared, so step times are compared *interleaved*: one process builds both variants and alternates
+their steps after ``--warmup`` steps each, so that load hits both alike; medians and their ratio.
+Each part runs in a fresh process of its own (``--child``), the compile from an empty inductor
+cache (a cold compile, as on a new machine).
 
 * ``compile``: the quickstart's model and batch (configs/quickstart.yaml: ViT with 4 registers,
-  width 96, 4 blocks, 32 px, batch 64), eager against compiled. Printed: the median step after
-  ``--warmup`` steps, their ratio, the compile time (the compiled first step less its median
-  step), and the graphs and graph breaks dynamo counted (``torch._dynamo.utils.counters``).
+  width 96, 4 blocks, 32 px, batch 64), eager against compiled. Printed: the median steps and
+  their ratio, the compile time (the compiled first step less its median step; wall time, and CPU
+  time with the compiler processes', which load on a shared machine does not inflate), and the graphs
+  and graph breaks dynamo counted (``torch._dynamo.utils.counters``).
 * ``grad_checkpointing``: ViT-S/16 with 4 registers at 224 px, batch 32 (``--ckpt_model`` and
-  ``--ckpt_batch`` change them), without and with. Printed: the peak resident memory of the
-  first step above the memory before it (model, AdamW, batch), their ratio (target <= 0.6), and
-  the median step time and its ratio (about 1.3x expected: one more forward of the backbone).
+  ``--ckpt_batch`` change them), without and with. Memory: each variant alone in a fresh process,
+  the peak resident memory of its first step (``ru_maxrss``) above the memory before it (model,
+  AdamW, batch), and their ratio (target <= 0.6). Time: interleaved medians and their ratio
+  (about 1.3x expected: one more forward of the backbone).
 
     python benchmarks/train_step_switches.py [--threads 1] [--steps 5] [--warmup 2] [--only compile|grad_checkpointing]
 """
@@ -59,40 +63,79 @@ def vit_s(model_name: str, switches: dict[str, Any]) -> Classification:
     return Classification(model_name=model_name, num_registers=4, num_classes=10, img_size=224, **switches)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (inductor's compiler runs), user and system."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class Variant:
+    """A model, its optimiser and a batch: one training step at a time."""
+
+    def __init__(self, model: Classification, side: int, batch: int) -> None:
+        self.model = model.train()
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.images = torch.randn(batch, 3, side, side)
+        self.labels = torch.randint(0, model.hparams.num_classes, (batch,))
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.loss(self.model(self.images), self.labels).backward()
+        self.optimizer.step()
+        return time.perf_counter() - start
+
+
+def variant(spec: dict[str, Any], switches: dict[str, Any]) -> Variant:
+    torch.manual_seed(0)
+    if spec["part"] == "compile":
+        model, side, batch = quickstart(switches)
+        return Variant(model, side, batch)
+    return Variant(vit_s(spec["model"], switches), 224, spec["batch"])
+
+
+def interleaved(spec: dict[str, Any], off: dict[str, Any], on: dict[str, Any]) -> dict[str, Any]:
+    """Median step times of two variants, their steps alternating, and the first step of the second."""
+    a, b = variant(spec, off), variant(spec, on)
+    for _ in range(spec["warmup"]):
+        a.step()
+    cpu = cpu_seconds()
+    first_b = b.step()
+    first_b_cpu = cpu_seconds() - cpu
+    for _ in range(spec["warmup"] - 1):
+        b.step()
+    times_a, times_b = [], []
+    for _ in range(spec["steps"]):
+        times_a.append(a.step())
+        times_b.append(b.step())
+    return {
+        "off": statistics.median(times_a),
+        "on": statistics.median(times_b),
+        "first_on": first_b,
+        "first_on_cpu": first_b_cpu,
+    }
+
+
+def first_step_memory(spec: dict[str, Any], switches: dict[str, Any]) -> dict[str, Any]:
+    """Peak resident memory of one variant's first step above the memory before it (this process alone)."""
+    one = variant(spec, switches)
+    before, peak_before = resident_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    one.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"step_peak": peak - before, "peak_before_step": peak_before - before}
+
+
 def child(spec: dict[str, Any]) -> None:
-    """Build one variant, time its steps, and print one JSON line with what it measured."""
+    """Measure what ``spec`` asks for in this process and print it as one JSON line."""
     from torch._dynamo.utils import counters
 
     torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
-    switches = spec["switches"]
-    if spec["part"] == "compile":
-        model, side, batch = quickstart(switches)
+    if spec["measure"] == "memory":
+        result = first_step_memory(spec, spec["switches"])
     else:
-        model, side, batch = vit_s(spec["model"], switches), 224, spec["batch"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images, labels = torch.randn(batch, 3, side, side), torch.randint(0, model.hparams.num_classes, (batch,))
-    model.train()
-    before, peak_before = resident_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def step() -> float:
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        model.loss(model(images), labels).backward()
-        optimizer.step()
-        return time.perf_counter() - start
-
-    times = [step()]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times += [step() for _ in range(spec["warmup"] + spec["steps"] - 1)]
-    result = {
-        "first": times[0],
-        "median": statistics.median(times[spec["warmup"] :]),
-        "step_peak": peak - before,
-        "peak_before_step": peak_before - before,
-        "graphs": counters["stats"]["unique_graphs"],
-        "graph_breaks": sum(counters["graph_break"].values()),
-    }
+        result = interleaved(spec, {}, spec["switches"])
+        result["graphs"] = counters["stats"]["unique_graphs"]
+        result["graph_breaks"] = sum(counters["graph_break"].values())
     print("RESULT " + json.dumps(result))
 
 
@@ -109,22 +152,24 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def compare_compile(base: dict[str, Any]) -> None:
-    eager = run_child({**base, "part": "compile", "switches": {}})
-    compiled = run_child({**base, "part": "compile", "switches": {"compile": True}})
+    times = run_child({**base, "part": "compile", "measure": "time", "switches": {"compile": True}})
+    eager, compiled = times["off"], times["on"]
     print(
-        f"compile (quickstart model, batch 64, 32 px): median step eager {eager['median'] * 1e3:.1f} ms, "
-        f"compiled {compiled['median'] * 1e3:.1f} ms: compiled/eager {compiled['median'] / eager['median']:.2f}x"
+        f"compile (quickstart model, batch 64, 32 px): median step eager {eager * 1e3:.1f} ms, "
+        f"compiled {compiled * 1e3:.1f} ms: compiled/eager {compiled / eager:.2f}x"
     )
     print(
-        f"compile time (first compiled step less its median): {compiled['first'] - compiled['median']:.1f} s; "
-        f"graphs compiled {compiled['graphs']}, graph breaks {compiled['graph_breaks']}"
+        f"compile time (first compiled step less its median): {times['first_on'] - compiled:.1f} s wall, "
+        f"{times['first_on_cpu'] - compiled:.1f} s CPU; "
+        f"graphs compiled {times['graphs']}, graph breaks {times['graph_breaks']}"
     )
 
 
 def compare_checkpointing(base: dict[str, Any], model: str, batch: int) -> None:
     spec = {**base, "part": "grad_checkpointing", "model": model, "batch": batch}
-    off = run_child({**spec, "switches": {}})
-    on = run_child({**spec, "switches": {"grad_checkpointing": True}})
+    on_switch = {"grad_checkpointing": True}
+    off = run_child({**spec, "measure": "memory", "switches": {}})
+    on = run_child({**spec, "measure": "memory", "switches": on_switch})
     for name, result in (("off", off), ("on", on)):
         if result["peak_before_step"] > result["step_peak"]:
             print(
@@ -132,12 +177,13 @@ def compare_checkpointing(base: dict[str, Any], model: str, batch: int) -> None:
             )
     ratio = on["step_peak"] / off["step_peak"]
     print(
-        f"grad_checkpointing ({model}, 224 px, batch {batch}): step peak over the model "
+        f"grad_checkpointing ({model}, 224 px, batch {batch}): first-step peak over the model "
         f"{off['step_peak'] / 1e6:.0f} MB off, {on['step_peak'] / 1e6:.0f} MB on: on/off {ratio:.2f} (target <= 0.6)"
     )
+    times = run_child({**spec, "measure": "time", "switches": on_switch})
     print(
-        f"grad_checkpointing step time: median {off['median']:.2f} s off, {on['median']:.2f} s on: "
-        f"on/off {on['median'] / off['median']:.2f}x (about 1.3x expected)"
+        f"grad_checkpointing step time: median {times['off']:.2f} s off, {times['on']:.2f} s on: "
+        f"on/off {times['on'] / times['off']:.2f}x (about 1.3x expected)"
     )
 
 
