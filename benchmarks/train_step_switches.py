@@ -2,7 +2,8 @@
 
 A step is what ``regablate fit`` runs: forward, loss, backward, AdamW. The machine this runs on is
 shared, so step times are compared *interleaved*: one process builds both variants and alternates
-their steps after ``--warmup`` steps each, so that load hits both alike; medians and their ratio.
+their steps after ``--warmup`` steps each, so that load hits both alike; medians and their ratio,
+of wall time and of the process's CPU time (with one thread, what an idle machine's wall time would be).
 Each part runs in a fresh process of its own (``--child``), the compile from an empty inductor
 cache (a cold compile, as on a new machine).
 
@@ -16,8 +17,14 @@ cache (a cold compile, as on a new machine).
   the peak resident memory of its first step (``ru_maxrss``) above the memory before it (model,
   AdamW, batch), and their ratio (target <= 0.6). Time: interleaved medians and their ratio
   (about 1.3x expected: one more forward of the backbone).
+* ``recompiles``: a DINO fit of tests/configs/tiny_dino.yaml with both switches on, validating every
+  2 steps, with the outlier monitor (a fixed-image scan and a reading of the training forward)
+  and the attention maps at every step. Printed: the graphs dynamo has compiled after each step
+  and each validation, and its graph breaks; a capture that recompiled would add graphs at every
+  step.
 
-    python benchmarks/train_step_switches.py [--threads 1] [--steps 5] [--warmup 2] [--only compile|grad_checkpointing]
+    python benchmarks/train_step_switches.py [--threads 1] [--steps 5] [--warmup 2]
+        [--only compile|grad_checkpointing|recompiles]
 """
 
 from __future__ import annotations
@@ -78,12 +85,13 @@ class Variant:
         self.images = torch.randn(batch, 3, side, side)
         self.labels = torch.randint(0, model.hparams.num_classes, (batch,))
 
-    def step(self) -> float:
-        start = time.perf_counter()
+    def step(self) -> tuple[float, float]:
+        """One step: (wall seconds, CPU seconds of this process)."""
+        start, start_cpu = time.perf_counter(), time.process_time()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.loss(self.model(self.images), self.labels).backward()
         self.optimizer.step()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def variant(spec: dict[str, Any], switches: dict[str, Any]) -> Variant:
@@ -95,12 +103,12 @@ def variant(spec: dict[str, Any], switches: dict[str, Any]) -> Variant:
 
 
 def interleaved(spec: dict[str, Any], off: dict[str, Any], on: dict[str, Any]) -> dict[str, Any]:
-    """Median step times of two variants, their steps alternating, and the first step of the second."""
+    """Median step times (wall and CPU) of two variants, their steps alternating, and the first step of the second."""
     a, b = variant(spec, off), variant(spec, on)
     for _ in range(spec["warmup"]):
         a.step()
     cpu = cpu_seconds()
-    first_b = b.step()
+    first_b, _ = b.step()
     first_b_cpu = cpu_seconds() - cpu
     for _ in range(spec["warmup"] - 1):
         b.step()
@@ -109,8 +117,10 @@ def interleaved(spec: dict[str, Any], off: dict[str, Any], on: dict[str, Any]) -
         times_a.append(a.step())
         times_b.append(b.step())
     return {
-        "off": statistics.median(times_a),
-        "on": statistics.median(times_b),
+        "off": statistics.median(t[0] for t in times_a),
+        "on": statistics.median(t[0] for t in times_b),
+        "off_cpu": statistics.median(t[1] for t in times_a),
+        "on_cpu": statistics.median(t[1] for t in times_b),
         "first_on": first_b,
         "first_on_cpu": first_b_cpu,
     }
@@ -125,6 +135,50 @@ def first_step_memory(spec: dict[str, Any], switches: dict[str, Any]) -> dict[st
     return {"step_peak": peak - before, "peak_before_step": peak_before - before}
 
 
+def graphs_per_step(steps: int) -> list[str]:
+    """Compile a tiny DINO fit with monitors at every step; the graph count after each step and validation."""
+    from lightning import Callback, Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch._dynamo.utils import counters
+
+    from regablate.callbacks import AttentionMaps, OutlierNormMonitor
+    from regablate.data import SyntheticScenes
+    from regablate.tasks import DINO
+
+    config = load_config(REPO / "tests" / "configs" / "tiny_dino.yaml")
+    data = SyntheticScenes(**config["data"]["init_args"])
+    model = DINO(img_size=data.img_size, **config["model"]["init_args"], compile=True, grad_checkpointing=True)
+    seen: list[str] = []
+
+    class Count(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            seen.append(f"step {trainer.global_step}: {counters['stats']['unique_graphs']}")
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            seen.append(f"validation: {counters['stats']['unique_graphs']}")
+
+    monitors = [
+        OutlierNormMonitor(every_n_steps=1, num_images=4, histograms=False, train_batch_every_n_steps=1),
+        AttentionMaps(num_images=4, every_n_steps=1),
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = Trainer(
+            max_steps=steps,
+            val_check_interval=2,
+            check_val_every_n_epoch=None,
+            limit_val_batches=1,
+            num_sanity_val_steps=0,
+            logger=TensorBoardLogger(folder),
+            callbacks=[*monitors, Count()],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(model, data)
+    seen.append(f"graph breaks: {sum(counters['graph_break'].values())}")
+    return seen
+
+
 def child(spec: dict[str, Any]) -> None:
     """Measure what ``spec`` asks for in this process and print it as one JSON line."""
     from torch._dynamo.utils import counters
@@ -132,6 +186,8 @@ def child(spec: dict[str, Any]) -> None:
     torch.set_num_threads(spec["threads"])
     if spec["measure"] == "memory":
         result = first_step_memory(spec, spec["switches"])
+    elif spec["measure"] == "graphs":
+        result = {"graphs": graphs_per_step(spec["steps"])}
     else:
         result = interleaved(spec, {}, spec["switches"])
         result["graphs"] = counters["stats"]["unique_graphs"]
@@ -154,13 +210,15 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 def compare_compile(base: dict[str, Any]) -> None:
     times = run_child({**base, "part": "compile", "measure": "time", "switches": {"compile": True}})
     eager, compiled = times["off"], times["on"]
+    eager_cpu, compiled_cpu = times["off_cpu"], times["on_cpu"]
     print(
         f"compile (quickstart model, batch 64, 32 px): median step eager {eager * 1e3:.1f} ms, "
-        f"compiled {compiled * 1e3:.1f} ms: compiled/eager {compiled / eager:.2f}x"
+        f"compiled {compiled * 1e3:.1f} ms: compiled/eager {compiled / eager:.2f}x wall; CPU "
+        f"{eager_cpu * 1e3:.1f} / {compiled_cpu * 1e3:.1f} ms: {compiled_cpu / eager_cpu:.2f}x"
     )
     print(
         f"compile time (first compiled step less its median): {times['first_on'] - compiled:.1f} s wall, "
-        f"{times['first_on_cpu'] - compiled:.1f} s CPU; "
+        f"{times['first_on_cpu'] - compiled_cpu:.1f} s CPU; "
         f"graphs compiled {times['graphs']}, graph breaks {times['graph_breaks']}"
     )
 
@@ -183,8 +241,15 @@ def compare_checkpointing(base: dict[str, Any], model: str, batch: int) -> None:
     times = run_child({**spec, "measure": "time", "switches": on_switch})
     print(
         f"grad_checkpointing step time: median {times['off']:.2f} s off, {times['on']:.2f} s on: "
-        f"on/off {times['on'] / times['off']:.2f}x (about 1.3x expected)"
+        f"on/off {times['on'] / times['off']:.2f}x wall, {times['on_cpu'] / times['off_cpu']:.2f}x CPU "
+        "(about 1.3x expected)"
     )
+
+
+def count_recompiles(base: dict[str, Any]) -> None:
+    result = run_child({**base, "part": "recompiles", "measure": "graphs", "steps": max(base["steps"], 6)})
+    print("recompiles (tiny DINO, both switches, monitor and attention maps at every step): graphs compiled after")
+    print("  " + "; ".join(result["graphs"]))
 
 
 def main() -> None:
@@ -192,7 +257,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the compile is in the first)")
-    parser.add_argument("--only", choices=["compile", "grad_checkpointing"], default=None)
+    parser.add_argument("--only", choices=["compile", "grad_checkpointing", "recompiles"], default=None)
     parser.add_argument("--ckpt_model", default="vit_small_patch16_224", help="timm ViT of the checkpointing part")
     parser.add_argument("--ckpt_batch", type=int, default=32, help="batch of the checkpointing part")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -206,6 +271,8 @@ def main() -> None:
         compare_compile(base)
     if args.only in (None, "grad_checkpointing"):
         compare_checkpointing(base, args.ckpt_model, args.ckpt_batch)
+    if args.only in (None, "recompiles"):
+        count_recompiles(base)
 
 
 if __name__ == "__main__":
