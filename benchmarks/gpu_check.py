@@ -99,6 +99,7 @@ def paper_recipe(tiny: bool) -> dict:
     """The DINO arguments of paper_run.yaml, random weights, a 2-step head warm-up (or the tiny sizes)."""
     recipe = dict(yaml.safe_load(PAPER_RUN.read_text())["model"]["init_args"])
     recipe.update({"pretrained": False, "head_warmup_steps": 2, "img_size": 224})
+    recipe.update({"compile": False, "grad_checkpointing": False})  # the eager step, as the check has timed it
     return {**recipe, **TINY} if tiny else recipe
 
 

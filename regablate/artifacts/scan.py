@@ -9,7 +9,9 @@ monitor, the attention-map callback and ``regablate inspect`` all go through it.
 timm's fused attention (SDPA) never materialises attention probabilities, so the last block
 runs its unfused path for this pass only (``fused_attn`` is switched back afterwards), and a
 hook on its ``attn_drop`` (the identity in eval mode) reads the probabilities. Training keeps
-the fused kernel.
+the fused kernel. With compiled blocks (a task's ``compile``), the pass runs eagerly
+(``regablate.models.compiled.uncompiled``): both changes sit inside a block, and a compiled
+block would compile a graph for them.
 
 Attention maps show where the global query looks: the class token's row, or for a ViT without
 one, the attention pool's latent query over the final patch tokens (``map`` models such as
@@ -32,6 +34,7 @@ from regablate.artifacts import stats
 from regablate.artifacts.stats import Threshold
 from regablate.errors import RegablateError
 from regablate.models.backbone import block_index, eval_mode, extract_features
+from regablate.models.compiled import uncompiled
 from regablate.models.layout import Backbone, TokenLayout
 
 
@@ -74,7 +77,7 @@ def scan(
     wanted = measured_blocks(depth, blocks)
     grid = tuple(model.patch_embed.dynamic_feat_size((images.shape[-2], images.shape[-1])))
     layout = TokenLayout.of(model)
-    with torch.no_grad(), eval_mode(model), _captured(model) as captured:
+    with torch.no_grad(), uncompiled(), eval_mode(model), _captured(model) as captured:
         features = extract_features(model, images, blocks=wanted)
         pooled_map = None
         if model.attn_pool is not None:  # a map model's global query: the pool's latent(s), head mean

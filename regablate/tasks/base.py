@@ -9,6 +9,12 @@ linear warmup then cosine decay), saves them all as hyper-parameters, and calls
 embedding, biases and norms) at the peak learning rate of ``peak_lr``; a task changes those two
 hooks (DINO: DINOv2's groups and its batch-size rule).
 
+Two switches change how the backbones run, not what they compute: ``compile`` compiles the
+transformer blocks of every backbone the task holds (``regablate.models.compiled``), and
+``grad_checkpointing`` turns on timm's activation checkpointing in those that train (a
+backbone with a parameter that requires a gradient: the student, never a frozen teacher), which
+keeps each block's input only and recomputes the block in the backward pass.
+
 A subclass declares only its own arguments and passes the rest on with ``**kwargs``;
 jsonargparse (and so LightningCLI, ``--print_config`` and ``--help``) follows the ``**kwargs``
 into this signature, so every argument stays a plain ``model.init_args.*`` key.
@@ -21,9 +27,12 @@ from typing import TYPE_CHECKING, Any
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning import LightningModule
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
 
 from regablate.hparams import Hyperparameters, make_hyperparameters_plain
 from regablate.models.backbone import build_backbone
+from regablate.models.compiled import compile_blocks, require_compile
 from regablate.models.layout import Backbone
 from regablate.tasks.optim import adamw_warmup_cosine, weight_decay_groups
 
@@ -48,6 +57,8 @@ class BackboneTask(LightningModule):
         weight_decay: NonNegativeFloat = 0.05,
         warmup_steps: NonNegativeInt = 100,
         min_lr_ratio: ClosedUnitInterval = 0.01,
+        compile: bool = False,
+        grad_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -61,12 +72,22 @@ class BackboneTask(LightningModule):
             weight_decay: AdamW weight decay (none on tokens, position embedding, biases, norms).
             warmup_steps: linear warmup steps before the cosine decay.
             min_lr_ratio: final learning rate as a fraction of ``lr``.
+            compile: ``torch.compile`` the backbones' transformer blocks (refused where it cannot run).
+            grad_checkpointing: recompute each block's activations in the backward pass instead of
+                keeping them (less memory, about a third more compute) in the backbones that train.
         """
         super().__init__()
         self.save_hyperparameters()
         make_hyperparameters_plain(self)
+        if compile:
+            require_compile()
         self.configure_models()
         self.configure_metrics()
+        for backbone in self.backbones():
+            if grad_checkpointing and any(param.requires_grad for param in backbone.parameters()):
+                backbone.set_grad_checkpointing(True)
+            if compile:
+                compile_blocks(backbone)
 
     def configure_models(self) -> None:
         """Build the task's modules from ``self.hparams``; ``self.backbone`` is the model the run produces."""
@@ -74,6 +95,10 @@ class BackboneTask(LightningModule):
 
     def configure_metrics(self) -> None:
         """Build the task's torchmetrics (none by default)."""
+
+    def backbones(self) -> list[Backbone]:
+        """The timm ViTs the task holds (student and teacher alike): its direct submodules of either family."""
+        return [module for module in self.children() if isinstance(module, (VisionTransformer, Eva))]
 
     def make_backbone(self, num_registers: int | None = None, *, weights: bool = True, **extra: Any) -> Backbone:
         """A backbone as the hyper-parameters describe it: ``num_registers`` (default the task's),
