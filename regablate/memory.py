@@ -23,7 +23,9 @@ against the allocator's measured peak on CPU (tests/test_memory.py; ``benchmarks
 
 from __future__ import annotations
 
+import functools
 import importlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -152,10 +154,7 @@ def estimate(config: dict[str, Any]) -> MemoryEstimate:
     batch = int(data.get("batch_size") or 1)
     checkpointing = bool(init.get("grad_checkpointing", False))
     compiled = bool(init.get("compile", False))
-    task = build_on_meta(class_path, init)
-    shape = VitShape.of(cast(Backbone, getattr(task, "student", None) or task.backbone))
-    trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in task.parameters() if not p.requires_grad)
+    shape, trainable, frozen = task_sizes(class_path, json.dumps(init, sort_keys=True, default=str))
     img_size = int(init.get("img_size") or data.get("img_size") or 224)
     crops = [(img_size, batch)]
     if class_path.endswith("DINO"):  # the student sees 2 global crops and the local ones of each image
@@ -249,6 +248,15 @@ def _world_size(trainer: dict[str, Any]) -> int:
     devices = trainer.get("devices", 1)
     count = len(devices) if isinstance(devices, (list, tuple)) else int(devices) if str(devices).isdigit() else 1
     return count * int(trainer.get("num_nodes") or 1)
+
+
+@functools.cache
+def task_sizes(class_path: str, init_json: str) -> tuple[VitShape, int, int]:
+    """(the student's shape, trained parameters, frozen parameters) of a task (cached: a grid's runs share them)."""
+    task = build_on_meta(class_path, json.loads(init_json))
+    shape = VitShape.of(cast(Backbone, getattr(task, "student", None) or task.backbone))
+    trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
+    return shape, trainable, sum(p.numel() for p in task.parameters() if not p.requires_grad)
 
 
 def build_on_meta(class_path: str, init: dict[str, Any]) -> nn.Module:

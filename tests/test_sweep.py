@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -651,3 +652,25 @@ def test_a_stage_that_succeeds_on_retry_keeps_no_trace_of_the_failure(tmp_path):
         "stages/probe/seconds": 2.0,
         "stages/probe/ended": read_summary(tmp_path)["stages/probe/ended"],
     }
+
+
+def test_a_grid_over_the_gpu_memory_budget_is_refused_before_anything_runs(tmp_path, capsys):
+    axes = "  axes:\n    data.init_args.batch_size: [2, 200000]\n  stages: [{command: fit}]\n"
+    grid = micro_grid(tmp_path, "memory", axes)
+    args = ["sweep", str(grid), "--output", str(tmp_path / "runs"), "--gpu_memory_gb", "4"]
+    with pytest.raises(SystemExit) as exit_:
+        regablate_main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert re.fullmatch(
+        r"regablate: error: run (\S*200000\S*): estimated peak GPU memory ([\d.]+) GiB per device exceeds "
+        r"--gpu_memory_gb 4 \(.*\)\n",
+        err,
+    ), err
+    assert float(re.search(r"memory ([\d.]+) GiB", err).group(1)) > 4
+    assert not (tmp_path / "runs").exists()
+    regablate_main([*args[:-1], "1000", "--dry_run", "true"])
+    assert re.search(
+        r"memory: every run's estimated peak fits 1000 GiB per device \(largest: \S*200000", capsys.readouterr().out
+    )
