@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +50,38 @@ def test_the_gpu_checks_measurements_run_at_tiny_size_on_the_cpu():
     for side in ("plain", "extract \\(cls\\)", "extract \\(all\\)"):
         assert re.search(rf"probe {side} *: +[\d.]+ images/s", text), text
     assert re.search(r"probe extract \(cls\) / plain: [\d.]+", text), text
+
+
+def gpu_rehearsal():
+    """benchmarks/gpu_rehearsal.py as a module."""
+    spec = importlib.util.spec_from_file_location("gpu_rehearsal", REPO / "benchmarks" / "gpu_rehearsal.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(experiment: Path, name: str, losses: list[float], val_loss: float, stage: str = "complete") -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = experiment / name
+    with SummaryWriter(str(run)) as writer:
+        for step, loss in enumerate(losses):
+            writer.add_scalar("train/loss", loss, step)
+    summary = {"status": "complete", "stages/fit": "complete", "stages/probe_cls": stage}
+    (run / "summary.json").write_text(json.dumps({**summary, "val/loss": val_loss, "probe/cls_top1": 0.25}))
+
+
+def test_the_rehearsal_comparison_passes_rounding_and_fails_a_difference_or_an_unfinished_stage(tmp_path, capsys):
+    compare = gpu_rehearsal().compare
+    fake_run(tmp_path / "cpu", "r0_s0", [5.5, 5.4], 5.3)
+    fake_run(tmp_path / "close", "r0_s0", [5.5 * 1.01, 5.4 * 0.99], 5.3 * 1.02)
+    fake_run(tmp_path / "far", "r0_s0", [5.5, 5.4 * 1.2], 5.3)
+    fake_run(tmp_path / "unfinished", "r0_s0", [5.5, 5.4], 5.3, stage="failed")
+    assert compare(tmp_path / "cpu", tmp_path / "close", rtol=0.05)
+    out = capsys.readouterr().out
+    assert "gpu_check: rehearsal r0_s0 train/loss step 1: cpu 5.40000, device 5.34600 (ok, rtol 0.05)" in out
+    assert "gpu_check: rehearsal r0_s0 probe/cls_top1: cpu 0.2500, device 0.2500 (not compared)" in out
+    assert not compare(tmp_path / "cpu", tmp_path / "far", rtol=0.05)
+    assert "r0_s0 train/loss step 1: cpu 5.40000, device 6.48000 (FAIL" in capsys.readouterr().out
+    assert not compare(tmp_path / "cpu", tmp_path / "unfinished", rtol=0.05)
+    assert "r0_s0: stages fit complete, probe_cls failed: FAIL" in capsys.readouterr().out

@@ -226,6 +226,25 @@ def test_complete_sweep_writes_every_artifact(swept):
 
 
 @pytest.mark.slow
+def test_the_gpu_checks_rehearsal_part_sweeps_on_a_device_and_compares_with_the_cpu_sweep(swept, tmp_path):
+    """benchmarks/gpu_rehearsal.py on the CPU: the micro grid on the "device", the swept grid as reference."""
+    reference, _ = swept
+    command = [sys.executable, str(REPO / "benchmarks" / "gpu_rehearsal.py"), "--output", str(tmp_path)]
+    command += ["--grid", str(MICRO), "--reference", str(reference), "--prepare", "false"]
+    command += ["--accelerator", "cpu", "--precision", "32-true", "--only", "num_registers=0"]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "gpu_check: rehearsal device sweep (device.log): exit 0" in out
+    assert "gpu_check: rehearsal r0_s0: stages fit complete, probe complete: ok" in out
+    assert re.search(r"r0_s0 train/loss step \d+: cpu [\d.]+, device [\d.]+ \(ok, rtol 0.05\)", out), out
+    assert re.search(r"r0_s0 val/loss: cpu [\d.]+, device [\d.]+ \(ok", out), out
+    assert "gpu_check: rehearsal device report: written" in out and "FAIL" not in out and "r2_s0" not in out
+    grid = yaml.safe_load((tmp_path / "device_grid.yaml").read_text())["grid"]
+    assert grid["overrides"] == {"trainer.accelerator": "cpu", "trainer.precision": "32-true"}
+
+
+@pytest.mark.slow
 def test_second_invocation_does_no_work(swept):
     experiment, _ = swept
     checkpoints = {p: p.stat().st_mtime_ns for p in experiment.glob("*/checkpoints/*.ckpt")}
