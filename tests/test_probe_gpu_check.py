@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import re
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from regablate.tasks import BackboneTask
 from tests.conftest import REPO
 
 # What the lent GPU machine's python3 has (KINDS.md, seen there); everything else regablate needs travels as a wheel.
@@ -32,21 +34,31 @@ def test_the_scripts_parse_and_the_wheels_cover_every_dependency_the_gpu_machine
     assert "--no-deps" in check and ".gpu_wheels" in check and "benchmarks/gpu_check.py" in check
 
 
+# The variants the CPU test runs: eager, and eager with activation checkpointing once the tasks have the switch
+# (compiling on a CPU takes minutes; the switch's own tests cover it).
+VARIANTS = ["eager", *(["eager+ckpt"] if "grad_checkpointing" in inspect.signature(BackboneTask).parameters else [])]
+
+
 @pytest.mark.slow
 def test_the_gpu_checks_measurements_run_at_tiny_size_on_the_cpu():
     command = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--tiny"]
     command += ["--steps", "2", "--warmup", "3", "--batch_size", "8", "--workers", "0"]
-    command += ["--probe_images", "16", "--probe_repeats", "1"]
+    command += ["--probe_images", "16", "--probe_repeats", "1", "--variants", ",".join(VARIANTS)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("gpu_check: ")]
     text = "\n".join(lines)
-    rate = re.search(r"dino vit_tiny_patch16_224 r4 32 px, 2x32 \+ 2x16 px crops, batch 8, bf16-mixed: ([\d.]+)", text)
-    assert rate and float(rate.group(1)) > 0, text
+    for variant in VARIANTS:
+        tag = re.escape(f"dino[{variant}]")
+        crops = r"r4 32 px, 2x32 \+ 2x16 px crops, batch 8, bf16-mixed"
+        rate = re.search(rf"{tag} vit_tiny_patch16_224 {crops}: ([\d.]+)", text)
+        assert rate and float(rate.group(1)) > 0, text
+        assert re.search(rf"{tag} peak GPU memory: n/a on cpu \(memory model: [\d.]+ GiB\)", text), text
+        assert re.search(rf"{tag} model FLOP utilisation: [\d.]+% \([\d.]+ of 989 TFLOP/s datasheet peak; ", text)
     flops = re.search(r"dino FLOPs per image and step: ([\d.]+) GFLOP", text)
     assert flops and float(flops.group(1)) > 0, text
-    assert re.search(r"dino model FLOP utilisation: [\d.]+% \([\d.]+ of 989 TFLOP/s datasheet", text), text
     assert re.search(r"matmul peak measured here: [\d.]+ TFLOP/s", text), text
+    assert "matmul peak from the datasheet: 989 TFLOP/s (MFU uses this one)" in text
     for side in ("plain", "extract \\(cls\\)", "extract \\(all\\)"):
         assert re.search(rf"probe {side} *: +[\d.]+ images/s", text), text
     assert re.search(r"probe extract \(cls\) / plain: [\d.]+", text), text
