@@ -1,12 +1,12 @@
 """The GPU check's rehearsal part: a grid swept on the device, beside the same grid swept on the CPU, compared.
 
-Both sweeps run at once in ``--output`` (the device's as ``<output>/device``, the CPU reference's,
-exactly as the grid says, as ``<output>/cpu``; or ``--reference`` names a CPU sweep of the grid
-made before), after ``scripts/prepare_rehearsal.py`` has written the rehearsal's data there. The
-device sweep runs the grid through a grid that extends it (``device_grid``): ``--accelerator`` and
-``--precision``, one device per run, and the batch per device times the grid's devices per run,
-so that each step sees the global batch the CPU's DDP ranks see (one process equals DDP on the
-same global batch: tests/test_ddp.py).
+Both sweeps run at once in ``--output``: the device's as ``<output>/device``, the CPU reference's
+(exactly as the grid says, with no GPU visible) as ``<output>/cpu``, or ``--reference`` names a
+CPU sweep of the grid made before; ``scripts/prepare_rehearsal.py`` writes the rehearsal's data
+there first. The device sweep runs the grid through a grid that extends it (``device_grid``):
+``--accelerator`` and ``--precision``, one device per run, and the batch per device times the
+grid's devices per run, so that each step sees the global batch the CPU's DDP ranks see (one
+process equals DDP on the same global batch: tests/test_ddp.py).
 
 Compared, per run of the device sweep, within ``--rtol`` (bf16 keeps 8 bits of mantissa, 2^-8 =
 0.4 % per rounding):
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -126,11 +127,11 @@ def compare(cpu: Path, device: Path, rtol: float) -> bool:
     return ok
 
 
-def sweep(grid: Path, output: Path, only: list[str], log: str) -> subprocess.Popen:
+def sweep(grid: Path, output: Path, only: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     command = [sys.executable, "-m", "regablate", "sweep", str(grid), "--output", str(output)]
     command += [arg for item in only for arg in ("--only", item)]
     with open(output.parent / log, "w") as handle:
-        return subprocess.Popen(command, cwd=output.parent, stdout=handle, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=output.parent, stdout=handle, stderr=subprocess.STDOUT, env=env)
 
 
 def main() -> None:
@@ -152,7 +153,8 @@ def main() -> None:
         subprocess.run(prepare, cwd=output, check=True, capture_output=True)
         line(f"data prepared in {time.perf_counter() - started:.0f} s")
     grid = device_grid(args.grid, output, args.accelerator, args.precision)
-    sweeps = {} if args.reference else {"cpu": sweep(args.grid, output / "cpu", args.only, "cpu.log")}
+    no_gpu = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the reference's probes (accelerator auto) stay on the CPU too
+    sweeps = {} if args.reference else {"cpu": sweep(args.grid, output / "cpu", args.only, "cpu.log", no_gpu)}
     sweeps["device"] = sweep(grid, output / "device", args.only, "device.log")
     codes = {name: process.wait() for name, process in sweeps.items()}
     for name, code in codes.items():
