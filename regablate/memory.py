@@ -48,6 +48,8 @@ PRECISIONS: dict[str, tuple[int, int, int]] = {
 }
 # Adam's exp_avg and exp_avg_sq, each the size of its parameter.
 ADAM_MOMENTS = 2
+# The task switches that change no shape, left out of the shape-only build.
+SWITCHES = ("compile", "grad_checkpointing")
 # The sizes ``activation_check`` is run at (model, img_size, batch, model_kwargs): a tiny and a small ViT.
 CHECK_SIZES: dict[str, tuple[str, int, int, dict[str, Any]]] = {
     "tiny": ("vit_tiny_patch16_224", 64, 8, {"depth": 4}),
@@ -157,7 +159,8 @@ def estimate(config: dict[str, Any]) -> MemoryEstimate:
     shape, trainable, frozen = task_sizes(class_path, json.dumps(init, sort_keys=True, default=str))
     img_size = int(init.get("img_size") or data.get("img_size") or 224)
     crops = [(img_size, batch)]
-    if class_path.endswith("DINO"):  # the student sees 2 global crops and the local ones of each image
+    dino = class_path.endswith(".DINO")
+    if dino:  # the student sees 2 global crops and the local ones of each image
         crops = [
             (img_size, 2 * batch),
             (int(init.get("local_crop_size", 96)), int(init.get("num_local_crops", 8)) * batch),
@@ -178,7 +181,7 @@ def estimate(config: dict[str, Any]) -> MemoryEstimate:
     if world > 1 and "ddp" in str(trainer.get("strategy") or ""):
         parts["DDP gradient buckets"] = trainable * weight
     teacher = frozen * weight
-    if class_path.endswith("DINO"):
+    if dino:
         teacher += dino_teacher_outputs(init, shape, batch, compute)
         parts["teacher (EMA, and its outputs)"] = teacher
     elif frozen:
@@ -187,7 +190,7 @@ def estimate(config: dict[str, Any]) -> MemoryEstimate:
         parts["autocast weight copies"] = trainable * compute
     mode = "with" if checkpointing else "without"
     parts[f"activations ({mode} grad checkpointing)"] = activations(checkpointing)
-    if class_path.endswith("DINO"):
+    if dino:
         parts["activations of the heads and losses"] = dino_head_activations(init, shape, batch, compute)
     other = "without" if checkpointing else "with"
     sizes = ", ".join(f"{count} x {size} px" for size, count in crops)
@@ -260,22 +263,23 @@ def task_sizes(class_path: str, init_json: str) -> tuple[VitShape, int, int]:
 
 
 def build_on_meta(class_path: str, init: dict[str, Any]) -> nn.Module:
-    """The task of ``class_path`` built on the meta device: its shapes, no memory, no weights read."""
+    """The task of ``class_path`` built on the meta device: its shapes, no memory, every backbone without weights."""
+    from regablate.tasks.base import BackboneTask
+
     module_name, _, name = class_path.rpartition(".")
     try:
         task_class = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError):
         raise RegablateError(f"the memory model cannot import the task {class_path!r}") from None
-    arguments = {
-        k: v for k, v in init.items() if k not in ("checkpoint", "pretrained", "compile", "grad_checkpointing")
-    }
+    if not (isinstance(task_class, type) and issubclass(task_class, BackboneTask)):
+        raise RegablateError(f"the memory model knows regablate's tasks (a BackboneTask), not {class_path}")
+
+    class ShapeOnly(task_class):  # type: ignore[valid-type,misc]
+        def make_backbone(self, num_registers: int | None = None, *, weights: bool = True, **extra: Any) -> Backbone:
+            return super().make_backbone(num_registers, weights=False, **extra)
+
     with torch.device("meta"):
-        try:
-            return task_class(**arguments)
-        except RegablateError as err:
-            raise RegablateError(
-                f"the memory model builds the task without its weights, which {name} refuses: {err}"
-            ) from None
+        return ShapeOnly(**{key: value for key, value in init.items() if key not in SWITCHES})
 
 
 def measured_peak(step: Callable[[], object]) -> int:

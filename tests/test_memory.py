@@ -56,3 +56,9 @@ def test_grad_checkpointing_and_compile_are_read_from_the_task():
     )
     assert lean.activations_other[1] == eager.parts["activations (without grad checkpointing)"]
     assert lean.total < 0.5 * eager.total  # ViT-L/14, 10 crops of 64 images: the activations dominate
+
+
+def test_a_task_that_needs_its_source_weights_is_estimated_without_reading_them():
+    config = yaml.safe_load((REPO / "configs" / "distill.yaml").read_text())
+    parts = estimate(config).parts
+    assert parts["frozen parameters"] > 0 and parts["activations (without grad checkpointing)"] > 0
