@@ -59,14 +59,14 @@ box() {
     echo "gpu_check: $name took $(( $(date +%s) - begin )) s (box $seconds s)"
 }
 
-figures() { echo "set -o pipefail; $1 2>&1 | tee '$OUT/$2' | grep '^gpu_check: '"; }  # a part's command line
+figures() { echo "set -o pipefail; $1 2>&1 | tee '$OUT/$2' | grep --line-buffered '^gpu_check: '"; }  # a part's command line
 box steps "$STEPS_S" bash -c "$(figures "python3 benchmarks/gpu_check.py" gpu_check.log)"
 box rehearsal "$REHEARSAL_S" bash -c "$(figures "python3 benchmarks/gpu_rehearsal.py --output '$OUT/rehearsal'" rehearsal.log)"
 probe="python3 -m regablate probe --model vit_small_patch14_dinov2 --pretrained false --num_registers 4 \
     --img_size 224 --data.img_size 224 --data.train_size 4096 --data.val_size 1024 --data.test_size 1024 \
     --data.batch_size 128 --data.num_workers 8 --accelerator gpu --output '$OUT/probe'"
 box probe "$PROBE_S" bash -c "set -o pipefail; $probe --dry_run true >'$OUT/probe_plan.log' 2>&1 && $probe 2>&1 \
-    | tee '$OUT/probe.log' | grep -E '^probe: extracting|^probe/|^results' | sed 's/^/gpu_check: probe command: /'"
+    | tee '$OUT/probe.log' | grep --line-buffered -E '^probe: extracting|^probe/|^results' | sed -u 's/^/gpu_check: probe command: /'"
 
 summary=$(IFS=';'; echo "${verdicts[*]}" | sed 's/;/, /g')
 total=$(( $(date +%s) - started ))
