@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probe_extraction import measure
 
 from regablate.data import SyntheticScenes
+from regablate.memory import estimate
 from regablate.probe import ProbeDevice
 from regablate.tasks import DINO
 
@@ -141,11 +142,32 @@ def matmul_peak(device: torch.device, size: int, repeats: int) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def dino_figures(args: argparse.Namespace, where: ProbeDevice) -> None:
-    recipe = paper_recipe(args.tiny)
+# The training-step variants: name -> the task's switches they set (eager with everything off first).
+VARIANTS = {
+    "eager": {},
+    "eager+ckpt": {"grad_checkpointing": True},
+    "compiled": {"compile": True},
+    "compiled+ckpt": {"compile": True, "grad_checkpointing": True},
+}
+
+
+def estimated_peak(recipe: dict, batch_size: int, precision: str) -> float:
+    """The memory model's peak for this step (regablate.memory), in bytes."""
+    config = {
+        "model": {"class_path": "regablate.tasks.DINO", "init_args": recipe},
+        "data": {"init_args": {"batch_size": batch_size}},
+        "trainer": {"precision": precision, "devices": 1},
+    }
+    return float(estimate(config).total)
+
+
+def dino_variant(
+    args: argparse.Namespace, where: ProbeDevice, variant: str, data: RenderedScenes
+) -> tuple[DINO, float]:
+    """Train ``--warmup`` + ``--steps`` steps of one variant; print its rate and memory; (the task, its images/s)."""
+    recipe = {**paper_recipe(args.tiny), **VARIANTS[variant]}
     torch.manual_seed(0)
     task = DINO(**recipe)
-    data = RenderedScenes(recipe["img_size"], args.batch_size, 4, args.workers, where.pin_memory)
     last = args.warmup + args.steps
     clock = StepClock(args.warmup, last)
     trainer = Trainer(
@@ -166,27 +188,49 @@ def dino_figures(args: argparse.Namespace, where: ProbeDevice) -> None:
     rate = args.steps * args.batch_size / seconds
     name = f"{recipe['model_name']} r{recipe['num_registers']} {recipe['img_size']} px"
     crops = f"2x{recipe['img_size']} + {recipe['num_local_crops']}x{recipe['local_crop_size']} px crops"
-    line(f"dino {name}, {crops}, batch {args.batch_size}, {where.resolved_precision}: {rate:.1f} images/s")
-    line(f"dino step time: {seconds / args.steps * 1000:.0f} ms ({args.steps} timed steps after {args.warmup})")
+    tag = f"dino[{variant}]"
+    line(f"{tag} {name}, {crops}, batch {args.batch_size}, {where.resolved_precision}: {rate:.1f} images/s")
+    line(f"{tag} step time: {seconds / args.steps * 1000:.0f} ms ({args.steps} timed steps after {args.warmup})")
+    estimated = estimated_peak(recipe, args.batch_size, where.resolved_precision) / 2**30
     if where.device.type == "cuda":
         allocated = torch.cuda.max_memory_allocated(where.device) / 2**30
         reserved = torch.cuda.max_memory_reserved(where.device) / 2**30
-        line(f"dino peak GPU memory: {allocated:.1f} GiB allocated, {reserved:.1f} GiB reserved")
+        line(
+            f"{tag} peak GPU memory: {allocated:.1f} GiB allocated, {reserved:.1f} GiB reserved "
+            f"(memory model: {estimated:.1f} GiB, {estimated / allocated:.2f}x)"
+        )
     else:
-        line("dino peak GPU memory: n/a on cpu")
-    count = min(args.batch_size, 8)  # FLOPs grow linearly with the batch: count a few images, scale
-    images = torch.stack([data.samples[i]["image"] for i in range(count)]).to(task.device)
-    per_image = step_flops(task, images, where.resolved_precision) / count
-    line(f"dino FLOPs per image and step: {per_image / 1e9:.2f} GFLOP (FlopCounterMode, forward + backward)")
-    achieved = per_image * rate
+        line(f"{tag} peak GPU memory: n/a on cpu (memory model: {estimated:.2f} GiB)")
+    return task, rate
+
+
+def dino_figures(args: argparse.Namespace, where: ProbeDevice) -> None:
+    """The step figures of each variant, the FLOPs of one step, both peaks, and each variant's MFU."""
     size = 256 if args.tiny else 8192
     measured = matmul_peak(where.device, size, 3 if args.tiny else 50)
     line(f"matmul peak measured here: {measured / 1e12:.1f} TFLOP/s ({size}x{size} matmuls)")
     line(f"matmul peak from the datasheet: {args.peak_tflops:.0f} TFLOP/s (MFU uses this one)")
-    line(
-        f"dino model FLOP utilisation: {achieved / (args.peak_tflops * 1e12):.1%} "
-        f"({achieved / 1e12:.1f} of {args.peak_tflops:.0f} TFLOP/s datasheet peak)"
-    )
+    recipe = paper_recipe(args.tiny)
+    data = RenderedScenes(recipe["img_size"], args.batch_size, 4, args.workers, where.pin_memory)
+    per_image = 0.0
+    for variant in args.variants.split(","):
+        task, rate = dino_variant(args, where, variant, data)
+        if not per_image:  # the model's FLOPs, the same in every variant (a recomputed block is not model work)
+            count = min(args.batch_size, 8)  # FLOPs grow linearly with the batch: count a few images, scale
+            images = torch.stack([data.samples[i]["image"] for i in range(count)]).to(task.device)
+            eager = DINO(**recipe).to(task.device)
+            per_image = step_flops(eager, images, where.resolved_precision) / count
+            line(f"dino FLOPs per image and step: {per_image / 1e9:.2f} GFLOP (FlopCounterMode, forward + backward)")
+            del eager
+        achieved = per_image * rate
+        line(
+            f"dino[{variant}] model FLOP utilisation: {achieved / (args.peak_tflops * 1e12):.1%} "
+            f"({achieved / 1e12:.1f} of {args.peak_tflops:.0f} TFLOP/s datasheet peak; "
+            f"{achieved / measured:.1%} of the measured matmul peak)"
+        )
+        del task
+        if where.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -201,12 +245,21 @@ def main() -> None:
     parser.add_argument("--probe_images", type=int, default=2048)
     parser.add_argument("--probe_repeats", type=int, default=3)
     parser.add_argument("--skip_dino", action="store_true")
+    parser.add_argument("--skip_probe", action="store_true", help="no extraction figures")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated step variants: {', '.join(VARIANTS)}"
+    )
     args = parser.parse_args()
     where = ProbeDevice(accelerator=args.device, devices=1, precision="bf16-mixed")
     device = torch.cuda.get_device_name(where.device) if where.device.type == "cuda" else "cpu"
     line(f"device: {device}, torch {torch.__version__}, {where.resolved_precision}")
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(sorted(unknown))} (choose from {', '.join(VARIANTS)})")
     if not args.skip_dino:
         dino_figures(args, where)
+    if args.skip_probe:
+        return
     recipe = paper_recipe(args.tiny)
     model_kwargs = recipe.get("model_kwargs") or {}
     measure(

@@ -1,5 +1,8 @@
 """``regablate fit|validate|test|predict``: LightningCLI around regablate's tasks, with run-folder conventions.
 
+``--print_memory true`` prints the estimated peak GPU memory per device of the run
+(``regablate.memory``) and exits before anything is built.
+
 A run writes ``runs/<experiment>/<run>/``: the resolved ``config.yaml``, ``checkpoints/``
 (``last.ckpt`` and the best by ``checkpoint.monitor``), TensorBoard event files and
 ``summary.json``. The experiment is the logger's ``name``; the run is its ``version``, which
@@ -40,6 +43,12 @@ class RegablateCLI(LightningCLI):
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.add_lightning_class_args(TimeLimitCheckpoint, "time_limit")
         parser.link_arguments("data.init_args.img_size", "model.init_args.img_size")
+        parser.add_argument(
+            "--print_memory",
+            type=bool,
+            default=False,
+            help="print the estimated peak GPU memory per device of this run (regablate.memory) and exit",
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse, then refuse a ``ckpt_path`` file that is no Lightning checkpoint before Lightning reads it."""
@@ -51,6 +60,11 @@ class RegablateCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("print_memory"):
+            from regablate.memory import estimate
+
+            print("\n".join(estimate(config.as_dict()).lines()))
+            raise SystemExit(0)
         logger = config.trainer.logger
         run_dir = None
         if isinstance(logger, Namespace) and logger.class_path == TENSORBOARD:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -223,6 +224,25 @@ def test_complete_sweep_writes_every_artifact(swept):
     events.Reload()
     assert "_hparams_/session_start_info" in events.summary_metadata
     assert "probe/cls_top1" in events.Tags()["scalars"]
+
+
+@pytest.mark.slow
+def test_the_gpu_checks_rehearsal_part_sweeps_on_a_device_and_compares_with_the_cpu_sweep(swept, tmp_path):
+    """benchmarks/gpu_rehearsal.py on the CPU: the micro grid on the "device", the swept grid as reference."""
+    reference, _ = swept
+    command = [sys.executable, str(REPO / "benchmarks" / "gpu_rehearsal.py"), "--output", str(tmp_path)]
+    command += ["--grid", str(MICRO), "--reference", str(reference), "--prepare", "false"]
+    command += ["--accelerator", "cpu", "--precision", "32-true", "--only", "num_registers=0"]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "gpu_check: rehearsal device sweep (device.log): exit 0" in out
+    assert "gpu_check: rehearsal r0_s0: stages fit complete, probe complete: ok" in out
+    assert re.search(r"r0_s0 train/loss step \d+: cpu [\d.]+, device [\d.]+ \(ok, rtol 0.05\)", out), out
+    assert re.search(r"r0_s0 val/loss: cpu [\d.]+, device [\d.]+ \(ok", out), out
+    assert "gpu_check: rehearsal device report: written" in out and "FAIL" not in out and "r2_s0" not in out
+    grid = yaml.safe_load((tmp_path / "device_grid.yaml").read_text())["grid"]
+    assert grid["overrides"] == {"trainer.accelerator": "cpu", "trainer.precision": "32-true"}
 
 
 @pytest.mark.slow
@@ -729,3 +749,25 @@ def test_interventions_grid_rehearsed_on_the_swept_runs(swept, tmp_path):
         assert found[f"r2_s0_{kind}"]["register_intervention"] == kind and "probe/cls_top1" in found[f"r2_s0_{kind}"]
     assert found["r2_s0_k1"]["test_registers"] == 1 and found["r2_s0_k1"]["num_registers"] == 2
     assert (experiment / "interventions.png").stat().st_size > 10_000
+
+
+def test_a_grid_over_the_gpu_memory_budget_is_refused_before_anything_runs(tmp_path, capsys):
+    axes = "  axes:\n    data.init_args.batch_size: [2, 200000]\n  stages: [{command: fit}]\n"
+    grid = micro_grid(tmp_path, "memory", axes)
+    args = ["sweep", str(grid), "--output", str(tmp_path / "runs"), "--gpu_memory_gb", "4"]
+    with pytest.raises(SystemExit) as exit_:
+        regablate_main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert re.fullmatch(
+        r"regablate: error: run (\S*200000\S*): estimated peak GPU memory ([\d.]+) GiB per device exceeds "
+        r"--gpu_memory_gb 4 \(.*\)\n",
+        err,
+    ), err
+    assert float(re.search(r"memory ([\d.]+) GiB", err).group(1)) > 4
+    assert not (tmp_path / "runs").exists()
+    regablate_main([*args[:-1], "1000", "--dry_run", "true"])
+    assert re.search(
+        r"memory: every run's estimated peak fits 1000 GiB per device \(largest: \S*200000", capsys.readouterr().out
+    )

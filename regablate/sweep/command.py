@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import yaml
 from jsonargparse import ArgumentParser
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from regablate.commands import Renamed, function_arguments, modernise, tool_parser
 from regablate.errors import RegablateError
@@ -78,6 +78,7 @@ def sweep(
     report: bool = True,
     preflight: bool = True,
     status: bool = False,
+    gpu_memory_gb: PositiveFloat | None = None,
 ) -> None:
     """Run a register-count grid (see configs/fig8/): every run, its probes, then the Figure 8 report.
 
@@ -96,6 +97,8 @@ def sweep(
         report: write the report when the runs end.
         preflight: check every stage's data (metadata only) first; refuse to start if one cannot load.
         status: print each run's state (queued, running, finished, failed) and an ETA, run nothing.
+        gpu_memory_gb: memory of one GPU in GiB: refuse the grid, before anything runs, when a run's
+            estimated peak per device (``regablate fit --print_memory true``) exceeds it.
     """
     flags = {"max_parallel": max_parallel, "devices_per_run": devices_per_run}
     flags |= {"nodes_per_run": nodes_per_run, "max_requeues": max_requeues}
@@ -112,6 +115,8 @@ def sweep(
         preloaded.warm_up()  # its imports run while this process plans
     shape = JobShape(settings.nodes_per_run, settings.devices_per_run or 1) if launcher == "slurm" else None
     plan = make_plan(loaded, runs, experiment, settings.devices_per_run, shape)
+    if gpu_memory_gb is not None:
+        print(check_memory(plan, gpu_memory_gb), flush=True)
     started = time.perf_counter()
     reports = check_stages(loaded, plan.resolved, pending_stages(plan)) if preflight else []
     seconds = time.perf_counter() - started
@@ -149,6 +154,25 @@ def main(argv: list[str]) -> None:
     """Entry point of ``regablate sweep`` (errors surface as RegablateError / ArgumentError)."""
     cfg = build_parser().parse_args(modernise(argv, "sweep", RENAMED, repeatable=("--only",)))
     sweep(**function_arguments(cfg))
+
+
+def check_memory(plan: Plan, budget_gib: float) -> str:
+    """A line saying every run's estimated peak GPU memory fits ``budget_gib``; refuses the first that does not."""
+    from regablate.memory import GIB, estimate
+
+    largest = ("", 0)
+    for name, text in plan.resolved.items():
+        total = estimate(yaml.safe_load(text)).total
+        if total > budget_gib * GIB:
+            raise RegablateError(
+                f"run {name}: estimated peak GPU memory {total / GIB:.1f} GiB per device exceeds --gpu_memory_gb "
+                f"{budget_gib:g} (see regablate fit --config RUN_CONFIG --print_memory true; smaller batch_size, "
+                "or model.init_args.grad_checkpointing: true)"
+            )
+        largest = max(largest, (name, total), key=lambda item: item[1])
+    name, total = largest
+    fits = f"memory: every run's estimated peak fits {budget_gib:g} GiB per device"
+    return f"{fits} (largest: {name}, {total / GIB:.1f} GiB)"
 
 
 def refuse_other_launchers_flags(launcher: LauncherKind, flags: dict[str, Any]) -> None:
