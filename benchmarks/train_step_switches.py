@@ -163,6 +163,7 @@ def graphs_per_step(steps: int) -> list[str]:
     ]
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(
+            default_root_dir=folder,  # the monitor's summary.json goes here, not into the working folder
             max_steps=steps,
             val_check_interval=2,
             check_val_every_n_epoch=None,

@@ -71,17 +71,18 @@ def test_inspect_gives_its_verdict_on_dinov3(tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags",
     [
-        ["--register_intervention", "mean", "--test_registers", "2", "--intervention_images", "16"],
+        ["--register_intervention", "mean", "--test_registers", "2", "--intervention_images", "16"]
+        + ["--probe.fast.batch_size", "16", "--probe.fast.cls_steps", "5", "--probe.fast.seg_steps", "5"]
+        + ["--probe.fast.depth_steps", "5"],
         ["--probe.protocol", "dinov2", "--probe.probes", "[cls]", "--probe.dinov2.cls_iterations", "3"]
-        + ["--probe.dinov2.cls_n_last_blocks", "[1]"],
+        + ["--probe.dinov2.cls_n_last_blocks", "[1]", "--probe.dinov2.cls_batch_size", "16"],
     ],
     ids=["fast_intervened", "dinov2"],
 )
 def test_probe_runs_on_dinov3(tmp_path, flags):
     out = tmp_path / "probe"
     data = ["--data.img_size", "32", "--data.train_size", "32", "--data.val_size", "16", "--data.test_size", "16"]
-    fast = ["--probe.batch_size", "16", "--probe.cls_steps", "5", "--probe.seg_steps", "5", "--probe.depth_steps", "5"]
-    main(["probe", *EVA_ARGS, *data, *fast, "--probe.dinov2.cls_batch_size", "16", *flags, "--output", str(out)])
+    main(["probe", *EVA_ARGS, *data, *flags, "--output", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     assert isinstance(summary["probe/cls_top1"], float)
     if "dinov2" not in flags:

@@ -34,8 +34,8 @@ def test_print_memory_prints_every_part_for_the_paper_run_and_trains_nothing(tmp
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "vit_large_patch14_dinov2 (width 1024, depth 24, 16 heads" in out
-    assert "128 x 224 px, 512 x 98 px per device, bf16-mixed, grad_checkpointing false" in out
-    for part in ("parameters", "gradients", "AdamW state", "teacher", "activations (without grad checkpointing)"):
+    assert "128 x 224 px, 512 x 98 px per device, bf16-mixed, grad_checkpointing true, compile true" in out
+    for part in ("parameters", "gradients", "AdamW state", "teacher", "activations (with grad checkpointing)"):
         assert re.search(rf"memory:   {re.escape(part)}.* [\d.]+ GiB", out), out
     total = float(re.search(r"total +([\d.]+) GiB per device", out).group(1))
     parts = sum(float(v) for v in re.findall(r"memory:   (?!total).*? ([\d.]+) GiB$", out, re.M))
@@ -45,6 +45,7 @@ def test_print_memory_prints_every_part_for_the_paper_run_and_trains_nothing(tmp
 
 def test_grad_checkpointing_and_compile_are_read_from_the_task():
     config = yaml.safe_load((REPO / "configs" / "fig8" / "paper_run.yaml").read_text())
+    config["model"]["init_args"] |= {"grad_checkpointing": False, "compile": False}
     eager = estimate(config)
     config["model"]["init_args"] |= {"grad_checkpointing": True, "compile": True}
     lean = estimate(config)

@@ -162,12 +162,14 @@ def check_memory(plan: Plan, budget_gib: float) -> str:
 
     largest = ("", 0)
     for name, text in plan.resolved.items():
-        total = estimate(yaml.safe_load(text)).total
+        config = yaml.safe_load(text)
+        total = estimate(config).total
         if total > budget_gib * GIB:
+            checkpointing = config.get("model", {}).get("init_args", {}).get("grad_checkpointing", False)
+            remedy = "a smaller batch_size" + ("" if checkpointing else ", or model.init_args.grad_checkpointing: true")
             raise RegablateError(
                 f"run {name}: estimated peak GPU memory {total / GIB:.1f} GiB per device exceeds --gpu_memory_gb "
-                f"{budget_gib:g} (see regablate fit --config RUN_CONFIG --print_memory true; smaller batch_size, "
-                "or model.init_args.grad_checkpointing: true)"
+                f"{budget_gib:g} (see regablate fit --config RUN_CONFIG --print_memory true; {remedy})"
             )
         largest = max(largest, (name, total), key=lambda item: item[1])
     name, total = largest
